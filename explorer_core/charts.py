@@ -1,0 +1,121 @@
+"""Pure Altair chart builders: tidy DataFrame in, `alt.Chart` out. Shared by the CLI (PNGs) and the app.
+
+Titles and field names are fixed strings; token text appears only as data values.
+Token positions sit on ordinal axes whose values are "position: label", sorted by position.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+# The app streams data as Arrow and PNG export inlines it; neither needs Altair's 5000-row guard.
+alt.data_transformers.disable_max_rows()
+
+CHOSEN = "#d62728"
+OTHER = "#4c78a8"
+
+
+def topk_chart(frame: pd.DataFrame, title: str = "Top candidates") -> alt.FacetChart:
+    """Raw beside processed top-k bars; the chosen token's bar is red."""
+    base = alt.Chart(frame).encode(
+        y=alt.Y("label:N", sort=alt.EncodingSortField("rank", order="ascending"), title=None,
+                axis=alt.Axis(labelLimit=140)),
+        x=alt.X("prob:Q", title="probability", scale=alt.Scale(domain=[0, 1])),
+        tooltip=["distribution:N", "rank:O", "label:N", "token_id:Q", alt.Tooltip("prob:Q", format=".4f")],
+    )
+    bars = base.mark_bar().encode(
+        color=alt.condition("datum.chosen", alt.value(CHOSEN), alt.value(OTHER)),
+    )
+    text = base.mark_text(align="left", dx=3, fontSize=10).encode(text=alt.Text("prob:Q", format=".3f"))
+    return (
+        alt.layer(bars, text)
+        .properties(width=260, height=alt.Step(16))
+        .facet(column=alt.Column("distribution:N", title=None, sort=["raw model", "after processing"]))
+        .resolve_scale(y="independent")
+        .properties(title=title)
+    )
+
+
+def timeline_chart(frame: pd.DataFrame, selected: int | None = None, width: int = 640) -> alt.VConcatChart:
+    """Chosen-token probability, entropy and rank over steps, one panel each; a rule marks `selected`."""
+    panels = []
+    for panel, scale in (("probability", alt.Scale(domain=[0, 1])), ("entropy (bits)", alt.Scale()),
+                         ("rank of chosen", alt.Scale(type="log"))):
+        sub = frame[frame["panel"] == panel]
+        line = alt.Chart(sub).mark_line(point=True).encode(
+            x=alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1)),
+            y=alt.Y("value:Q", title=panel, scale=scale),
+            color=alt.Color("series:N", title=None),
+            tooltip=["step:Q", "label:N", "series:N", alt.Tooltip("value:Q", format=".4f")],
+        )
+        layers = [line]
+        if selected is not None:
+            rule = alt.Chart(pd.DataFrame({"step": [selected]})).mark_rule(color="gray", strokeDash=[4, 3])
+            layers.append(rule.encode(x="step:Q"))
+        panels.append(alt.layer(*layers).properties(width=width, height=110))
+    return alt.vconcat(*panels).resolve_scale(color="independent").properties(title="Chosen token over the run")
+
+
+def heatmap_chart(frame: pd.DataFrame, title: str, size: int = 420) -> alt.Chart:
+    """Attention heatmap: rows are query positions, columns key positions, colour the weight."""
+    return (
+        alt.Chart(frame)
+        .mark_rect()
+        .encode(
+            x=alt.X("k_name:O", sort=alt.EncodingSortField("k", order="ascending"), title="key position",
+                    axis=alt.Axis(labelLimit=90, labelOverlap="greedy", labelAngle=-60)),
+            y=alt.Y("q_name:O", sort=alt.EncodingSortField("q", order="ascending"), title="query position",
+                    axis=alt.Axis(labelLimit=90, labelOverlap="greedy")),
+            color=alt.Color("weight:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="attention"),
+            tooltip=["q_name:N", "k_name:N", alt.Tooltip("weight:Q", format=".4f")],
+        )
+        .properties(width=size, height=size, title=title)
+    )
+
+
+def heads_grid_chart(frame: pd.DataFrame, title: str, columns: int = 5, size: int = 130) -> alt.FacetChart:
+    """Small multiples: one lower-triangle heatmap per head of a layer."""
+    return (
+        alt.Chart(frame)
+        .mark_rect()
+        .encode(
+            x=alt.X("k:O", title=None, axis=None),
+            y=alt.Y("q:O", title=None, axis=None),
+            color=alt.Color("weight:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="attention"),
+            tooltip=["head:Q", "q_name:N", "k_name:N", alt.Tooltip("weight:Q", format=".4f")],
+        )
+        .properties(width=size, height=size)
+        .facet(facet=alt.Facet("head:O", title="head"), columns=columns)
+        .properties(title=title)
+    )
+
+
+def snapshot_chart(frame: pd.DataFrame, title: str = "Last-layer attention snapshots (mean over heads)") -> alt.Chart:
+    """Snapshot rows from trace.json: one row per snapshot step over the positions it could see."""
+    return (
+        alt.Chart(frame)
+        .mark_rect()
+        .encode(
+            x=alt.X("k:O", title="key position", axis=alt.Axis(labelOverlap="greedy")),
+            y=alt.Y("step:O", title="step"),
+            color=alt.Color("weight:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="attention"),
+            tooltip=["step:Q", "label:N", "k_name:N", alt.Tooltip("weight:Q", format=".4f")],
+        )
+        .properties(width=520, height=alt.Step(14), title=title)
+    )
+
+
+def divergence_chart(frame: pd.DataFrame, first_diff: int | None = None) -> alt.LayerChart:
+    """KL and JS divergence per step between two models' next-token distributions."""
+    line = alt.Chart(frame).mark_line(point=True).encode(
+        x=alt.X("step:Q", title="step (model A's tokens)"),
+        y=alt.Y("value:Q", title="divergence (bits)"),
+        color=alt.Color("measure:N", title=None),
+        tooltip=["step:Q", "label:N", "measure:N", alt.Tooltip("value:Q", format=".4f")],
+    )
+    layers = [line]
+    if first_diff is not None:
+        rule = alt.Chart(pd.DataFrame({"step": [first_diff]})).mark_rule(color=CHOSEN, strokeDash=[4, 3])
+        layers.append(rule.encode(x="step:Q"))
+    return alt.layer(*layers).properties(width=640, height=220, title="How far model B is from model A, per step")

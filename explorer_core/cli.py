@@ -1,0 +1,55 @@
+"""Command line: `python -m explorer_core --prompt ... --out_dir runs/x` generates and writes artifacts.
+
+Flags are generated from GenerationConfig, spelled as the seed spelled them (--max_new_tokens ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from .config import GenerationConfig, field_specs
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a yes/no value: use true or false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m explorer_core",
+                                description="Generate with a small language model and record what it considered "
+                                            "and what it attended to, step by step.")
+    for f in field_specs():
+        kind = {"int": int, "float": float, "str": str, "bool": _bool}[f.type]
+        meta = f.metadata
+        rng = f" [{meta['min']}..{meta['max']}]" if meta.get("min") is not None else ""
+        help_text = f"{meta['help']}{rng} (default: {f.default!r})"
+        if f.type == "bool":
+            p.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, default=f.default, metavar="BOOL", help=help_text)
+        else:
+            p.add_argument(f"--{f.name}", type=kind, default=f.default, choices=meta.get("choices"), help=help_text)
+    p.add_argument("--out_dir", default="runs/latest", help="Folder for trace.json, output.txt and PNGs.")
+    p.add_argument("--no_png", action="store_true", help="Skip the PNG charts (faster).")
+    p.add_argument("-q", "--quiet", action="store_true", help="No progress bar or token stream.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig)}
+    try:
+        config = GenerationConfig(**values)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .runner import run_cli  # heavy imports (torch, transformers) only once the flags are valid
+
+    return run_cli(config, args.out_dir, pngs=not args.no_png, quiet=args.quiet)

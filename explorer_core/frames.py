@@ -1,0 +1,125 @@
+"""Trace data -> tidy pandas DataFrames, the only input the chart builders take.
+
+Token text only ever lands in data columns (`label`, `q_name`, `k_name`), never in field names,
+so a token like `<img onerror=...>` or `**` is just a value to every renderer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .trace import AttentionData, Candidates, StepRecord, Trace
+
+DIST_NAMES = {"raw": "raw model", "proc": "after processing"}
+
+
+def _names(labels: list[str], ids: list[int]) -> list[str]:
+    """Unique display names: a label seen twice gets its token id appended."""
+    seen: dict[str, int] = {}
+    for lab in labels:
+        seen[lab] = seen.get(lab, 0) + 1
+    return [lab if seen[lab] == 1 else f"{lab} #{i}" for lab, i in zip(labels, ids)]
+
+
+def topk_frame(step: StepRecord) -> pd.DataFrame:
+    """One row per (distribution, candidate): rank, token, probability, chosen or not."""
+    parts = []
+    for key, cands in (("raw", step.top_raw), ("proc", step.top_proc)):
+        parts.append(_cand_frame(cands, DIST_NAMES[key], step.token_id))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _cand_frame(c: Candidates, dist: str, chosen: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "distribution": dist,
+            "rank": np.arange(1, len(c.ids) + 1),
+            "token_id": c.ids,
+            "label": _names(list(c.labels), list(c.ids)),
+            "prob": c.probs,
+            "chosen": [i == chosen for i in c.ids],
+        }
+    )
+
+
+def timeline_frame(trace: Trace) -> pd.DataFrame:
+    """Per-step figures in long form: step, label, metric, value."""
+    wide = pd.DataFrame(
+        {
+            "step": [s.step for s in trace.steps],
+            "label": [s.label for s in trace.steps],
+            "p(chosen), raw": [s.p_raw for s in trace.steps],
+            "p(chosen), processed": [s.p_proc for s in trace.steps],
+            "entropy raw (bits)": [s.entropy_raw for s in trace.steps],
+            "entropy processed (bits)": [s.entropy_proc for s in trace.steps],
+            "raw rank": [s.rank_raw for s in trace.steps],
+        }
+    )
+    long = wide.melt(id_vars=["step", "label"], var_name="series", value_name="value")
+    panel = {"p(chosen), raw": "probability", "p(chosen), processed": "probability",
+             "entropy raw (bits)": "entropy (bits)", "entropy processed (bits)": "entropy (bits)",
+             "raw rank": "rank of chosen"}
+    long["panel"] = long["series"].map(panel)
+    return long
+
+
+def matrix_frame(matrix: np.ndarray, labels: list[str], offset: int = 0) -> pd.DataFrame:
+    """Lower triangle of a square attention matrix as (q, k, q_name, k_name, weight) rows.
+
+    Positions are integers; the names join position and label so repeated tokens never merge.
+    `offset` shifts positions when the matrix is a window at the end of a longer sequence.
+    """
+    n = matrix.shape[0]
+    q, k = np.tril_indices(n)
+    names = [f"{offset + i}: {lab}" for i, lab in enumerate(labels[:n])]
+    return pd.DataFrame(
+        {"q": q + offset, "k": k + offset, "q_name": np.take(names, q), "k_name": np.take(names, k),
+         "weight": matrix[q, k].astype(float)}
+    )
+
+
+def attention_frame(trace: Trace, attn: AttentionData, step: int, layer: int, head: int | None,
+                    window: int | None = None) -> pd.DataFrame:
+    """The sequence seen at `step` (prompt + tokens before it), optionally only its last `window` positions."""
+    m = attn.matrix(step, layer, head)
+    labels = trace.labels_upto(step)
+    if window is not None and m.shape[0] > window:
+        off = m.shape[0] - window
+        return matrix_frame(m[off:, off:], labels[off:], offset=off)
+    return matrix_frame(m, labels)
+
+
+def prompt_frame(trace: Trace, attn: AttentionData, layer: int, head: int | None) -> pd.DataFrame:
+    return attention_frame(trace, attn, 0, layer, head)
+
+
+def heads_frame(trace: Trace, attn: AttentionData, step: int, layer: int, window: int = 48) -> pd.DataFrame:
+    """Every head of one layer, each its lower-triangle window, with a `head` column for faceting."""
+    parts = []
+    for h in range(attn.prompt.shape[1]):
+        f = attention_frame(trace, attn, step, layer, h, window)
+        f.insert(0, "head", h)
+        parts.append(f)
+    return pd.concat(parts, ignore_index=True)
+
+
+def snapshot_frame(trace: Trace) -> pd.DataFrame:
+    """The head-mean last-layer snapshot rows stored inside trace.json (no companion needed)."""
+    rows = []
+    for s in trace.steps:
+        if s.attn_snapshot is None:
+            continue
+        labels = trace.labels_upto(s.step)
+        for k, w in enumerate(s.attn_snapshot):
+            rows.append({"step": s.step, "k": k, "k_name": f"{k}: {labels[k] if k < len(labels) else '?'}",
+                         "label": s.label, "weight": w})
+    return pd.DataFrame(rows, columns=["step", "k", "k_name", "label", "weight"])
+
+
+def stream_frame(trace: Trace) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"step": [s.step for s in trace.steps], "token": [s.label for s in trace.steps],
+         "p_raw": [s.p_raw for s in trace.steps], "p_proc": [s.p_proc for s in trace.steps],
+         "rank": [s.rank_raw for s in trace.steps], "entropy": [s.entropy_raw for s in trace.steps]}
+    )

