@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(f"--{f.name}", type=kind, default=f.default, choices=meta.get("choices"), help=help_text)
     p.add_argument("--out_dir", default="runs/latest", help="Folder for trace.json, output.txt and PNGs.")
     p.add_argument("--no_png", action="store_true", help="Skip the PNG charts (faster).")
+    p.add_argument("--no_companion", action="store_true",
+                   help="Write trace.json only: keep the attention snapshots inside it, skip the full attention file.")
     p.add_argument("-q", "--quiet", action="store_true", help="No progress bar or token stream.")
     return p
 
@@ -52,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .runner import run_cli  # heavy imports (torch, transformers) only once the flags are valid
 
-    return run_cli(config, args.out_dir, pngs=not args.no_png, quiet=args.quiet)
+    return run_cli(config, args.out_dir, pngs=not args.no_png, quiet=args.quiet, companion=not args.no_companion)

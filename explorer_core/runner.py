@@ -12,7 +12,7 @@ from .config import GenerationConfig
 from .stepper import Run
 
 
-def run_cli(config: GenerationConfig, out_dir: str, pngs: bool = True, quiet: bool = False) -> int:
+def run_cli(config: GenerationConfig, out_dir: str, pngs: bool = True, quiet: bool = False, companion: bool = True) -> int:
     try:
         if not quiet:
             print(f"loading {config.model} ...", file=sys.stderr)
@@ -35,7 +35,7 @@ def run_cli(config: GenerationConfig, out_dir: str, pngs: bool = True, quiet: bo
         bar.close()
     elapsed = time.perf_counter() - start
     trace = run.trace(stop_reason=reason)
-    paths = artifacts.write_all(trace, run.attention(), out_dir, pngs=pngs)
+    paths = artifacts.write_all(trace, run.attention() if companion else None, out_dir, pngs=pngs)
     if not quiet:
         print(trace.output_text)
         print(f"{len(trace.steps)} tokens in {elapsed:.2f} s ({len(trace.steps) / elapsed:.1f} tok/s), "

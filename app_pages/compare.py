@@ -1,0 +1,68 @@
+"""Compare page: two models, or one model with two settings, on the same prompt and seed."""
+
+import streamlit as st
+
+from explorer_core import charts
+from explorer_core.compare import divergence_frame, same_tokenizer
+from explorer_ui import live, resources, sidebar, views
+
+st.title("Compare two runs")
+config = st.session_state.get("config")
+if config is None:
+    st.info("Fix the settings in the sidebar first.")
+    st.stop()
+st.caption("Run A uses the sidebar. Run B uses the same prompt, seed and settings, except what you change here.")
+c1, c2, c3 = st.columns(3)
+SAME = "Same as A"
+b_choice = c1.selectbox("Model B", [SAME] + sidebar.PRESETS, key="compare_model_choice")
+if b_choice == sidebar.OTHER:
+    b_model = c1.text_input("Hub id or folder for B", key="compare_model_custom")
+else:
+    b_model = config.model if b_choice == SAME else b_choice
+b_temp = c2.slider("Temperature B", 0.0, 5.0, float(config.temperature), 0.05, key="compare_temperature")
+b_top_p = c3.slider("Top-p B", 0.01, 1.0, float(config.top_p), 0.01, key="compare_top_p")
+
+for key in ("compare_a", "compare_b"):
+    live.settle(key + "_run", key + "_trace")
+
+if st.button("Run both", type="primary", key="compare_go"):
+    try:
+        config_b = config.replace(model=b_model or config.model, temperature=b_temp, top_p=b_top_p)
+    except ValueError as exc:
+        st.text(str(exc))
+        st.stop()
+    lm_a = resources.get_model(config.model, config.dtype, config.device)
+    lm_b = resources.get_model(config_b.model, config_b.dtype, config_b.device)
+    if lm_a is not None and lm_b is not None:
+        st.session_state.pop("compare_div", None)
+        live.generate_live(lm_a, config, "compare_a_run", "compare_a_trace")
+        live.generate_live(lm_b, config_b, "compare_b_run", "compare_b_trace")
+        if same_tokenizer(lm_a, lm_b):
+            st.session_state["compare_div"] = divergence_frame(st.session_state["compare_a_trace"][0], lm_a, lm_b)
+        else:
+            st.session_state["compare_div"] = None
+
+if "compare_a_trace" in st.session_state and "compare_b_trace" in st.session_state:
+    (ta, aa), (tb, ab) = st.session_state["compare_a_trace"], st.session_state["compare_b_trace"]
+    if "compare_div" in st.session_state:
+        div = st.session_state["compare_div"]
+        if div is None:
+            st.warning("The two models use different tokenizers, so their steps cannot be aligned; "
+                       "showing both runs side by side only.")
+        else:
+            frame, first = div
+            st.subheader("Step-aligned: model B scored on model A's tokens")
+            st.text("Greedy choices agree at every step." if first is None else
+                    f"First step where the greedy choices differ: {first}")
+            st.altair_chart(charts.divergence_chart(frame, first))
+    left, right = st.columns(2)
+    for col, name, trace, attn in ((left, "A", ta, aa), (right, "B", tb, ab)):
+        with col:
+            st.subheader(f"Run {name}")
+            st.text(f"{trace.model.name} · temperature {trace.config['temperature']} · top-p {trace.config['top_p']}")
+            views.render_summary(trace)
+            views.render_stream(trace)
+            if trace.steps:
+                step = views.pick_step(trace, f"compare_{name}_step")
+                views.render_step(trace, step)
+                views.render_timeline(trace, step)

@@ -1,0 +1,60 @@
+"""Live generation inside a Streamlit script: stream tokens, throttle redraws, survive Stop and reruns.
+
+The Run object is put in session_state before the loop. Stop, or any widget change, interrupts the
+script at its next Streamlit call; every step is already complete by then (see explorer_core.stepper),
+so the next rerun turns the unfinished Run into a partial trace with stop reason "interrupted".
+"""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from explorer_core.config import GenerationConfig
+from explorer_core.models import LoadedModel
+from explorer_core.stepper import Run
+
+from . import resources
+from .views import stream_html
+
+REDRAW_S = 0.3  # redraw the stream at most this often, so the UI does not slow the model
+
+
+def settle(run_key: str, trace_key: str) -> None:
+    """Turn a Run left in session_state into a stored (trace, attention); unfinished means interrupted."""
+    run: Run | None = st.session_state.get(run_key)
+    if run is None:
+        return
+    st.session_state[trace_key] = (run.trace(), run.attention())
+    del st.session_state[run_key]
+
+
+def generate_live(lm: LoadedModel, config: GenerationConfig, run_key: str, trace_key: str) -> None:
+    """Generate with a live stream and tokens/s; stores the result under trace_key."""
+    notice = st.empty()
+    lock = resources.acquire_generation_slot(notice)
+    try:
+        run = Run(lm, config)
+        st.session_state[run_key] = run
+        _stream(run, config)
+    finally:
+        lock.release()  # no Streamlit calls here: this also runs when the script is interrupted
+    settle(run_key, trace_key)
+
+
+def _stream(run: Run, config: GenerationConfig) -> None:
+    rate, box = st.empty(), st.empty()
+    progress = st.progress(0.0, text="prefill…")
+    start = last = time.perf_counter()
+    for step in run:
+        now = time.perf_counter()
+        if now - last >= REDRAW_S or run.stop_reason is not None:
+            last = now
+            done = step.step + 1
+            progress.progress(min(done / config.max_new_tokens, 1.0), text=f"{done} / {config.max_new_tokens} tokens")
+            rate.caption(f"{done / (now - start):.1f} tokens/s")
+            box.html(stream_html(run.steps))
+    progress.empty()
+    rate.empty()
+    box.empty()

@@ -1,0 +1,50 @@
+"""Process-wide resources: the cached read-only models and the one-generation-at-a-time lock."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import streamlit as st
+
+from explorer_core import models
+from explorer_core.models import LoadedModel, ModelLoadError
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def _load(name: str, dtype: str, device: str) -> LoadedModel:
+    return models.load(name, dtype=dtype, device=device)
+
+
+@st.cache_resource
+def generation_lock() -> threading.Lock:
+    """Shared by every session of this process: 2 CPU cores run one generation well, not two."""
+    return threading.Lock()
+
+
+def get_model(name: str, dtype: str = "auto", device: str = "auto") -> LoadedModel | None:
+    """Load (once per process) with a status box; None, with a clear message shown, when it fails."""
+    first = models.is_default(name) and not (models.converted_dir() / "model.safetensors").is_file()
+    note = " (first use: converting the embedded model, about 25 s)" if first and models.embedded_gguf() else ""
+    start = time.perf_counter()
+    with st.status(f"Loading model{note}…", expanded=False) as status:
+        try:
+            lm = _load(name.strip(), dtype, device)
+        except ModelLoadError as exc:
+            status.update(label="Model could not be loaded", state="error")
+            st.text(str(exc))  # plain text: the message may quote user input
+            return None
+        status.update(label=f"Model ready ({time.perf_counter() - start:.1f} s)", state="complete")
+    return lm
+
+
+def acquire_generation_slot(placeholder) -> threading.Lock:
+    """Take the lock; while another session holds it, say so and wait (Stop still interrupts)."""
+    lock = generation_lock()
+    if lock.acquire(blocking=False):
+        return lock
+    placeholder.info("Another session is generating right now; yours starts as soon as it finishes…")
+    while not lock.acquire(timeout=0.5):
+        placeholder.info("Another session is generating right now; yours starts as soon as it finishes…")
+    placeholder.empty()
+    return lock

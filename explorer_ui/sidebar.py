@@ -1,0 +1,75 @@
+"""The shared sidebar: one widget per GenerationConfig field, ranges taken from the config itself."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import streamlit as st
+
+from explorer_core.config import DEFAULT_MODEL, GenerationConfig, field_specs
+
+P = "sidebar_"
+PRESETS = [DEFAULT_MODEL, "gpt2", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "Other (type a hub id or folder)"]
+OTHER = PRESETS[-1]
+# Layout groups; fields not listed here are rendered by hand (model, prompt) or kept at their default.
+SAMPLING = ["temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size"]
+LENGTH = ["max_new_tokens", "min_new_tokens", "block_eos_steps", "block_ws_steps", "stop_on", "clean_stop", "seed"]
+RECORD = ["chat", "top_n", "capture_attention", "attn_every", "dtype", "device"]
+STEPS = {"temperature": 0.05, "top_p": 0.01, "repetition_penalty": 0.05}
+
+
+def _init_state() -> None:
+    """Defaults go into session_state once and widgets read them from there (no `value=`), so a
+    value the user changed is kept across pages and reruns without Streamlit's double-default warning."""
+    st.session_state.setdefault(P + "model_choice", PRESETS[0])
+    st.session_state.setdefault(P + "model_custom", "")
+    for f in field_specs():
+        st.session_state.setdefault(P + f.name, f.default)
+
+
+def render() -> GenerationConfig | None:
+    """Draw the sidebar and return the config it describes, or None (with the reason shown)."""
+    _init_state()
+    specs = {f.name: f for f in field_specs()}
+    values = {}
+    with st.sidebar:
+        st.header("Generation")
+        choice = st.selectbox("Model", PRESETS, key=P + "model_choice", help="The embedded default works offline.")
+        if choice == OTHER:
+            values["model"] = st.text_input("Hub id or local folder", key=P + "model_custom")
+        else:
+            values["model"] = choice
+        values["prompt"] = st.text_area("Prompt", key=P + "prompt", height=100)
+        with st.expander("Sampling", expanded=True):
+            for name in SAMPLING:
+                values[name] = _widget(specs[name])
+        with st.expander("Length and stopping", expanded=False):
+            for name in LENGTH:
+                values[name] = _widget(specs[name])
+        with st.expander("Recording and model", expanded=False):
+            for name in RECORD:
+                values[name] = _widget(specs[name])
+    if not values["model"].strip():
+        st.sidebar.warning("Type a hub id or a local folder for the model.")
+        return None
+    try:
+        return GenerationConfig(**values)
+    except ValueError as exc:
+        st.sidebar.error("Settings are not valid")
+        st.sidebar.text(str(exc))
+        return None
+
+
+def _widget(f: dataclasses.Field):
+    meta, key, label = f.metadata, P + f.name, f.name.replace("_", " ")
+    help_text = meta["help"]
+    if f.type == "bool":
+        return st.toggle(label, key=key, help=help_text)
+    if f.type == "str":
+        if meta.get("choices"):
+            return st.selectbox(label, meta["choices"], key=key, help=help_text)
+        return st.text_input(label, key=key, help=help_text)
+    lo, hi = meta["min"], meta["max"]
+    if f.type == "float":
+        return st.slider(label, float(lo), float(hi), step=STEPS.get(f.name, 0.01), key=key, help=help_text)
+    return st.number_input(label, int(lo), int(hi), step=1, key=key, help=help_text)

@@ -1,0 +1,165 @@
+"""Shared views of a trace, used by every page: stream, step inspector, timeline, attention, downloads.
+
+Token text is untrusted (it comes from models and uploaded files): it reaches the screen only as
+chart data, dataframe cells, st.text/st.code, or HTML with every special character escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import zipfile
+
+import streamlit as st
+
+from explorer_core import charts, frames
+from explorer_core import trace as trace_io
+from explorer_core.trace import AttentionData, StepRecord, Trace
+
+
+def escape_text(text: str) -> str:
+    """HTML-escape and neutralise Markdown/LaTeX characters, so text shows verbatim in st.html."""
+    out = html.escape(text, quote=True)
+    for ch in "*_$[]()`~#|:\\{}!":
+        out = out.replace(ch, f"&#{ord(ch)};")
+    return out
+
+
+def stream_html(steps: list[StepRecord]) -> str:
+    """Tokens shaded by probability: the less likely under the raw model, the stronger the shade."""
+    spans = []
+    for s in steps:
+        alpha = 0.08 + 0.62 * (1.0 - s.p_raw)
+        tip = escape_text(f"step {s.step}: {s.label}  p_raw={s.p_raw:.3f}  p_proc={s.p_proc:.3f}  rank {s.rank_raw}")
+        spans.append(
+            f'<span title="{tip}" style="background: rgba(214,39,40,{alpha:.2f}); border-radius: 3px; '
+            f'padding: 1px 2px; margin: 1px; display: inline-block; font-family: monospace;">'
+            f"{escape_text(s.label)}</span>"
+        )
+    return '<div style="line-height: 1.9;">' + "".join(spans) + "</div>"
+
+
+def render_stream(trace: Trace, container=None) -> None:
+    target = container if container is not None else st
+    target.html(stream_html(trace.steps) if trace.steps else "<div><i>no tokens yet</i></div>")
+
+
+def render_summary(trace: Trace) -> None:
+    cols = st.columns(4)
+    cols[0].metric("Tokens", len(trace.steps))
+    cols[1].metric("Tokens/s", f"{trace.timing.tokens_per_s:.1f}")
+    cols[2].metric("Stopped by", trace.stop_reason.replace("_", " "))
+    cols[3].metric("Prompt tokens", trace.prompt_len)
+    st.caption("Model and settings")
+    st.text(f"{trace.model.name} · {trace.model.dtype} on {trace.model.device} · "
+            f"{trace.model.n_layers} layers × {trace.model.n_heads} heads")
+
+
+def pick_step(trace: Trace, key: str) -> int:
+    """A step selector; the token table below it can also set the step (click a row)."""
+    n = len(trace.steps)
+    if n == 1:
+        st.caption("One step in this trace.")
+        return 0
+    sel = st.session_state.get(key + "_table")
+    rows = list(getattr(getattr(sel, "selection", None), "rows", None) or [])
+    if rows and rows != st.session_state.get(key + "_table_seen"):  # a new click in the table wins once
+        st.session_state[key] = min(int(rows[0]), n - 1)
+    st.session_state[key + "_table_seen"] = rows
+    if st.session_state.get(key, 0) > n - 1:
+        st.session_state[key] = n - 1
+    return int(st.slider("Step", 0, n - 1, key=key))
+
+
+def token_table(trace: Trace, key: str) -> None:
+    st.dataframe(frames.stream_frame(trace), key=key + "_table", on_select="rerun", selection_mode="single-row",
+                 hide_index=True, height=220)
+
+
+def render_step(trace: Trace, step: int) -> None:
+    s = trace.steps[step]
+    st.caption(f"Step {step} chose this token (raw rank {s.rank_raw}, p_raw {s.p_raw:.4f}, p_proc {s.p_proc:.4f}):")
+    st.code(s.label, language=None)
+    st.altair_chart(charts.topk_chart(frames.topk_frame(s), "Top candidates"), width="content")
+
+
+def render_timeline(trace: Trace, step: int) -> None:
+    st.altair_chart(charts.timeline_chart(frames.timeline_frame(trace), selected=step), width="content")
+
+
+def head_choice(n_layers: int, n_heads: int, key: str) -> tuple[int, int | None]:
+    c1, c2 = st.columns(2)
+    layer = c1.number_input("Layer", 0, n_layers - 1, n_layers - 1, key=key + "_layer")
+    options = ["mean over heads"] + [f"head {h}" for h in range(n_heads)]
+    pick = c2.selectbox("Head", options, key=key + "_head")
+    return int(layer), None if pick == options[0] else int(pick.split()[1])
+
+
+def render_attention(trace: Trace, attn: AttentionData | None, step: int, key: str) -> None:
+    if attn is None:
+        render_missing_attention(trace)
+        return
+    layer, head = head_choice(attn.prompt.shape[0], attn.prompt.shape[1], key)
+    who = "mean over heads" if head is None else f"head {head}"
+    frame = frames.attention_frame(trace, attn, step, layer, head, window=160)
+    st.altair_chart(charts.heatmap_chart(frame, f"Attention when choosing step {step} (layer {layer}, {who})"))
+    if trace.prompt_len + step > 160:
+        st.caption("Showing the last 160 positions; the trace holds them all.")
+    st.altair_chart(charts.heatmap_chart(frames.prompt_frame(trace, attn, layer, head), f"Prompt attention (layer {layer}, {who})"))
+
+
+def render_missing_attention(trace: Trace) -> None:
+    if trace.attention is None:
+        st.info("This run did not record attention (attention capture was off).")
+        return
+    st.info("Full attention is not available for this trace (its companion file was not loaded). "
+            "Showing the last-layer snapshots stored inside trace.json instead.")
+    snap = frames.snapshot_frame(trace)
+    if len(snap):
+        st.altair_chart(charts.snapshot_chart(snap))
+
+
+def archive_bytes(trace: Trace, attn: AttentionData | None) -> bytes:
+    buf = io.BytesIO()
+    info = trace.attention.model_copy(update={"file": "trace.attn.npz"}) if (attn is not None and trace.attention) else trace.attention
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("trace.json", trace_io.dumps(trace.model_copy(update={"attention": info})))
+        if attn is not None:
+            zf.writestr("trace.attn.npz", trace_io.attention_bytes(attn))
+        zf.writestr("output.txt", trace.output_text + "\n")
+    return buf.getvalue()
+
+
+def render_downloads(trace: Trace, attn: AttentionData | None, key: str) -> None:
+    c1, c2, c3 = st.columns(3)
+    c1.download_button("trace.json", trace_io.dumps(trace.model_copy(update={"attention": _no_file(trace)})),
+                       file_name="trace.json", mime="application/json", key=key + "_dl_json")
+    c2.download_button("output.txt", trace.output_text + "\n", file_name="output.txt", mime="text/plain",
+                       key=key + "_dl_txt")
+    c3.download_button("All (zip, with attention)", lambda: archive_bytes(trace, attn), file_name="trace.zip",
+                       mime="application/zip", key=key + "_dl_zip")
+
+
+def _no_file(trace: Trace):
+    return trace.attention.model_copy(update={"file": None}) if trace.attention else None
+
+
+def render_trace(trace: Trace, attn: AttentionData | None, key: str) -> None:
+    """Every view of a finished (or partial) trace, the same for live runs and loaded files."""
+    if not trace.steps:
+        st.warning("This trace has no generated tokens.")
+        return
+    render_summary(trace)
+    st.subheader("Output")
+    render_stream(trace)
+    st.subheader("Inspect a step")
+    step = pick_step(trace, key + "_step")
+    token_table(trace, key + "_step")
+    left, right = st.columns([1, 1])
+    with left:
+        render_step(trace, step)
+    with right:
+        render_attention(trace, attn, step, key + "_attn")
+    render_timeline(trace, step)
+    st.subheader("Download")
+    render_downloads(trace, attn, key)

@@ -1,0 +1,1 @@
+"""Maintenance scripts (examples, screenshots); not part of the product's import path."""
