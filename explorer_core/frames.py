@@ -23,10 +23,19 @@ def _names(labels: list[str], ids: list[int]) -> list[str]:
 
 
 def topk_frame(step: StepRecord) -> pd.DataFrame:
-    """One row per (distribution, candidate): rank, token, probability, chosen or not."""
+    """One row per (distribution, candidate): rank, token, probability, chosen or not.
+
+    When the chosen token is outside a distribution's logged top candidates it is added as one more
+    row at the bottom, so the chart always shows what was picked.
+    """
     parts = []
-    for key, cands in (("raw", step.top_raw), ("proc", step.top_proc)):
-        parts.append(_cand_frame(cands, DIST_NAMES[key], step.token_id))
+    for key, cands, p in (("raw", step.top_raw, step.p_raw), ("proc", step.top_proc, step.p_proc)):
+        frame = _cand_frame(cands, DIST_NAMES[key], step.token_id)
+        if step.token_id not in cands.ids:
+            extra = {"distribution": DIST_NAMES[key], "rank": len(cands.ids) + 1, "token_id": step.token_id,
+                     "label": step.label + " (chosen)", "prob": p, "chosen": True}
+            frame = pd.concat([frame, pd.DataFrame([extra])], ignore_index=True)
+        parts.append(frame)
     return pd.concat(parts, ignore_index=True)
 
 

@@ -1,0 +1,166 @@
+"""AppTest for every page: generate with a tiny model, inspect steps, stop mid-run, reload traces,
+compare two models, open the heads grid. Charts are checked through their specs and data."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+
+from explorer_core import trace as trace_io
+from explorer_core.config import GenerationConfig
+from explorer_core.stepper import Run, generate
+from tests.apphelp import ROOT, chart_titles, charts, start, use_model
+
+
+@pytest.fixture()
+def generated(tiny_llama_dir):
+    at = use_model(start(), tiny_llama_dir, max_new_tokens=8, min_new_tokens=8, seed=3)
+    at.button(key="gen_generate").click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_first_screen_has_every_control():
+    at = start()
+    keys = {w.key for w in at.sidebar.children.values() for w in _walk(w)}
+    for name in ("prompt", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size",
+                 "max_new_tokens", "min_new_tokens", "block_eos_steps", "block_ws_steps", "stop_on", "seed",
+                 "chat", "top_n", "capture_attention", "attn_every", "model_choice"):
+        assert f"sidebar_{name}" in keys
+    assert at.selectbox(key="sidebar_model_choice").value == "SmolLM2-135M-Instruct"
+    assert at.info[0].value.startswith("Set the prompt")
+
+
+def _walk(node):
+    yield node
+    for child in getattr(node, "children", {}).values():
+        yield from _walk(child)
+
+
+def test_generate_shows_tokens_and_charts(generated):
+    at = generated
+    assert at.metric[0].value == "8"
+    trace, _ = at.session_state["gen_trace"]
+    assert len(trace.steps) == 8 and trace.stop_reason == "max_new_tokens"
+    titles = chart_titles(at)
+    assert "Top candidates" in titles and "Chosen token over the run" in titles
+    assert any(t.startswith("Attention when choosing step 0") for t in titles)
+    assert any(t.startswith("Prompt attention") for t in titles)
+    spec, data = charts(at)[titles.index("Top candidates")]
+    top = data[0]
+    assert set(top["distribution"]) == {"raw model", "after processing"}
+    chosen = top[top["chosen"]]
+    assert set(chosen["token_id"]) == {trace.steps[0].token_id}
+    raw = top[top["distribution"] == "raw model"]
+    assert list(raw["token_id"]) == trace.steps[0].top_raw.ids
+    assert list(raw["prob"]) == pytest.approx(trace.steps[0].top_raw.probs)
+
+
+def test_changing_step_updates_charts(generated):
+    at = generated
+    at.slider(key="gen_step").set_value(5).run()
+    trace, _ = at.session_state["gen_trace"]
+    titles = chart_titles(at)
+    _, data = charts(at)[titles.index("Top candidates")]
+    assert set(data[0][data[0]["chosen"]]["token_id"]) == {trace.steps[5].token_id}
+    _, heat = charts(at)[[t.startswith("Attention when choosing step 5") for t in titles].index(True)]
+    assert heat[0]["q"].max() == trace.prompt_len + 4  # query of step 5 sits at T+4
+    assert at.code[0].value == trace.steps[5].label
+
+
+def test_stop_mid_run_keeps_partial_trace(tiny_llama, tiny_llama_dir):
+    at = use_model(start(), tiny_llama_dir)
+    run = Run(tiny_llama, GenerationConfig(model=str(tiny_llama_dir), max_new_tokens=30, min_new_tokens=30))
+    for i, _ in enumerate(run):  # the script was interrupted after 3 complete steps
+        if i == 2:
+            break
+    at.session_state["gen_run"] = run
+    at.button(key="gen_stop").click().run()
+    assert not at.exception
+    trace, attn = at.session_state["gen_trace"]
+    assert trace.stop_reason == "interrupted" and len(trace.steps) == 3 and len(attn.rows) == 3
+    assert at.warning[0].value.startswith("Run stopped early")
+    assert at.metric[0].value == "3"
+
+
+def test_viewer_example_and_upload(generated, tmp_path):
+    at = generated
+    trace, attn = at.session_state["gen_trace"]
+    at.switch_page("app_pages/viewer.py").run()
+    assert not at.exception
+    assert at.selectbox(key="viewer_example").options  # shipped examples are listed
+    assert "Top candidates" in chart_titles(at)
+    at.radio(key="viewer_source").set_value("Upload").run()
+    path = trace_io.save(trace, attn, tmp_path / "trace.json")
+    at.file_uploader(key="viewer_upload").set_value([
+        ("trace.json", path.read_bytes(), "application/json"),
+        ("trace.attn.npz", (tmp_path / "trace.attn.npz").read_bytes(), "application/octet-stream"),
+    ]).run()
+    assert not at.exception
+    loaded, loaded_attn = at.session_state["viewer_trace"]
+    assert [s.token_id for s in loaded.steps] == [s.token_id for s in trace.steps] and loaded_attn is not None
+    assert any(t.startswith("Attention when choosing step 0") for t in chart_titles(at))
+
+
+def test_viewer_zip_upload_and_bad_file_keeps_previous(generated):
+    at = generated
+    trace, attn = at.session_state["gen_trace"]
+    from explorer_ui.views import archive_bytes
+
+    at.switch_page("app_pages/viewer.py").run()
+    at.radio(key="viewer_source").set_value("Upload").run()
+    at.file_uploader(key="viewer_upload").set_value(("trace.zip", archive_bytes(trace, attn), "application/zip")).run()
+    assert at.session_state["viewer_trace"][0].output_text == trace.output_text
+    at.file_uploader(key="viewer_upload").set_value(("trace.json", b"\x89PNG\r\n\x1a\n", "application/json")).run()
+    assert not at.exception
+    assert "cannot be shown" in at.error[0].value
+    assert at.session_state["viewer_trace"][0].output_text == trace.output_text  # previous trace stays
+
+
+def test_viewer_snapshot_only_trace_says_what_is_missing():
+    at = start()
+    at.switch_page("app_pages/viewer.py").run()
+    at.selectbox(key="viewer_example").set_value("story-snapshots-only").run()
+    assert not at.exception
+    assert any("Full attention is not available" in i.value for i in at.info)
+    assert "Last-layer attention snapshots (mean over heads)" in chart_titles(at)
+
+
+def test_heads_page_grid(generated):
+    at = generated
+    at.switch_page("app_pages/heads.py").run()
+    assert not at.exception
+    grid_spec, grid_data = charts(at)[0]
+    assert grid_spec["facet"]["field"] == "head"
+    assert sorted(grid_data[0]["head"].unique()) == [0, 1, 2, 3]  # all heads of the layer at once
+
+
+def test_compare_two_tiny_models(tiny_llama_dir, tiny_gpt2_dir):
+    at = use_model(start(), tiny_llama_dir, max_new_tokens=6, min_new_tokens=6)
+    at.switch_page("app_pages/compare.py").run()
+    at.selectbox(key="compare_model_choice").set_value("Other (type a hub id or folder)").run()
+    at.text_input(key="compare_model_custom").input(str(tiny_gpt2_dir)).run()
+    at.button(key="compare_go").click().run()
+    assert not at.exception, at.exception
+    ta, _ = at.session_state["compare_a_trace"]
+    tb, _ = at.session_state["compare_b_trace"]
+    assert len(ta.steps) == len(tb.steps) == 6
+    # both tiny models share the in-memory tokenizer: the step-aligned panel is shown
+    titles = chart_titles(at)
+    assert "How far model B is from model A, per step" in titles
+    _, data = charts(at)[titles.index("How far model B is from model A, per step")]
+    assert set(data[0]["measure"]) == {"KL(A‖B)", "JS(A,B)"} and len(data[0]) == 12
+    assert (data[0]["value"] >= 0).all()
+
+
+def test_compare_same_model_two_temperatures(tiny_llama_dir):
+    at = use_model(start(), tiny_llama_dir, max_new_tokens=5, min_new_tokens=5)
+    at.switch_page("app_pages/compare.py").run()
+    at.slider(key="compare_temperature").set_value(1.5).run()
+    at.button(key="compare_go").click().run()
+    assert not at.exception
+    frame, first = at.session_state["compare_div"]
+    assert frame[frame["measure"] == "KL(A‖B)"]["value"].iloc[0] == pytest.approx(0.0, abs=1e-6)  # same model
+    assert first is None
