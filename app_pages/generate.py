@@ -26,6 +26,10 @@ if TRACE in st.session_state:
     trace, attn = st.session_state[TRACE]
     if trace.stop_reason == "interrupted":
         st.warning("Run stopped early: showing the partial trace.")
+    if go and TRACE + "_wall" in st.session_state:
+        n, wall = st.session_state[TRACE + "_wall"]
+        st.caption(f"Generated {n} tokens in {wall:.2f} s wall-clock, live display included "
+                   f"({n / wall:.1f} tokens/s).")
     views.render_trace(trace, attn, "gen")
 elif not go:
     st.info("Set the prompt and sampling controls in the sidebar, then press Generate.")

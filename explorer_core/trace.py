@@ -18,11 +18,22 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 StopReason = Literal["max_new_tokens", "eos", "stop_on", "clean_stop", "interrupted", "running"]
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+# Bounds for files from outside: generous for real runs, small enough that a hostile file is refused early.
+MAX_STEPS = 4096
+MAX_PROMPT_TOKENS = 8192
+MAX_CANDIDATES = 100
+MAX_TOKEN_CHARS = 256
+MAX_TEXT_CHARS = 200_000
+MAX_TRACE_BYTES = 50 * 1024 * 1024
+TokenId = Annotated[int, Field(ge=0, lt=10_000_000)]
+TokenText = Annotated[str, Field(max_length=MAX_TOKEN_CHARS)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+Name = Annotated[str, Field(max_length=1000)]
 
 
 class TraceError(ValueError):
@@ -36,42 +47,49 @@ class _Strict(BaseModel):
 class Candidates(_Strict):
     """The top candidates of one distribution, most likely first."""
 
-    ids: list[int]
-    labels: list[str]
-    probs: list[Prob]
+    ids: list[TokenId] = Field(max_length=MAX_CANDIDATES)
+    labels: list[TokenText] = Field(max_length=MAX_CANDIDATES)
+    probs: list[Prob] = Field(max_length=MAX_CANDIDATES)
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> Candidates:
+        if not len(self.ids) == len(self.labels) == len(self.probs):
+            raise ValueError("ids, labels and probs must have the same length")
+        return self
 
 
 class StepRecord(_Strict):
     """One generated token and what the model considered when choosing it."""
 
-    step: int = Field(ge=0)
-    position: int = Field(ge=0, description="Position of the chosen token in the whole sequence.")
-    token_id: int = Field(ge=0)
-    piece: str = Field(description="The tokenizer's raw piece, e.g. 'Ġthe'.")
-    label: str = Field(description="Readable label, e.g. '␣the'.")
+    step: int = Field(ge=0, lt=MAX_STEPS)
+    position: int = Field(ge=0, lt=MAX_STEPS + MAX_PROMPT_TOKENS, description="Position of the chosen token in the whole sequence.")
+    token_id: TokenId
+    piece: TokenText = Field(description="The tokenizer's raw piece, e.g. 'Ġthe'.")
+    label: TokenText = Field(description="Readable label, e.g. '␣the'.")
     p_raw: Prob = Field(description="Chosen token's probability under the model's raw distribution.")
     p_proc: Prob = Field(description="Chosen token's probability after the processing chain.")
-    rank_raw: int = Field(ge=1, description="Chosen token's rank in the raw distribution (1 = most likely).")
-    entropy_raw: float = Field(ge=0.0, description="Entropy of the raw distribution, in bits.")
-    entropy_proc: float = Field(ge=0.0, description="Entropy after processing, in bits.")
+    rank_raw: int = Field(ge=1, lt=10_000_000, description="Chosen token's rank in the raw distribution (1 = most likely).")
+    entropy_raw: float = Field(ge=0.0, le=64.0, description="Entropy of the raw distribution, in bits.")
+    entropy_proc: float = Field(ge=0.0, le=64.0, description="Entropy after processing, in bits.")
     top_raw: Candidates
     top_proc: Candidates
-    time_s: float = Field(ge=0.0, description="Wall time: the forward that produced these logits + selection.")
+    time_s: float = Field(ge=0.0, le=86_400.0, description="Wall time: the forward that produced these logits + selection.")
     attn_snapshot: list[Prob] | None = Field(
-        default=None, description="Head-mean last-layer attention row of this step's query, every attn_every steps."
+        default=None, max_length=MAX_STEPS + MAX_PROMPT_TOKENS,
+        description="Head-mean last-layer attention row of this step's query, every attn_every steps.",
     )
 
 
 class ModelInfo(_Strict):
-    name: str
-    location: str
-    file: str | None = None
-    dtype: str
-    device: str
-    n_layers: int = Field(ge=1)
-    n_heads: int = Field(ge=1)
-    vocab_size: int = Field(ge=1)
-    attn_implementation: str = "eager"
+    name: Name
+    location: Name
+    file: Name | None = None
+    dtype: Name
+    device: Name
+    n_layers: int = Field(ge=1, le=1024)
+    n_heads: int = Field(ge=1, le=1024)
+    vocab_size: int = Field(ge=1, lt=10_000_000)
+    attn_implementation: Name = "eager"
 
 
 class Timing(_Strict):
@@ -82,9 +100,9 @@ class Timing(_Strict):
 
 
 class AttentionInfo(_Strict):
-    file: str | None = Field(description="Companion file name next to trace.json, or null if not saved.")
-    layers: int = Field(ge=1)
-    heads: int = Field(ge=1)
+    file: Name | None = Field(description="Companion file name next to trace.json, or null if not saved.")
+    layers: int = Field(ge=1, le=1024)
+    heads: int = Field(ge=1, le=1024)
     dtype: Literal["float16"] = "float16"
     snapshot_layer: int = Field(ge=0)
     snapshot_every: int = Field(ge=1)
@@ -94,20 +112,33 @@ class Trace(_Strict):
     """A whole run. Everything here is plain data: it round-trips through JSON unchanged."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    created: str
+    created: Name
     model: ModelInfo
-    versions: dict[str, str]
-    config: dict[str, str | bool | int | float]
+    versions: dict[Name, Name] = Field(max_length=50)
+    config: dict[Name, Text | bool | Annotated[int, Field(ge=-(2**63), lt=2**63)] | float] = Field(max_length=100)
     chat_applied: bool
-    input_text: str = Field(description="The text fed to the model (the prompt after the chat template).")
-    prompt_ids: list[int]
-    prompt_pieces: list[str]
-    prompt_labels: list[str]
-    steps: list[StepRecord]
+    input_text: Text = Field(description="The text fed to the model (the prompt after the chat template).")
+    prompt_ids: list[TokenId] = Field(min_length=1, max_length=MAX_PROMPT_TOKENS)
+    prompt_pieces: list[TokenText] = Field(max_length=MAX_PROMPT_TOKENS)
+    prompt_labels: list[TokenText] = Field(max_length=MAX_PROMPT_TOKENS)
+    steps: list[StepRecord] = Field(max_length=MAX_STEPS)
     stop_reason: StopReason
-    output_text: str
+    output_text: Text
     timing: Timing
     attention: AttentionInfo | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Trace:
+        """Cross-field checks the views rely on: aligned prompt lists and steps in order."""
+        t = len(self.prompt_ids)
+        if not len(self.prompt_pieces) == len(self.prompt_labels) == t:
+            raise ValueError("prompt_ids, prompt_pieces and prompt_labels must have the same length")
+        for i, s in enumerate(self.steps):
+            if s.step != i or s.position != t + i:
+                raise ValueError(f"step {i} is numbered {s.step} at position {s.position}; expected {i} at {t + i}")
+            if s.attn_snapshot is not None and len(s.attn_snapshot) != t + i:
+                raise ValueError(f"step {i}'s attention snapshot has {len(s.attn_snapshot)} values; expected {t + i}")
+        return self
 
     @property
     def prompt_len(self) -> int:
@@ -182,6 +213,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def parse(data: bytes | str) -> Trace:
     """Validate trace.json bytes strictly in one step; any problem becomes one TraceError."""
+    if len(data) > MAX_TRACE_BYTES:  # checked before parsing anything
+        raise TraceError(f"trace is {len(data) / 1e6:.1f} MB, over the {MAX_TRACE_BYTES / 1e6:.0f} MB limit for traces")
+    if not data or not (data.strip() if isinstance(data, bytes) else data.strip()):
+        raise TraceError("the file is empty: choose a trace.json written by Model Interpret Explorer")
     try:
         return Trace.model_validate_json(data)
     except ValidationError as exc:
@@ -226,6 +261,9 @@ def load(json_path: str | Path) -> tuple[Trace, AttentionData | None]:
     """Load trace.json and, when it names one that exists, its attention companion."""
     json_path = Path(json_path)
     try:
+        size = json_path.stat().st_size
+        if size > MAX_TRACE_BYTES:
+            raise TraceError(f"{json_path.name} is {size / 1e6:.1f} MB, over the {MAX_TRACE_BYTES / 1e6:.0f} MB limit for traces")
         trace = parse(json_path.read_bytes())
     except OSError as exc:
         raise TraceError(f"cannot read {json_path}: {exc.strerror}") from None

@@ -37,10 +37,13 @@ def generate_live(lm: LoadedModel, config: GenerationConfig, run_key: str, trace
     try:
         run = Run(lm, config)
         st.session_state[run_key] = run
+        start = time.perf_counter()
         _stream(run, config)
+        wall = time.perf_counter() - start
     finally:
         lock.release()  # no Streamlit calls here: this also runs when the script is interrupted
     settle(run_key, trace_key)
+    st.session_state[trace_key + "_wall"] = (run.n, wall)
 
 
 def _stream(run: Run, config: GenerationConfig) -> None:

@@ -73,7 +73,7 @@ def test_companion_shape_mismatch_is_a_trace_error(run, tmp_path):
 
 
 @pytest.mark.parametrize("payload,needle", [
-    (b"", "not valid JSON"),
+    (b"", "the file is empty"),
     (b"\x89PNG\r\n", "not valid JSON"),
     (b'{"schema_version": 99}', "unsupported schema_version"),
     (b'{"schema_version": 1}', "invalid trace at"),

@@ -1,0 +1,1 @@
+"""Benchmarks (scripts that report, never tests): `make bench` writes BENCHMARKS.md."""

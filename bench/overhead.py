@@ -1,0 +1,64 @@
+"""The cost of watching: explorer loop vs model.generate, with and without attention capture."""
+
+from __future__ import annotations
+
+import torch
+
+from explorer_core.config import GenerationConfig
+from explorer_core.models import LoadedModel
+from explorer_core.stepper import Run
+
+from .common import interleave, timed
+
+RATIO_HEAD = "| what | min | median | max | ratio to generate |\n|---|---|---|---|---|"
+
+FLAGS = dict(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1)
+
+
+def contenders(lm: LoadedModel, n: int, attn_every: int = 10) -> dict:
+    cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, block_eos_steps=n, clean_stop=False, **FLAGS)
+    probe = Run(lm, cfg)
+    prompt = probe.ids[:, : probe.prompt_len]
+
+    def hf_generate():
+        torch.manual_seed(cfg.seed)
+        with torch.inference_mode():
+            out = lm.model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                    min_new_tokens=n, max_new_tokens=n, **FLAGS)
+        assert out.shape[1] == prompt.shape[1] + n
+
+    def explorer(capture: bool):
+        def go():
+            run = Run(lm, cfg.replace(capture_attention=capture))
+            for _ in run:
+                pass
+            assert run.n == n
+        return go
+
+    def seed_way():
+        # the original tool's way to get attention: a full forward over the whole sequence every attn_every steps
+        run = Run(lm, cfg.replace(capture_attention=False))
+        with torch.inference_mode():
+            for step in run:
+                if step.step % attn_every == 0:
+                    lm.model(run.ids[:, : run.prompt_len + run.n], output_attentions=True)
+
+    return {
+        "model.generate (eager)": lambda: n / timed(hf_generate),
+        "explorer, top-k logging": lambda: n / timed(explorer(False)),
+        "explorer, top-k + every layer's and head's attention row": lambda: n / timed(explorer(True)),
+        f"explorer + full re-forward every {attn_every} steps (the seed's way)": lambda: n / timed(seed_way),
+    }
+
+
+def run(lm: LoadedModel, lengths=(128, 512)) -> tuple[str, dict]:
+    lines, figures = [], {}
+    for n in lengths:
+        series = interleave(contenders(lm, n))
+        base = series["model.generate (eager)"].median
+        lines += [f"\n**{n} new tokens** (tokens/s, higher is better; ratio = median / median of model.generate)\n",
+                  RATIO_HEAD]
+        for s in series.values():
+            lines.append(f"| {s.name} | {min(s.values):.2f} | {s.median:.2f} | {max(s.values):.2f} | {s.median / base:.3f} |")
+            figures[(n, s.name)] = s.median / base
+    return "\n".join(lines), figures
