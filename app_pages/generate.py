@@ -13,6 +13,10 @@ c1, c2, _ = st.columns([1, 1, 4])
 go = c1.button("Generate", type="primary", key="gen_generate", disabled=config is None)
 c2.button("Stop", key="gen_stop", help="Ends the run now and keeps what was generated.")
 
+if config is not None:
+    views.render_cost_estimate(config, resources.loaded_already(config.model, config.dtype, config.device),
+                               resources.limits())
+
 if go and config is not None:
     lm = resources.get_model(config.model, config.dtype, config.device)
     if lm is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_MODEL
+from .limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -155,21 +156,47 @@ def pick_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
-def load(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+def load(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto", limits: Limits | None = None) -> LoadedModel:
     """Load a model for inspection: eager attention (so attention weights exist), eval mode, no grad."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor bars would drown the tool's own progress
     start = time.perf_counter()
+    if limits is not None:
+        try:
+            limits.check_model_name(name)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
     source = resolve(name)
+    if limits is not None and limits.hosted and not source.embedded and Path(name).expanduser().exists():
+        raise ModelLoadError(f"model {name!r} is a local path; this host loads hub models only")
     location = str(ensure_converted(source)) if source.embedded else source.location
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    if limits is not None:
+        check_size(source, location, torch_dtype, limits.max_model_mb)
     model, tok = _from_pretrained(source, location, torch_dtype)
     model.to(dev).eval()
     model.requires_grad_(False)
     elapsed = time.perf_counter() - start
     return LoadedModel(model, tok, source, dev, str(torch_dtype).removeprefix("torch."), elapsed)
+
+
+def check_size(source: ModelSource, location: str, torch_dtype, max_mb: int) -> None:
+    """Count parameters on the meta device (no weights read) and refuse models over the budget."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=False)
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - any failure here is reported as one sentence
+        raise ModelLoadError(_explain(source, exc)) from exc
+    size_mb = sum(p.numel() for p in shell.parameters()) * torch.tensor([], dtype=torch_dtype).element_size() / 1e6
+    if size_mb > max_mb:
+        raise ModelLoadError(f"model {source.name!r} needs about {size_mb:.0f} MB of weights, over this host's "
+                             f"limit of {max_mb} MB (EXPLORER_MAX_MODEL_MB): pick a smaller model")
 
 
 def _from_pretrained(source: ModelSource, location: str, torch_dtype):

@@ -9,15 +9,18 @@ from tqdm import tqdm
 
 from . import artifacts, models
 from .config import GenerationConfig
+from .limits import Limits
 from .stepper import Run
 
 
 def run_cli(config: GenerationConfig, out_dir: str, pngs: bool = True, quiet: bool = False, companion: bool = True) -> int:
     try:
+        limits = Limits.from_env()
+        limits.check_config(config)
         if not quiet:
             print(f"loading {config.model} ...", file=sys.stderr)
-        lm = models.load(config.model, dtype=config.dtype, device=config.device)
-        run = Run(lm, config)
+        lm = models.load(config.model, dtype=config.dtype, device=config.device, limits=limits)
+        run = Run(lm, config, limits)
     except (models.ModelLoadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import torch
 
 from . import __version__
 from .config import GenerationConfig
+from .limits import Limits
 from .models import LoadedModel
 from .processors import apply_chain, build_chain
 from .tokens import vocab_for
@@ -63,11 +64,15 @@ def eos_ids(loaded: LoadedModel) -> list[int]:
 class Run:
     """One generation run. Iterate it to generate; `trace()` and `attention()` work at any point."""
 
-    def __init__(self, loaded: LoadedModel, config: GenerationConfig) -> None:
+    def __init__(self, loaded: LoadedModel, config: GenerationConfig, limits: Limits | None = None) -> None:
         self.loaded, self.config = loaded, config
+        if limits is not None:
+            limits.check_config(config)
         self.vocab = vocab_for(loaded.tokenizer)
         prompt_ids, self.input_text, self.chat_applied = format_prompt(loaded.tokenizer, config)
         self.prompt_len = t = len(prompt_ids)
+        if limits is not None:
+            limits.check_run(config, t, loaded.n_layers, loaded.n_heads)
         dev = loaded.device
         self.ids = torch.zeros((1, t + config.max_new_tokens), dtype=torch.long, device=dev)  # (1, T+max)
         self.ids[0, :t] = torch.tensor(prompt_ids, dtype=torch.long)

@@ -35,7 +35,7 @@ def generate_live(lm: LoadedModel, config: GenerationConfig, run_key: str, trace
     notice = st.empty()
     lock = resources.acquire_generation_slot(notice)
     try:
-        run = Run(lm, config)
+        run = Run(lm, config, resources.limits())
         st.session_state[run_key] = run
         start = time.perf_counter()
         _stream(run, config)

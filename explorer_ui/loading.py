@@ -9,8 +9,13 @@ from pathlib import Path
 from explorer_core import trace as trace_io
 from explorer_core.trace import AttentionData, Trace, TraceError
 
-MAX_TRACE_BYTES = 50 * 1024 * 1024  # trace.json; a 512-step run is about 1 MB
-MAX_COMPANION_BYTES = 150 * 1024 * 1024
+from explorer_core.limits import Limits
+
+MAX_TRACE_BYTES = trace_io.MAX_TRACE_BYTES  # trace.json; a 512-step run is about 1 MB
+
+
+def upload_cap() -> int:
+    return Limits.from_env().max_upload_mb * 1024 * 1024
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -31,17 +36,17 @@ def from_uploads(files: list) -> tuple[Trace, AttentionData | None]:
         by_kind[kind].append(f)
     if by_kind["zip"]:
         z = by_kind["zip"][0]
-        _check_size(z.name, z.size, MAX_COMPANION_BYTES)
+        _check_size(z.name, z.size, upload_cap())
         return from_zip(z.getvalue())
     if not by_kind["json"]:
         raise TraceError("no trace.json among the uploaded files")
     js = by_kind["json"][0]
-    _check_size(js.name, js.size, MAX_TRACE_BYTES)
+    _check_size(js.name, js.size, min(MAX_TRACE_BYTES, upload_cap()))
     trace = trace_io.parse(js.getvalue())
     if not by_kind["npz"] or trace.attention is None:
         return trace, None
     comp = by_kind["npz"][0]
-    _check_size(comp.name, comp.size, MAX_COMPANION_BYTES)
+    _check_size(comp.name, comp.size, upload_cap())
     return trace, trace_io.parse_attention(comp.getvalue(), trace)
 
 
@@ -52,7 +57,7 @@ def from_zip(data: bytes) -> tuple[Trace, AttentionData | None]:
             if "trace.json" not in names:
                 raise TraceError("the archive holds no trace.json")
             for info in names.values():
-                _check_size(info.filename, info.file_size, MAX_COMPANION_BYTES)  # sizes before inflating
+                _check_size(info.filename, info.file_size, upload_cap())  # sizes before inflating
             trace = trace_io.parse(zf.read("trace.json"))
             comp = "trace.attn.npz"
             attn = trace_io.parse_attention(zf.read(comp), trace) if comp in names and trace.attention else None

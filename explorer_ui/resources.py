@@ -8,12 +8,27 @@ import time
 import streamlit as st
 
 from explorer_core import models
+from explorer_core.limits import Limits
 from explorer_core.models import LoadedModel, ModelLoadError
+
+
+LOADED: dict[tuple[str, str, str], LoadedModel] = {}  # what _load has returned, for size estimates
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
 def _load(name: str, dtype: str, device: str) -> LoadedModel:
-    return models.load(name, dtype=dtype, device=device)
+    lm = models.load(name, dtype=dtype, device=device, limits=limits())
+    LOADED[(name, dtype, device)] = lm
+    return lm
+
+
+def limits() -> Limits:
+    return Limits.from_env()
+
+
+def loaded_already(name: str, dtype: str, device: str) -> LoadedModel | None:
+    """The model if this process has loaded it, without loading it."""
+    return LOADED.get((name.strip(), dtype, device))
 
 
 @st.cache_resource

@@ -7,6 +7,7 @@ import dataclasses
 import streamlit as st
 
 from explorer_core.config import DEFAULT_MODEL, GenerationConfig, field_specs
+from explorer_core.limits import Limits
 
 P = "sidebar_"
 PRESETS = [DEFAULT_MODEL, "gpt2", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "Other (type a hub id or folder)"]
@@ -16,6 +17,18 @@ SAMPLING = ["temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ng
 LENGTH = ["max_new_tokens", "min_new_tokens", "block_eos_steps", "block_ws_steps", "stop_on", "clean_stop", "seed"]
 RECORD = ["chat", "top_n", "capture_attention", "attn_every", "dtype", "device"]
 STEPS = {"temperature": 0.05, "top_p": 0.01, "repetition_penalty": 0.05}
+
+
+HOST_CAPS: dict[str, int] = {}
+
+
+def _host_caps() -> None:
+    """A public host's limits shrink the widgets' ranges, so users cannot ask for more."""
+    lim = Limits.from_env()
+    HOST_CAPS.update(max_new_tokens=lim.max_new_tokens, min_new_tokens=lim.max_new_tokens, top_n=lim.max_top_n)
+    for name, cap in HOST_CAPS.items():
+        if st.session_state.get(P + name, 0) > cap:
+            st.session_state[P + name] = cap
 
 
 def _init_state() -> None:
@@ -30,6 +43,7 @@ def _init_state() -> None:
 def render() -> GenerationConfig | None:
     """Draw the sidebar and return the config it describes, or None (with the reason shown)."""
     _init_state()
+    _host_caps()
     specs = {f.name: f for f in field_specs()}
     values = {}
     with st.sidebar:
@@ -70,6 +84,7 @@ def _widget(f: dataclasses.Field):
             return st.selectbox(label, meta["choices"], key=key, help=help_text)
         return st.text_input(label, key=key, help=help_text)
     lo, hi = meta["min"], meta["max"]
+    hi = min(hi, HOST_CAPS.get(f.name, hi))
     if f.type == "float":
         return st.slider(label, float(lo), float(hi), step=STEPS.get(f.name, 0.01), key=key, help=help_text)
     return st.number_input(label, int(lo), int(hi), step=1, key=key, help=help_text)

@@ -44,6 +44,23 @@ def render_stream(trace: Trace, container=None) -> None:
     target.html(stream_html(trace.steps) if trace.steps else "<div><i>no tokens yet</i></div>")
 
 
+def render_cost_estimate(config, lm, limits) -> None:
+    """Before a run: what recording attention will take, against the budget (needs the model's shape)."""
+    if not config.capture_attention or lm is None:
+        return
+    from explorer_core.limits import attention_mb
+    from explorer_core.stepper import format_prompt
+
+    try:
+        t = len(format_prompt(lm.tokenizer, config)[0])
+    except ValueError:
+        return
+    mb = attention_mb(t, config.max_new_tokens, lm.n_layers, lm.n_heads)
+    over = " — over the budget, lower max new tokens or turn attention capture off" if mb > limits.attention_budget_mb else ""
+    st.caption(f"Attention recording for this run: up to {mb:,.0f} MB in memory "
+               f"(budget {limits.attention_budget_mb:,} MB){over}.")
+
+
 def render_summary(trace: Trace) -> None:
     cols = st.columns(4)
     cols[0].metric("Tokens", len(trace.steps))

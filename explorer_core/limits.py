@@ -1,0 +1,87 @@
+"""Caps for what one run may cost, with defaults fit for a public host; environment variables override.
+
+Local use gets generous limits. `EXPLORER_HOSTED=1` (set it on a public host) tightens them and turns on
+the model allowlist: hub ids only (no local paths), from `EXPLORER_ALLOWED_MODELS` or the presets.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .config import DEFAULT_MODEL, GenerationConfig
+
+HOSTED_MODELS = (DEFAULT_MODEL, "HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2")
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a whole number") from None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds checked before a run starts; every refusal names the limit and how to change it."""
+
+    hosted: bool = False
+    max_prompt_tokens: int = 4096
+    max_new_tokens: int = 2048
+    max_top_n: int = 100
+    attention_budget_mb: int = 4096  # attention recorded in memory (float32) for one run
+    max_model_mb: int = 8192  # weights in the chosen dtype
+    max_upload_mb: int = 200
+    allowed_models: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        hosted = os.environ.get("EXPLORER_HOSTED", "") in ("1", "true", "yes")
+        base = cls(hosted=True, max_prompt_tokens=1024, max_new_tokens=512, max_top_n=20, attention_budget_mb=600,
+                   max_model_mb=1200, max_upload_mb=50, allowed_models=HOSTED_MODELS) if hosted else cls()
+        allowed = os.environ.get("EXPLORER_ALLOWED_MODELS")
+        return cls(
+            hosted=hosted,
+            max_prompt_tokens=_env_int("EXPLORER_MAX_PROMPT_TOKENS", base.max_prompt_tokens),
+            max_new_tokens=_env_int("EXPLORER_MAX_NEW_TOKENS", base.max_new_tokens),
+            max_top_n=_env_int("EXPLORER_MAX_TOP_N", base.max_top_n),
+            attention_budget_mb=_env_int("EXPLORER_ATTENTION_BUDGET_MB", base.attention_budget_mb),
+            max_model_mb=_env_int("EXPLORER_MAX_MODEL_MB", base.max_model_mb),
+            max_upload_mb=_env_int("EXPLORER_MAX_UPLOAD_MB", base.max_upload_mb),
+            allowed_models=tuple(m.strip() for m in allowed.split(",") if m.strip()) if allowed else base.allowed_models,
+        )
+
+    def check_config(self, config: GenerationConfig) -> None:
+        """Checks that need no model: lengths, candidates, the allowlist."""
+        if config.max_new_tokens > self.max_new_tokens:
+            raise ValueError(f"max_new_tokens={config.max_new_tokens} is over this host's limit of "
+                             f"{self.max_new_tokens} (EXPLORER_MAX_NEW_TOKENS)")
+        if config.top_n > self.max_top_n:
+            raise ValueError(f"top_n={config.top_n} is over this host's limit of {self.max_top_n} (EXPLORER_MAX_TOP_N)")
+        self.check_model_name(config.model)
+
+    def check_model_name(self, name: str) -> None:
+        if self.allowed_models and name.strip() not in self.allowed_models:
+            raise ValueError(f"model {name!r} is not allowed on this host; choose one of: "
+                             f"{', '.join(self.allowed_models)} (EXPLORER_ALLOWED_MODELS)")
+
+    def check_run(self, config: GenerationConfig, prompt_tokens: int, layers: int, heads: int) -> None:
+        """Checks once the prompt is tokenized and the model's shape is known."""
+        if prompt_tokens > self.max_prompt_tokens:
+            raise ValueError(f"the prompt is {prompt_tokens} tokens, over the limit of {self.max_prompt_tokens} "
+                             "(EXPLORER_MAX_PROMPT_TOKENS): shorten it")
+        mb = attention_mb(prompt_tokens, config.max_new_tokens, layers, heads) if config.capture_attention else 0.0
+        if mb > self.attention_budget_mb:
+            raise ValueError(f"recording attention for this run needs about {mb:.0f} MB, over the budget of "
+                             f"{self.attention_budget_mb} MB (EXPLORER_ATTENTION_BUDGET_MB): lower max_new_tokens "
+                             "or turn attention capture off")
+
+
+def attention_mb(prompt_tokens: int, new_tokens: int, layers: int, heads: int) -> float:
+    """Memory for a run's attention as recorded (float32): the prompt's T×T plus one row per step."""
+    t, n = prompt_tokens, new_tokens
+    values = layers * heads * (t * t + n * t + n * (n - 1) / 2)
+    return values * 4 / 1e6
