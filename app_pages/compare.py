@@ -47,13 +47,18 @@ if "compare_a_trace" in st.session_state and "compare_b_trace" in st.session_sta
     if "compare_div" in st.session_state:
         div = st.session_state["compare_div"]
         if div is None:
-            st.warning("The two models use different tokenizers, so their steps cannot be aligned; "
-                       "showing both runs side by side only.")
+            st.warning(
+                "The two models use different tokenizers, so their steps cannot be aligned; "
+                "showing both runs side by side only."
+            )
         else:
             frame, first = div
             st.subheader("Step-aligned: model B scored on model A's tokens")
-            st.text("Greedy choices agree at every step." if first is None else
-                    f"First step where the greedy choices differ: {first}")
+            st.text(
+                "Greedy choices agree at every step."
+                if first is None
+                else f"First step where the greedy choices differ: {first}"
+            )
             st.altair_chart(charts.divergence_chart(frame, first))
     left, right = st.columns(2)
     for col, name, trace, attn in ((left, "A", ta, aa), (right, "B", tb, ab)):
@@ -65,4 +70,5 @@ if "compare_a_trace" in st.session_state and "compare_b_trace" in st.session_sta
             if trace.steps:
                 step = views.pick_step(trace, f"compare_{name}_step")
                 views.render_step(trace, step)
+                views.render_attention(trace, attn, step, f"compare_{name}_attn")
                 views.render_timeline(trace, step)

@@ -14,8 +14,9 @@ go = c1.button("Generate", type="primary", key="gen_generate", disabled=config i
 c2.button("Stop", key="gen_stop", help="Ends the run now and keeps what was generated.")
 
 if config is not None:
-    views.render_cost_estimate(config, resources.loaded_already(config.model, config.dtype, config.device),
-                               resources.limits())
+    views.render_cost_estimate(
+        config, resources.loaded_already(config.model, config.dtype, config.device), resources.limits()
+    )
 
 if go and config is not None:
     lm = resources.get_model(config.model, config.dtype, config.device)
@@ -32,8 +33,7 @@ if TRACE in st.session_state:
         st.warning("Run stopped early: showing the partial trace.")
     if go and TRACE + "_wall" in st.session_state:
         n, wall = st.session_state[TRACE + "_wall"]
-        st.caption(f"Generated {n} tokens in {wall:.2f} s wall-clock, live display included "
-                   f"({n / wall:.1f} tokens/s).")
-    views.render_trace(trace, attn, "gen")
+        st.caption(f"Generated {n} tokens in {wall:.2f} s wall-clock, live display included ({n / wall:.1f} tokens/s).")
+    views.render_trace(trace, attn, "gen", state_key=TRACE, live_run=st.session_state.get(TRACE + "_live"))
 elif not go:
     st.info("Set the prompt and sampling controls in the sidebar, then press Generate.")

@@ -23,4 +23,6 @@ grid = frames.heads_frame(trace, attn, step, layer, window=window)
 st.altair_chart(charts.heads_grid_chart(grid, f"Layer {layer}: every head at step {step}"))
 shown = 0 if head is None else head
 frame = frames.attention_frame(trace, attn, step, layer, head, window=max(window, 64))
-st.altair_chart(charts.heatmap_chart(frame, f"Layer {layer}, {'mean over heads' if head is None else f'head {shown}'}", size=560))
+st.altair_chart(
+    charts.heatmap_chart(frame, f"Layer {layer}, {'mean over heads' if head is None else f'head {shown}'}", size=560)
+)

@@ -12,8 +12,11 @@ st.title("Trace viewer")
 src = st.radio("Source", ["Examples", "Upload"], horizontal=True, key="viewer_source")
 try:
     if src == "Upload":
-        files = st.file_uploader("trace.json with its .attn.npz companion, or a trace.zip", accept_multiple_files=True,
-                                 type=["json", "npz", "zip"], key="viewer_upload")
+        # No `type=`: Streamlit would raise its own exception box for a wrong extension; the loader
+        # checks names itself and says plainly what it accepts.
+        files = st.file_uploader(
+            "trace.json with its .attn.npz companion, or a trace.zip", accept_multiple_files=True, key="viewer_upload"
+        )
         if files:
             sig = tuple((f.name, f.size) for f in files)
             if st.session_state.get("viewer_loaded") != sig:
@@ -34,4 +37,4 @@ except TraceError as exc:
 
 if TRACE in st.session_state:
     trace, attn = st.session_state[TRACE]
-    views.render_trace(trace, attn, "viewer")
+    views.render_trace(trace, attn, "viewer", state_key=TRACE)

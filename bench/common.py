@@ -53,9 +53,11 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC · {cpu} · {os.cpu_count()} cores · "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads) · transformers {transformers.__version__} · "
-            f"Python {platform.python_version()}")
+    return (
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC · {cpu} · {os.cpu_count()} cores · "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads) · transformers {transformers.__version__} · "
+        f"Python {platform.python_version()}"
+    )
 
 
 TABLE_HEAD = "| what | min | median | max | unit |\n|---|---|---|---|---|"

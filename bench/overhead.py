@@ -23,8 +23,14 @@ def contenders(lm: LoadedModel, n: int, attn_every: int = 10) -> dict:
     def hf_generate():
         torch.manual_seed(cfg.seed)
         with torch.inference_mode():
-            out = lm.model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                                    min_new_tokens=n, max_new_tokens=n, **FLAGS)
+            out = lm.model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                min_new_tokens=n,
+                max_new_tokens=n,
+                **FLAGS,
+            )
         assert out.shape[1] == prompt.shape[1] + n
 
     def explorer(capture: bool):
@@ -33,6 +39,7 @@ def contenders(lm: LoadedModel, n: int, attn_every: int = 10) -> dict:
             for _ in run:
                 pass
             assert run.n == n
+
         return go
 
     def seed_way():
@@ -56,9 +63,13 @@ def run(lm: LoadedModel, lengths=(128, 512)) -> tuple[str, dict]:
     for n in lengths:
         series = interleave(contenders(lm, n))
         base = series["model.generate (eager)"].median
-        lines += [f"\n**{n} new tokens** (tokens/s, higher is better; ratio = median / median of model.generate)\n",
-                  RATIO_HEAD]
+        lines += [
+            f"\n**{n} new tokens** (tokens/s, higher is better; ratio = median / median of model.generate)\n",
+            RATIO_HEAD,
+        ]
         for s in series.values():
-            lines.append(f"| {s.name} | {min(s.values):.2f} | {s.median:.2f} | {max(s.values):.2f} | {s.median / base:.3f} |")
+            lines.append(
+                f"| {s.name} | {min(s.values):.2f} | {s.median:.2f} | {max(s.values):.2f} | {s.median / base:.3f} |"
+            )
             figures[(n, s.name)] = s.median / base
     return "\n".join(lines), figures

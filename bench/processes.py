@@ -15,15 +15,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
-LAUNCH = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-          "sys.stdout.write(r.stderr[-4000:]); print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+LAUNCH = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+    "sys.stdout.write(r.stderr[-4000:]); print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
 
 
 def cli(n: int = 512) -> dict:
     """CLI with full attention: wall-clock tokens/s as it prints them, and the process's peak RSS."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [PY, "-c", LAUNCH, PY, "-m", "explorer_core", "--max_new_tokens", str(n), "--min_new_tokens", str(n),
-               "--clean_stop", "false", "--no_png", "--out_dir", out]
+        cmd = [
+            PY,
+            "-c",
+            LAUNCH,
+            PY,
+            "-m",
+            "explorer_core",
+            "--max_new_tokens",
+            str(n),
+            "--min_new_tokens",
+            str(n),
+            "--clean_stop",
+            "false",
+            "--no_png",
+            "--out_dir",
+            out,
+        ]
         text = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, check=True).stdout
     tps = float(re.search(r"tokens in [\d.]+ s \(([\d.]+) tok/s\)", text).group(1))
     rss = int(re.search(r"MAXRSS_KB (\d+)", text).group(1)) / 1024
@@ -35,8 +52,16 @@ def startup() -> dict:
     code = "import time; t = time.perf_counter(); from explorer_core import models; models.load(); print(time.perf_counter() - t)"
     with tempfile.TemporaryDirectory() as cache:
         env = dict(ENV, EXPLORER_CACHE_DIR=cache)
-        first = float(subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True).stdout.split()[-1])
-        cached = float(subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True).stdout.split()[-1])
+        first = float(
+            subprocess.run(
+                [PY, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True
+            ).stdout.split()[-1]
+        )
+        cached = float(
+            subprocess.run(
+                [PY, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True
+            ).stdout.split()[-1]
+        )
     return {"first_s": first, "cached_s": cached}
 
 
@@ -52,13 +77,20 @@ def app(n: int = 512) -> dict:
     from playwright.sync_api import sync_playwright
 
     port = _free_port()
-    proc = subprocess.Popen([PY, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
-                             str(port)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PY, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_health(port)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+            browser = pw.chromium.launch(
+                executable_path="/usr/bin/chromium",
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+            )
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(300_000)
             page.goto(f"http://127.0.0.1:{port}")

@@ -20,9 +20,11 @@ def verdict(ok: bool) -> str:
 
 
 def main() -> None:
-    sections = [f"# Benchmarks\n\nOne run of `make bench`. {machine()}. Default model: SmolLM2-135M-Instruct, "
-                "float32 on CPU, eager attention. Contenders are interleaved (A B C D, A B C D, ...) in one "
-                "process; min / median / max over the rounds.\n"]
+    sections = [
+        f"# Benchmarks\n\nOne run of `make bench`. {machine()}. Default model: SmolLM2-135M-Instruct, "
+        "float32 on CPU, eager attention. Contenders are interleaved (A B C D, A B C D, ...) in one "
+        "process; min / median / max over the rounds.\n"
+    ]
     lm = models.load()
     log("overhead")
     text, ratios = overhead.run(lm)
@@ -31,22 +33,27 @@ def main() -> None:
     log("growth")
     PNG.parent.mkdir(exist_ok=True)
     text, _ = growth.run(lm, png=PNG)
-    sections.append("## 3. Growth with position (1024 new tokens, full attention)\n\n" + text +
-                    f"\n\n![growth](docs/{PNG.name})\n")
+    sections.append(
+        "## 3. Growth with position (1024 new tokens, full attention)\n\n" + text + f"\n\n![growth](docs/{PNG.name})\n"
+    )
     log("trace file")
     sections.append(trace_section(lm))
     log("processes")
     sections.append(process_section())
-    sections.append("## 7. GPU\n\nNo GPU machine was lent to the session that produced this run, so the GPU row "
-                    "(1B Llama-shaped model, bfloat16, 512 tokens, eager against sdpa) is open.\n")
+    sections.append(
+        "## 7. GPU\n\nNo GPU machine was lent to the session that produced this run, so the GPU row "
+        "(1B Llama-shaped model, bfloat16, 512 tokens, eager against sdpa) is open.\n"
+    )
     OUT.write_text("\n".join(sections), encoding="utf-8")
     log(f"wrote {OUT}")
 
 
 def targets_overhead(ratios: dict) -> str:
     lines = ["\n| target | 128 tokens | 512 tokens | verdict |", "|---|---|---|---|"]
-    for name, goal in (("explorer, top-k logging", 0.97),
-                       ("explorer, top-k + every layer's and head's attention row", 0.95)):
+    for name, goal in (
+        ("explorer, top-k logging", 0.97),
+        ("explorer, top-k + every layer's and head's attention row", 0.95),
+    ):
         a, b = ratios[(128, name)], ratios[(512, name)]
         lines.append(f"| {name} ≥ {goal} × generate | {a:.3f} | {b:.3f} | {verdict(min(a, b) >= goal)} |")
     return "\n".join(lines) + "\n"
@@ -56,10 +63,13 @@ def trace_section(lm) -> str:
     sizes, io_series = tracefile.size_and_io(lm)
     total_mb = (sizes["trace.json"] + sizes["trace.attn.npz"]) / 1e6
     render = tracefile.viewer_render(lm)
-    lines = ["## 4. Trace files\n",
-             f"256 new tokens, full attention, {sizes['prompt tokens']} prompt tokens: trace.json "
-             f"{sizes['trace.json'] / 1e6:.2f} MB + trace.attn.npz {sizes['trace.attn.npz'] / 1e6:.2f} MB = "
-             f"**{total_mb:.2f} MB** (target ≤ 20 MB: {verdict(total_mb <= 20)}).\n", TABLE_HEAD]
+    lines = [
+        "## 4. Trace files\n",
+        f"256 new tokens, full attention, {sizes['prompt tokens']} prompt tokens: trace.json "
+        f"{sizes['trace.json'] / 1e6:.2f} MB + trace.attn.npz {sizes['trace.attn.npz'] / 1e6:.2f} MB = "
+        f"**{total_mb:.2f} MB** (target ≤ 20 MB: {verdict(total_mb <= 20)}).\n",
+        TABLE_HEAD,
+    ]
     lines += [s.row("s", "{:.3f}") for s in io_series + render]
     worst = min(s.median for s in render)
     lines.append(f"\nViewer render of a 512-step trace, median: {worst:.2f} s (target ≤ 2 s: {verdict(worst <= 2)}).\n")
@@ -71,21 +81,25 @@ def process_section() -> str:
     app = processes.app(512)
     start = processes.startup()
     ratio = app["tps"] / cli["tps"]
-    return "\n".join([
-        "## 5. Memory and the app against the CLI (512 new tokens, full attention)\n",
-        "| what | figure | target | verdict |", "|---|---|---|---|",
-        f"| CLI peak RSS | {cli['rss_mb']:.0f} MB | ≤ 1536 MB | {verdict(cli['rss_mb'] <= 1536)} |",
-        f"| app (streamlit server) peak RSS | {app['rss_mb']:.0f} MB | ≤ 1536 MB (Cloud: 2.7 GB) | {verdict(app['rss_mb'] <= 1536)} |",
-        f"| CLI wall-clock tokens/s | {cli['tps']:.1f} | | |",
-        f"| app wall-clock tokens/s, live display included ({app['tokens']} tokens) | {app['tps']:.1f} | ≥ 0.8 × CLI | "
-        f"{ratio:.2f} × CLI: {verdict(ratio >= 0.8)} |",
-        "\n## 6. Start-up\n",
-        "| what | seconds |", "|---|---|",
-        f"| first-ever load of the default model (GGUF → safetensors conversion, new process) | {start['first_s']:.1f} |",
-        f"| cached load (new process, imports included) | {start['cached_s']:.1f} |",
-        f"| app: click Generate on a fresh server → first token on screen (model load included) | {app['ttft_s']:.1f} |",
-        "",
-    ])
+    return "\n".join(
+        [
+            "## 5. Memory and the app against the CLI (512 new tokens, full attention)\n",
+            "| what | figure | target | verdict |",
+            "|---|---|---|---|",
+            f"| CLI peak RSS | {cli['rss_mb']:.0f} MB | ≤ 1536 MB | {verdict(cli['rss_mb'] <= 1536)} |",
+            f"| app (streamlit server) peak RSS | {app['rss_mb']:.0f} MB | ≤ 1536 MB (Cloud: 2.7 GB) | {verdict(app['rss_mb'] <= 1536)} |",
+            f"| CLI wall-clock tokens/s | {cli['tps']:.1f} | | |",
+            f"| app wall-clock tokens/s, live display included ({app['tokens']} tokens) | {app['tps']:.1f} | ≥ 0.8 × CLI | "
+            f"{ratio:.2f} × CLI: {verdict(ratio >= 0.8)} |",
+            "\n## 6. Start-up\n",
+            "| what | seconds |",
+            "|---|---|",
+            f"| first-ever load of the default model (GGUF → safetensors conversion, new process) | {start['first_s']:.1f} |",
+            f"| cached load (new process, imports included) | {start['cached_s']:.1f} |",
+            f"| app: click Generate on a fresh server → first token on screen (model load included) | {app['ttft_s']:.1f} |",
+            "",
+        ]
+    )
 
 
 def log(msg: str) -> None:

@@ -31,21 +31,33 @@ def write_pngs(trace: Trace, attention: AttentionData | None, out: Path) -> list
     """The seed's PNGs, drawn by the same Altair builders the app uses (vl-convert renders offline)."""
     paths = []
     last = trace.steps[-1]
-    paths.append(_save(charts.topk_chart(frames.topk_frame(last), f"Top candidates at the final step ({last.step})"),
-                       out / "final_step_token_probs.png"))
+    paths.append(
+        _save(
+            charts.topk_chart(frames.topk_frame(last), f"Top candidates at the final step ({last.step})"),
+            out / "final_step_token_probs.png",
+        )
+    )
     paths.append(_save(charts.timeline_chart(frames.timeline_frame(trace)), out / "timeline.png"))
     if attention is None:
         if any(s.attn_snapshot for s in trace.steps):
             paths.append(_save(charts.snapshot_chart(frames.snapshot_frame(trace)), out / "attention_snapshots.png"))
         return paths
     layer = attention.prompt.shape[0] - 1
-    paths.append(_save(charts.heatmap_chart(frames.prompt_frame(trace, attention, layer, None),
-                                            f"Prompt attention, last layer ({layer}), mean over heads"),
-                       out / "prompt_attention_heatmap.png"))
+    paths.append(
+        _save(
+            charts.heatmap_chart(
+                frames.prompt_frame(trace, attention, layer, None),
+                f"Prompt attention, last layer ({layer}), mean over heads",
+            ),
+            out / "prompt_attention_heatmap.png",
+        )
+    )
     every = trace.attention.snapshot_every if trace.attention else 10
     for s in range(0, len(trace.steps), every):
-        chart = charts.heatmap_chart(frames.attention_frame(trace, attention, s, layer, None),
-                                     f"Attention at step {s}, last layer ({layer}), mean over heads")
+        chart = charts.heatmap_chart(
+            frames.attention_frame(trace, attention, s, layer, None),
+            f"Attention at step {s}, last layer ({layer}), mean over heads",
+        )
         paths.append(_save(chart, out / f"attn_step_{s:04d}.png"))
     return paths
 

@@ -19,8 +19,9 @@ OTHER = "#4c78a8"
 def topk_chart(frame: pd.DataFrame, title: str = "Top candidates") -> alt.FacetChart:
     """Raw beside processed top-k bars; the chosen token's bar is red."""
     base = alt.Chart(frame).encode(
-        y=alt.Y("label:N", sort=alt.EncodingSortField("rank", order="ascending"), title=None,
-                axis=alt.Axis(labelLimit=140)),
+        y=alt.Y(
+            "label:N", sort=alt.EncodingSortField("rank", order="ascending"), title=None, axis=alt.Axis(labelLimit=140)
+        ),
         x=alt.X("prob:Q", title="probability", scale=alt.Scale(domain=[0, 1])),
         tooltip=["distribution:N", "rank:O", "label:N", "token_id:Q", alt.Tooltip("prob:Q", format=".4f")],
     )
@@ -40,14 +41,21 @@ def topk_chart(frame: pd.DataFrame, title: str = "Top candidates") -> alt.FacetC
 def timeline_chart(frame: pd.DataFrame, selected: int | None = None, width: int = 640) -> alt.VConcatChart:
     """Chosen-token probability, entropy and rank over steps, one panel each; a rule marks `selected`."""
     panels = []
-    for panel, scale in (("probability", alt.Scale(domain=[0, 1])), ("entropy (bits)", alt.Scale()),
-                         ("rank of chosen", alt.Scale(type="log"))):
+    for panel, scale in (
+        ("probability", alt.Scale(domain=[0, 1])),
+        ("entropy (bits)", alt.Scale()),
+        ("rank of chosen", alt.Scale(type="log")),
+    ):
         sub = frame[frame["panel"] == panel]
-        line = alt.Chart(sub).mark_line(point=True).encode(
-            x=alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1)),
-            y=alt.Y("value:Q", title=panel, scale=scale),
-            color=alt.Color("series:N", title=None),
-            tooltip=["step:Q", "label:N", "series:N", alt.Tooltip("value:Q", format=".4f")],
+        line = (
+            alt.Chart(sub)
+            .mark_line(point=True)
+            .encode(
+                x=alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1)),
+                y=alt.Y("value:Q", title=panel, scale=scale),
+                color=alt.Color("series:N", title=None),
+                tooltip=["step:Q", "label:N", "series:N", alt.Tooltip("value:Q", format=".4f")],
+            )
         )
         layers = [line]
         if selected is not None:
@@ -63,10 +71,18 @@ def heatmap_chart(frame: pd.DataFrame, title: str, size: int = 420) -> alt.Chart
         alt.Chart(frame)
         .mark_rect()
         .encode(
-            x=alt.X("k_name:O", sort=alt.EncodingSortField("k", order="ascending"), title="key position",
-                    axis=alt.Axis(labelLimit=90, labelOverlap="greedy", labelAngle=-60)),
-            y=alt.Y("q_name:O", sort=alt.EncodingSortField("q", order="ascending"), title="query position",
-                    axis=alt.Axis(labelLimit=90, labelOverlap="greedy")),
+            x=alt.X(
+                "k_name:O",
+                sort=alt.EncodingSortField("k", order="ascending"),
+                title="key position",
+                axis=alt.Axis(labelLimit=90, labelOverlap="greedy", labelAngle=-60),
+            ),
+            y=alt.Y(
+                "q_name:O",
+                sort=alt.EncodingSortField("q", order="ascending"),
+                title="query position",
+                axis=alt.Axis(labelLimit=90, labelOverlap="greedy"),
+            ),
             color=alt.Color("weight:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="attention"),
             tooltip=["q_name:N", "k_name:N", alt.Tooltip("weight:Q", format=".4f")],
         )
@@ -108,14 +124,101 @@ def snapshot_chart(frame: pd.DataFrame, title: str = "Last-layer attention snaps
 
 def divergence_chart(frame: pd.DataFrame, first_diff: int | None = None) -> alt.LayerChart:
     """KL and JS divergence per step between two models' next-token distributions."""
-    line = alt.Chart(frame).mark_line(point=True).encode(
-        x=alt.X("step:Q", title="step (model A's tokens)"),
-        y=alt.Y("value:Q", title="divergence (bits)"),
-        color=alt.Color("measure:N", title=None),
-        tooltip=["step:Q", "label:N", "measure:N", alt.Tooltip("value:Q", format=".4f")],
+    line = (
+        alt.Chart(frame)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("step:Q", title="step (model A's tokens)"),
+            y=alt.Y("value:Q", title="divergence (bits)"),
+            color=alt.Color("measure:N", title=None),
+            tooltip=["step:Q", "label:N", "measure:N", alt.Tooltip("value:Q", format=".4f")],
+        )
     )
     layers = [line]
     if first_diff is not None:
         rule = alt.Chart(pd.DataFrame({"step": [first_diff]})).mark_rule(color=CHOSEN, strokeDash=[4, 3])
         layers.append(rule.encode(x="step:Q"))
     return alt.layer(*layers).properties(width=640, height=220, title="How far model B is from model A, per step")
+
+
+def stage_chart(frame: pd.DataFrame, title: str = "Each candidate through the processing chain") -> alt.LayerChart:
+    """Probability of each tracked candidate after every stage, in chain order; the chosen token is thick."""
+    x = alt.X(
+        "stage:N",
+        sort=alt.EncodingSortField("stage_index", order="ascending"),
+        title="after stage",
+        axis=alt.Axis(labelAngle=-30),
+    )
+    lines = (
+        alt.Chart(frame)
+        .mark_line(point=True)
+        .encode(
+            x=x,
+            y=alt.Y("prob:Q", title="probability", scale=alt.Scale(domain=[0, 1])),
+            color=alt.Color(
+                "label:N", title="candidate", sort=alt.EncodingSortField("prob", op="max", order="descending")
+            ),
+            strokeWidth=alt.condition("datum.chosen", alt.value(4), alt.value(1.5)),
+            tooltip=["stage:N", "label:N", "token_id:Q", alt.Tooltip("prob:Q", format=".4f")],
+        )
+    )
+    return lines.properties(width=520, height=260, title=title)
+
+
+def lens_grid_chart(frame: pd.DataFrame, title: str = "Logit lens: each layer's top token") -> alt.LayerChart:
+    """Layers (rows) by steps (columns), coloured by the top token's probability, labelled with the token."""
+    base = alt.Chart(frame).encode(
+        x=alt.X("step:O", title="step"),
+        y=alt.Y("layer:O", title="layer", sort="descending"),
+        tooltip=[
+            "step:Q",
+            "layer:Q",
+            "top:N",
+            alt.Tooltip("p_top:Q", format=".3f"),
+            "chosen:N",
+            alt.Tooltip("p_chosen:Q", format=".3f"),
+        ],
+    )
+    rect = base.mark_rect().encode(
+        color=alt.Color("p_top:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]), title="p(top)")
+    )
+    text = base.mark_text(fontSize=8, limit=40).encode(
+        text="top:N", color=alt.condition("datum.p_top > 0.6", alt.value("white"), alt.value("black"))
+    )
+    return alt.layer(rect, text).properties(width=alt.Step(42), height=alt.Step(14), title=title)
+
+
+def lens_step_chart(frame: pd.DataFrame, title: str) -> alt.Chart:
+    """Per layer, the probability the lens gives the token finally chosen."""
+    return (
+        alt.Chart(frame)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("layer:Q", title="layer"),
+            y=alt.Y("p_chosen:Q", title="p(chosen token)", scale=alt.Scale(domain=[0, 1])),
+            tooltip=["layer:Q", alt.Tooltip("p_chosen:Q", format=".4f"), "top:N", alt.Tooltip("p_top:Q", format=".3f")],
+        )
+        .properties(width=420, height=200, title=title)
+    )
+
+
+def replay_chart(frame: pd.DataFrame) -> alt.Chart:
+    """Largest difference per step between recorded and recomputed probabilities."""
+    long = frame.melt(
+        id_vars=["step", "label"],
+        value_vars=["max_diff_raw", "max_diff_proc"],
+        var_name="distribution",
+        value_name="difference",
+    )
+    long["difference"] = long["difference"].clip(lower=1e-12)
+    return (
+        alt.Chart(long)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("step:Q"),
+            y=alt.Y("difference:Q", scale=alt.Scale(type="log"), title="largest |recorded - recomputed|"),
+            color=alt.Color("distribution:N", title=None),
+            tooltip=["step:Q", "label:N", "distribution:N", alt.Tooltip("difference:Q", format=".2e")],
+        )
+        .properties(width=640, height=200, title="Replay check: recorded against recomputed probabilities")
+    )

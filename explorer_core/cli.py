@@ -23,27 +23,55 @@ def _bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m explorer_core",
-                                description="Generate with a small language model and record what it considered "
-                                            "and what it attended to, step by step.")
+    p = argparse.ArgumentParser(
+        prog="python -m explorer_core",
+        description="Generate with a small language model and record what it considered "
+        "and what it attended to, step by step. "
+        "`python -m explorer_core replay trace.json` re-checks a saved trace.",
+    )
     for f in field_specs():
         kind = {"int": int, "float": float, "str": str, "bool": _bool}[f.type]
         meta = f.metadata
         rng = f" [{meta['min']}..{meta['max']}]" if meta.get("min") is not None else ""
         help_text = f"{meta['help']}{rng} (default: {f.default!r})"
         if f.type == "bool":
-            p.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, default=f.default, metavar="BOOL", help=help_text)
+            p.add_argument(
+                f"--{f.name}", type=_bool, nargs="?", const=True, default=f.default, metavar="BOOL", help=help_text
+            )
         else:
             p.add_argument(f"--{f.name}", type=kind, default=f.default, choices=meta.get("choices"), help=help_text)
     p.add_argument("--out_dir", default="runs/latest", help="Folder for trace.json, output.txt and PNGs.")
     p.add_argument("--no_png", action="store_true", help="Skip the PNG charts (faster).")
-    p.add_argument("--no_companion", action="store_true",
-                   help="Write trace.json only: keep the attention snapshots inside it, skip the full attention file.")
+    p.add_argument("--html", action="store_true", help="Also write trace.html, one self-contained page to share.")
+    p.add_argument(
+        "--no_companion",
+        action="store_true",
+        help="Write trace.json only: keep the attention snapshots inside it, skip the full attention file.",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="No progress bar or token stream.")
     return p
 
 
+def replay_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m explorer_core replay",
+        description="Re-score a saved trace's tokens with the model and report the largest "
+        "difference between recorded and recomputed probabilities.",
+    )
+    p.add_argument("trace", help="Path to trace.json.")
+    p.add_argument("--model", default=None, help="Model to replay with (default: the one named in the trace).")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["replay"]:
+        from .runner import run_replay
+
+        args = replay_parser().parse_args(argv[1:])
+        return run_replay(args.trace, args.model, args.dtype, args.device)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig)}
@@ -54,4 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .runner import run_cli  # heavy imports (torch, transformers) only once the flags are valid
 
-    return run_cli(config, args.out_dir, pngs=not args.no_png, quiet=args.quiet, companion=not args.no_companion)
+    return run_cli(
+        config, args.out_dir, pngs=not args.no_png, quiet=args.quiet, companion=not args.no_companion, html=args.html
+    )

@@ -45,8 +45,15 @@ def divergence_frame(trace_a: Trace, lm_a: LoadedModel, lm_b: LoadedModel) -> tu
     differ = (lp_a.argmax(-1) != lp_b.argmax(-1)).nonzero()
     first = int(differ[0, 0]) if len(differ) else None
     labels = [s.label for s in trace_a.steps]
-    frame = pd.concat([
-        pd.DataFrame({"step": range(len(labels)), "label": labels, "measure": "KL(A‖B)", "value": kl.clamp_min(0).tolist()}),
-        pd.DataFrame({"step": range(len(labels)), "label": labels, "measure": "JS(A,B)", "value": js.clamp_min(0).tolist()}),
-    ], ignore_index=True)
+    frame = pd.concat(
+        [
+            pd.DataFrame(
+                {"step": range(len(labels)), "label": labels, "measure": "KL(A‖B)", "value": kl.clamp_min(0).tolist()}
+            ),
+            pd.DataFrame(
+                {"step": range(len(labels)), "label": labels, "measure": "JS(A,B)", "value": js.clamp_min(0).tolist()}
+            ),
+        ],
+        ignore_index=True,
+    )
     return frame, first

@@ -39,6 +39,7 @@ class GenerationConfig:
     chat: bool = _f(True, "Wrap the prompt in the tokenizer's chat template (when it has one).")
     top_n: int = _f(10, "Candidates to log per step, for both distributions.", 1, 100)
     capture_attention: bool = _f(True, "Record every layer's and head's attention row at every step.")
+    logit_lens: bool = _f(False, "Record each layer's top token (logit lens); costs about one extra step per step.")
     dtype: str = _f("auto", "Weights dtype: auto (float32 on CPU, bfloat16 on CUDA) or a name.", choices=DTYPES)
     device: str = _f("auto", "Device: auto (CUDA when present), cpu or cuda.", choices=DEVICES)
 

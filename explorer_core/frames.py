@@ -32,8 +32,14 @@ def topk_frame(step: StepRecord) -> pd.DataFrame:
     for key, cands, p in (("raw", step.top_raw, step.p_raw), ("proc", step.top_proc, step.p_proc)):
         frame = _cand_frame(cands, DIST_NAMES[key], step.token_id)
         if step.token_id not in cands.ids:
-            extra = {"distribution": DIST_NAMES[key], "rank": len(cands.ids) + 1, "token_id": step.token_id,
-                     "label": step.label + " (chosen)", "prob": p, "chosen": True}
+            extra = {
+                "distribution": DIST_NAMES[key],
+                "rank": len(cands.ids) + 1,
+                "token_id": step.token_id,
+                "label": step.label + " (chosen)",
+                "prob": p,
+                "chosen": True,
+            }
             frame = pd.concat([frame, pd.DataFrame([extra])], ignore_index=True)
         parts.append(frame)
     return pd.concat(parts, ignore_index=True)
@@ -66,9 +72,13 @@ def timeline_frame(trace: Trace) -> pd.DataFrame:
         }
     )
     long = wide.melt(id_vars=["step", "label"], var_name="series", value_name="value")
-    panel = {"p(chosen), raw": "probability", "p(chosen), processed": "probability",
-             "entropy raw (bits)": "entropy (bits)", "entropy processed (bits)": "entropy (bits)",
-             "raw rank": "rank of chosen"}
+    panel = {
+        "p(chosen), raw": "probability",
+        "p(chosen), processed": "probability",
+        "entropy raw (bits)": "entropy (bits)",
+        "entropy processed (bits)": "entropy (bits)",
+        "raw rank": "rank of chosen",
+    }
     long["panel"] = long["series"].map(panel)
     return long
 
@@ -83,13 +93,19 @@ def matrix_frame(matrix: np.ndarray, labels: list[str], offset: int = 0) -> pd.D
     q, k = np.tril_indices(n)
     names = [f"{offset + i}: {lab}" for i, lab in enumerate(labels[:n])]
     return pd.DataFrame(
-        {"q": q + offset, "k": k + offset, "q_name": np.take(names, q), "k_name": np.take(names, k),
-         "weight": matrix[q, k].astype(float)}
+        {
+            "q": q + offset,
+            "k": k + offset,
+            "q_name": np.take(names, q),
+            "k_name": np.take(names, k),
+            "weight": matrix[q, k].astype(float),
+        }
     )
 
 
-def attention_frame(trace: Trace, attn: AttentionData, step: int, layer: int, head: int | None,
-                    window: int | None = None) -> pd.DataFrame:
+def attention_frame(
+    trace: Trace, attn: AttentionData, step: int, layer: int, head: int | None, window: int | None = None
+) -> pd.DataFrame:
     """The sequence seen at `step` (prompt + tokens before it), optionally only its last `window` positions."""
     m = attn.matrix(step, layer, head)
     labels = trace.labels_upto(step)
@@ -121,14 +137,124 @@ def snapshot_frame(trace: Trace) -> pd.DataFrame:
             continue
         labels = trace.labels_upto(s.step)
         for k, w in enumerate(s.attn_snapshot):
-            rows.append({"step": s.step, "k": k, "k_name": f"{k}: {labels[k] if k < len(labels) else '?'}",
-                         "label": s.label, "weight": w})
+            rows.append(
+                {
+                    "step": s.step,
+                    "k": k,
+                    "k_name": f"{k}: {labels[k] if k < len(labels) else '?'}",
+                    "label": s.label,
+                    "weight": w,
+                }
+            )
     return pd.DataFrame(rows, columns=["step", "k", "k_name", "label", "weight"])
 
 
 def stream_frame(trace: Trace) -> pd.DataFrame:
     return pd.DataFrame(
-        {"step": [s.step for s in trace.steps], "token": [s.label for s in trace.steps],
-         "p_raw": [s.p_raw for s in trace.steps], "p_proc": [s.p_proc for s in trace.steps],
-         "rank": [s.rank_raw for s in trace.steps], "entropy": [s.entropy_raw for s in trace.steps]}
+        {
+            "step": [s.step for s in trace.steps],
+            "token": [s.label for s in trace.steps],
+            "p_raw": [s.p_raw for s in trace.steps],
+            "p_proc": [s.p_proc for s in trace.steps],
+            "rank": [s.rank_raw for s in trace.steps],
+            "entropy": [s.entropy_raw for s in trace.steps],
+        }
+    )
+
+
+STAGE_NAMES = {
+    "raw": "raw",
+    "repetition": "repetition penalty",
+    "no_repeat_ngram": "no-repeat n-gram",
+    "block_eos": "EOS blocking",
+    "block_ws": "whitespace blocking",
+    "temperature": "temperature",
+    "top_k": "top-k",
+    "top_p": "top-p",
+}
+
+
+def stage_frame(step: StepRecord, max_candidates: int = 10) -> pd.DataFrame:
+    """Tracked candidates' probability after each stage, long form; the raw top few, the chosen token
+    and EOS are kept so the chart stays readable."""
+    tr = step.stages
+    if tr is None:
+        return pd.DataFrame(columns=["stage", "stage_index", "label", "token_id", "prob", "chosen"])
+    raw = tr.probs[0]
+    order = sorted(range(len(tr.ids)), key=lambda i: -raw[i])[:max_candidates]
+    keep = list(dict.fromkeys(order + [i for i, t in enumerate(tr.ids) if t == step.token_id] + [len(tr.ids) - 1]))
+    names = _names([tr.labels[i] for i in keep], [tr.ids[i] for i in keep])
+    rows = []
+    for si, stage in enumerate(tr.stages):
+        for name, i in zip(names, keep):
+            rows.append(
+                {
+                    "stage": STAGE_NAMES.get(stage, stage),
+                    "stage_index": si,
+                    "label": name,
+                    "token_id": tr.ids[i],
+                    "prob": tr.probs[si][i],
+                    "chosen": tr.ids[i] == step.token_id,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def stage_summary(step: StepRecord) -> pd.DataFrame:
+    """Per tracked candidate: raw and final probability, and the rule that removed it or moved it most."""
+    tr = step.stages
+    if tr is None:
+        return pd.DataFrame(columns=["token", "token_id", "p raw", "p final", "verdict"])
+    rows = []
+    for i, tid in enumerate(tr.ids):
+        col = [tr.probs[s][i] for s in range(len(tr.stages))]
+        rows.append(
+            {
+                "token": tr.labels[i],
+                "token_id": tid,
+                "p raw": col[0],
+                "p final": col[-1],
+                "verdict": _stage_verdict(tr.stages, col, tid == step.token_id),
+            }
+        )
+    return pd.DataFrame(rows).sort_values("p raw", ascending=False, ignore_index=True)
+
+
+def _stage_verdict(stages: list[str], col: list[float], chosen: bool) -> str:
+    prefix = "chosen; " if chosen else ""
+    for s in range(1, len(col)):
+        if col[s - 1] > 0 and col[s] == 0:
+            return f"{prefix}removed by {STAGE_NAMES.get(stages[s], stages[s])}"
+    if col[0] == 0:
+        return f"{prefix}impossible under the raw model"
+    if len(col) == 1:
+        return f"{prefix}no rules active"
+    moves = [col[s] - col[s - 1] for s in range(1, len(col))]
+    s = max(range(len(moves)), key=lambda j: abs(moves[j]))
+    return f"{prefix}changed most by {STAGE_NAMES.get(stages[s + 1], stages[s + 1])} ({moves[s]:+.3f})"
+
+
+def lens_frame(trace: Trace, center: int, window: int = 24) -> pd.DataFrame:
+    """Layers × steps: each layer's top token and its probability, for steps around `center`."""
+    lo = max(0, min(center - window // 2, len(trace.steps) - window))
+    rows = []
+    for s in trace.steps[lo : lo + window]:
+        if s.lens is None:
+            continue
+        for layer, (lab, p, pc) in enumerate(zip(s.lens.top_labels, s.lens.top_probs, s.lens.chosen_probs)):
+            rows.append({"step": s.step, "layer": layer, "top": lab, "p_top": p, "p_chosen": pc, "chosen": s.label})
+    return pd.DataFrame(rows, columns=["step", "layer", "top", "p_top", "p_chosen", "chosen"])
+
+
+def lens_step_frame(step: StepRecord) -> pd.DataFrame:
+    if step.lens is None:
+        return pd.DataFrame(columns=["layer", "p_chosen", "top", "p_top"])
+    lens = step.lens
+    return pd.DataFrame(
+        {
+            "layer": range(len(lens.chosen_probs)),
+            "p_chosen": lens.chosen_probs,
+            "top": lens.top_labels,
+            "p_top": lens.top_probs,
+        }
     )

@@ -40,8 +40,20 @@ class Limits:
     @classmethod
     def from_env(cls) -> Limits:
         hosted = os.environ.get("EXPLORER_HOSTED", "") in ("1", "true", "yes")
-        base = cls(hosted=True, max_prompt_tokens=1024, max_new_tokens=512, max_top_n=20, attention_budget_mb=600,
-                   max_model_mb=1200, max_upload_mb=50, allowed_models=HOSTED_MODELS) if hosted else cls()
+        base = (
+            cls(
+                hosted=True,
+                max_prompt_tokens=1024,
+                max_new_tokens=512,
+                max_top_n=20,
+                attention_budget_mb=600,
+                max_model_mb=1200,
+                max_upload_mb=50,
+                allowed_models=HOSTED_MODELS,
+            )
+            if hosted
+            else cls()
+        )
         allowed = os.environ.get("EXPLORER_ALLOWED_MODELS")
         return cls(
             hosted=hosted,
@@ -51,33 +63,43 @@ class Limits:
             attention_budget_mb=_env_int("EXPLORER_ATTENTION_BUDGET_MB", base.attention_budget_mb),
             max_model_mb=_env_int("EXPLORER_MAX_MODEL_MB", base.max_model_mb),
             max_upload_mb=_env_int("EXPLORER_MAX_UPLOAD_MB", base.max_upload_mb),
-            allowed_models=tuple(m.strip() for m in allowed.split(",") if m.strip()) if allowed else base.allowed_models,
+            allowed_models=tuple(m.strip() for m in allowed.split(",") if m.strip())
+            if allowed
+            else base.allowed_models,
         )
 
     def check_config(self, config: GenerationConfig) -> None:
         """Checks that need no model: lengths, candidates, the allowlist."""
         if config.max_new_tokens > self.max_new_tokens:
-            raise ValueError(f"max_new_tokens={config.max_new_tokens} is over this host's limit of "
-                             f"{self.max_new_tokens} (EXPLORER_MAX_NEW_TOKENS)")
+            raise ValueError(
+                f"max_new_tokens={config.max_new_tokens} is over this host's limit of "
+                f"{self.max_new_tokens} (EXPLORER_MAX_NEW_TOKENS)"
+            )
         if config.top_n > self.max_top_n:
             raise ValueError(f"top_n={config.top_n} is over this host's limit of {self.max_top_n} (EXPLORER_MAX_TOP_N)")
         self.check_model_name(config.model)
 
     def check_model_name(self, name: str) -> None:
         if self.allowed_models and name.strip() not in self.allowed_models:
-            raise ValueError(f"model {name!r} is not allowed on this host; choose one of: "
-                             f"{', '.join(self.allowed_models)} (EXPLORER_ALLOWED_MODELS)")
+            raise ValueError(
+                f"model {name!r} is not allowed on this host; choose one of: "
+                f"{', '.join(self.allowed_models)} (EXPLORER_ALLOWED_MODELS)"
+            )
 
     def check_run(self, config: GenerationConfig, prompt_tokens: int, layers: int, heads: int) -> None:
         """Checks once the prompt is tokenized and the model's shape is known."""
         if prompt_tokens > self.max_prompt_tokens:
-            raise ValueError(f"the prompt is {prompt_tokens} tokens, over the limit of {self.max_prompt_tokens} "
-                             "(EXPLORER_MAX_PROMPT_TOKENS): shorten it")
+            raise ValueError(
+                f"the prompt is {prompt_tokens} tokens, over the limit of {self.max_prompt_tokens} "
+                "(EXPLORER_MAX_PROMPT_TOKENS): shorten it"
+            )
         mb = attention_mb(prompt_tokens, config.max_new_tokens, layers, heads) if config.capture_attention else 0.0
         if mb > self.attention_budget_mb:
-            raise ValueError(f"recording attention for this run needs about {mb:.0f} MB, over the budget of "
-                             f"{self.attention_budget_mb} MB (EXPLORER_ATTENTION_BUDGET_MB): lower max_new_tokens "
-                             "or turn attention capture off")
+            raise ValueError(
+                f"recording attention for this run needs about {mb:.0f} MB, over the budget of "
+                f"{self.attention_budget_mb} MB (EXPLORER_ATTENTION_BUDGET_MB): lower max_new_tokens "
+                "or turn attention capture off"
+            )
 
 
 def attention_mb(prompt_tokens: int, new_tokens: int, layers: int, heads: int) -> float:

@@ -156,7 +156,9 @@ def pick_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
-def load(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto", limits: Limits | None = None) -> LoadedModel:
+def load(
+    name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto", limits: Limits | None = None
+) -> LoadedModel:
     """Load a model for inspection: eager attention (so attention weights exist), eval mode, no grad."""
     from transformers.utils import logging as hf_logging
 
@@ -195,8 +197,10 @@ def check_size(source: ModelSource, location: str, torch_dtype, max_mb: int) -> 
         raise ModelLoadError(_explain(source, exc)) from exc
     size_mb = sum(p.numel() for p in shell.parameters()) * torch.tensor([], dtype=torch_dtype).element_size() / 1e6
     if size_mb > max_mb:
-        raise ModelLoadError(f"model {source.name!r} needs about {size_mb:.0f} MB of weights, over this host's "
-                             f"limit of {max_mb} MB (EXPLORER_MAX_MODEL_MB): pick a smaller model")
+        raise ModelLoadError(
+            f"model {source.name!r} needs about {size_mb:.0f} MB of weights, over this host's "
+            f"limit of {max_mb} MB (EXPLORER_MAX_MODEL_MB): pick a smaller model"
+        )
 
 
 def _from_pretrained(source: ModelSource, location: str, torch_dtype):
@@ -205,9 +209,7 @@ def _from_pretrained(source: ModelSource, location: str, torch_dtype):
     kwargs = dict(use_safetensors=True, trust_remote_code=False)
     try:
         tok = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=torch_dtype, attn_implementation="eager", **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, attn_implementation="eager", **kwargs)
     except Exception as exc:  # transformers raises many types; turn them into one clear sentence
         raise ModelLoadError(_explain(source, exc)) from exc
     return model, tok

@@ -52,9 +52,7 @@ class Stage:
     fn: LogitsProcessor
 
 
-def build_chain(
-    config: GenerationConfig, prompt_length: int, eos_ids: list[int], ws_ids: list[int]
-) -> list[Stage]:
+def build_chain(config: GenerationConfig, prompt_length: int, eos_ids: list[int], ws_ids: list[int]) -> list[Stage]:
     """The chain for one run. Rules that would do nothing are left out, as `generate()` does."""
     chain: list[Stage] = []
     if config.repetition_penalty != 1.0:
@@ -82,3 +80,18 @@ def apply_chain(chain: list[Stage], input_ids: torch.LongTensor, scores: torch.F
     for stage in chain:
         scores = stage.fn(input_ids, scores)
     return scores
+
+
+def apply_chain_staged(
+    chain: list[Stage], input_ids: torch.LongTensor, scores: torch.FloatTensor
+) -> tuple[torch.FloatTensor, torch.FloatTensor]:
+    """Like apply_chain, also returning every stage's scores: (final (1, vocab), stacked (stages+1, vocab)).
+
+    Row 0 is the raw scores; row i the scores after stage i. Processors never work in place, so each
+    row is the tensor that stage returned, kept without copying.
+    """
+    rows = [scores[0]]
+    for stage in chain:
+        scores = stage.fn(input_ids, scores)
+        rows.append(scores[0])
+    return scores, torch.stack(rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -13,7 +14,14 @@ from .limits import Limits
 from .stepper import Run
 
 
-def run_cli(config: GenerationConfig, out_dir: str, pngs: bool = True, quiet: bool = False, companion: bool = True) -> int:
+def run_cli(
+    config: GenerationConfig,
+    out_dir: str,
+    pngs: bool = True,
+    quiet: bool = False,
+    companion: bool = True,
+    html: bool = False,
+) -> int:
     try:
         limits = Limits.from_env()
         limits.check_config(config)
@@ -38,9 +46,43 @@ def run_cli(config: GenerationConfig, out_dir: str, pngs: bool = True, quiet: bo
         bar.close()
     elapsed = time.perf_counter() - start
     trace = run.trace(stop_reason=reason)
-    paths = artifacts.write_all(trace, run.attention() if companion else None, out_dir, pngs=pngs)
+    attention = run.attention()
+    paths = artifacts.write_all(trace, attention if companion else None, out_dir, pngs=pngs)
+    if html:
+        from . import export_html
+
+        page = Path(out_dir) / "trace.html"
+        page.write_text(export_html.build(trace, attention), encoding="utf-8")
+        paths.append(page)
     if not quiet:
         print(trace.output_text)
-        print(f"{len(trace.steps)} tokens in {elapsed:.2f} s ({len(trace.steps) / elapsed:.1f} tok/s), "
-              f"stopped: {trace.stop_reason}; wrote {len(paths)} files to {out_dir}", file=sys.stderr)
+        print(
+            f"{len(trace.steps)} tokens in {elapsed:.2f} s ({len(trace.steps) / elapsed:.1f} tok/s), "
+            f"stopped: {trace.stop_reason}; wrote {len(paths)} files to {out_dir}",
+            file=sys.stderr,
+        )
     return 130 if reason == "interrupted" else 0
+
+
+def run_replay(trace_path: str, model: str | None, dtype: str, device: str) -> int:
+    """CLI replay check: exit 0 when faithful or close, 1 when different, 2 when it cannot run."""
+    from . import replay
+    from . import trace as trace_io
+
+    try:
+        trace, _ = trace_io.load(trace_path)
+        lm = models.load(model or trace.model.name, dtype=dtype, device=device, limits=Limits.from_env())
+        report = replay.replay(lm, trace)
+    except (trace_io.TraceError, models.ModelLoadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    worst = report.per_step.assign(worst=report.per_step[["max_diff_raw", "max_diff_proc"]].max(axis=1))
+    worst = worst.sort_values("worst", ascending=False).head(5)
+    print(f"replayed {len(report.per_step)} steps of {trace_path} with {lm.source.name} on {lm.device}")
+    print("largest differences (step, token, raw, processed):")
+    for _, row in worst.iterrows():
+        print(
+            f"  {int(row['step']):5d}  {row['label'][:20]:20s}  {row['max_diff_raw']:.2e}  {row['max_diff_proc']:.2e}"
+        )
+    print(report.verdict)
+    return 0 if report.ok else 1

@@ -110,7 +110,7 @@ class Vocab:
         return out
 
 
-_VOCABS: "weakref.WeakKeyDictionary" = None  # type: ignore[assignment]
+_VOCABS: weakref.WeakKeyDictionary = None  # type: ignore[assignment]
 _VOCAB_LOCK = threading.Lock()
 
 

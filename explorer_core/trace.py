@@ -58,26 +58,75 @@ class Candidates(_Strict):
         return self
 
 
+class StageTrack(_Strict):
+    """Tracked candidates' probability after each stage of the processing chain (row 0 = raw)."""
+
+    stages: list[Name] = Field(max_length=16)
+    ids: list[TokenId] = Field(max_length=2 * MAX_CANDIDATES + 8)
+    labels: list[TokenText] = Field(max_length=2 * MAX_CANDIDATES + 8)
+    probs: list[list[Prob]] = Field(max_length=16, description="probs[stage][candidate]")
+
+    @model_validator(mode="after")
+    def _shape(self) -> StageTrack:
+        if len(self.ids) != len(self.labels) or len(self.probs) != len(self.stages):
+            raise ValueError("stage track: ids/labels or stages/probs lengths differ")
+        if any(len(row) != len(self.ids) for row in self.probs):
+            raise ValueError("stage track: every stage needs one probability per tracked candidate")
+        return self
+
+
+class LensRecord(_Strict):
+    """Logit lens for one step: each layer's hidden state through the final norm and the output head."""
+
+    top_ids: list[TokenId] = Field(max_length=1024)
+    top_labels: list[TokenText] = Field(max_length=1024)
+    top_probs: list[Prob] = Field(max_length=1024)
+    chosen_probs: list[Prob] = Field(
+        max_length=1024, description="Per layer, the probability of the token finally chosen."
+    )
+
+
 class StepRecord(_Strict):
     """One generated token and what the model considered when choosing it."""
 
     step: int = Field(ge=0, lt=MAX_STEPS)
-    position: int = Field(ge=0, lt=MAX_STEPS + MAX_PROMPT_TOKENS, description="Position of the chosen token in the whole sequence.")
+    position: int = Field(
+        ge=0, lt=MAX_STEPS + MAX_PROMPT_TOKENS, description="Position of the chosen token in the whole sequence."
+    )
     token_id: TokenId
     piece: TokenText = Field(description="The tokenizer's raw piece, e.g. 'Ġthe'.")
     label: TokenText = Field(description="Readable label, e.g. '␣the'.")
     p_raw: Prob = Field(description="Chosen token's probability under the model's raw distribution.")
     p_proc: Prob = Field(description="Chosen token's probability after the processing chain.")
-    rank_raw: int = Field(ge=1, lt=10_000_000, description="Chosen token's rank in the raw distribution (1 = most likely).")
+    rank_raw: int = Field(
+        ge=1, lt=10_000_000, description="Chosen token's rank in the raw distribution (1 = most likely)."
+    )
     entropy_raw: float = Field(ge=0.0, le=64.0, description="Entropy of the raw distribution, in bits.")
     entropy_proc: float = Field(ge=0.0, le=64.0, description="Entropy after processing, in bits.")
     top_raw: Candidates
     top_proc: Candidates
-    time_s: float = Field(ge=0.0, le=86_400.0, description="Wall time: the forward that produced these logits + selection.")
+    time_s: float = Field(
+        ge=0.0, le=86_400.0, description="Wall time: the forward that produced these logits + selection."
+    )
     attn_snapshot: list[Prob] | None = Field(
-        default=None, max_length=MAX_STEPS + MAX_PROMPT_TOKENS,
+        default=None,
+        max_length=MAX_STEPS + MAX_PROMPT_TOKENS,
         description="Head-mean last-layer attention row of this step's query, every attn_every steps.",
     )
+    stages: StageTrack | None = None
+    lens: LensRecord | None = None
+    forced: bool = Field(default=False, description="True when the user chose this token (a branch point).")
+
+
+class Branch(_Strict):
+    """Another continuation: the path of `parent` up to `at_step`, then the user's token, then generation."""
+
+    id: int = Field(ge=1, le=1000)
+    parent: int = Field(ge=0, le=1000, description="0 is the main run; otherwise an earlier branch's id.")
+    at_step: int = Field(ge=0, lt=MAX_STEPS)
+    steps: list[StepRecord] = Field(max_length=MAX_STEPS, description="Steps from at_step on.")
+    stop_reason: StopReason
+    output_text: Text
 
 
 class ModelInfo(_Strict):
@@ -126,6 +175,7 @@ class Trace(_Strict):
     output_text: Text
     timing: Timing
     attention: AttentionInfo | None = None
+    branches: list[Branch] = Field(default_factory=list, max_length=64)
 
     @model_validator(mode="after")
     def _consistent(self) -> Trace:
@@ -138,7 +188,29 @@ class Trace(_Strict):
                 raise ValueError(f"step {i} is numbered {s.step} at position {s.position}; expected {i} at {t + i}")
             if s.attn_snapshot is not None and len(s.attn_snapshot) != t + i:
                 raise ValueError(f"step {i}'s attention snapshot has {len(s.attn_snapshot)} values; expected {t + i}")
+        known = {0: len(self.steps)}
+        for b in self.branches:
+            if b.id in known or b.parent not in known:
+                raise ValueError(f"branch {b.id} repeats an id or names an unknown parent {b.parent}")
+            if b.at_step > known[b.parent]:
+                raise ValueError(f"branch {b.id} splits at step {b.at_step}, past the end of its parent")
+            for j, s in enumerate(b.steps):
+                if s.step != b.at_step + j or s.position != t + s.step:
+                    raise ValueError(f"branch {b.id}: step {j} is numbered {s.step}; expected {b.at_step + j}")
+            known[b.id] = b.at_step + len(b.steps)
         return self
+
+    def branch(self, branch_id: int) -> Branch | None:
+        return next((b for b in self.branches if b.id == branch_id), None)
+
+    def path_steps(self, branch_id: int = 0) -> list[StepRecord]:
+        """Every step of a branch's path from the first generated token (0 = the main run)."""
+        if branch_id == 0:
+            return list(self.steps)
+        b = self.branch(branch_id)
+        if b is None:
+            raise KeyError(f"no branch {branch_id}")
+        return self.path_steps(b.parent)[: b.at_step] + list(b.steps)
 
     @property
     def prompt_len(self) -> int:
@@ -181,7 +253,9 @@ def save(trace: Trace, attention: AttentionData | None, json_path: str | Path) -
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     if attention is not None and trace.attention is not None:
-        trace = trace.model_copy(update={"attention": trace.attention.model_copy(update={"file": companion_name(json_path)})})
+        trace = trace.model_copy(
+            update={"attention": trace.attention.model_copy(update={"file": companion_name(json_path)})}
+        )
         _atomic_write(json_path.parent / companion_name(json_path), attention_bytes(attention))
     _atomic_write(json_path, dumps(trace).encode("utf-8"))
     return json_path
@@ -189,7 +263,11 @@ def save(trace: Trace, attention: AttentionData | None, json_path: str | Path) -
 
 def attention_bytes(attention: AttentionData) -> bytes:
     buf = io.BytesIO()
-    rows = np.concatenate(attention.rows, axis=-1) if attention.rows else np.zeros(attention.prompt.shape[:2] + (0,), np.float16)
+    rows = (
+        np.concatenate(attention.rows, axis=-1)
+        if attention.rows
+        else np.zeros(attention.prompt.shape[:2] + (0,), np.float16)
+    )
     lengths = np.array([r.shape[-1] for r in attention.rows], dtype=np.int64)
     np.savez_compressed(buf, prompt=attention.prompt.astype(np.float16), rows=rows.astype(np.float16), lengths=lengths)
     return buf.getvalue()
@@ -251,8 +329,14 @@ def parse_attention(data: bytes, trace: Trace) -> AttentionData:
     if prompt.shape != want:
         raise TraceError(f"attention companion's prompt shape {prompt.shape} does not match the trace's {want}")
     expect = np.arange(len(trace.steps)) + t
-    if lengths.shape != expect.shape or not np.array_equal(lengths, expect) or rows.shape != (info.layers, info.heads, int(expect.sum())):
-        raise TraceError(f"attention companion holds {len(lengths)} rows that do not match the trace's {len(trace.steps)} steps")
+    if (
+        lengths.shape != expect.shape
+        or not np.array_equal(lengths, expect)
+        or rows.shape != (info.layers, info.heads, int(expect.sum()))
+    ):
+        raise TraceError(
+            f"attention companion holds {len(lengths)} rows that do not match the trace's {len(trace.steps)} steps"
+        )
     split = np.cumsum(lengths)[:-1]
     return AttentionData(prompt=prompt, rows=list(np.split(rows, split, axis=-1)) if len(lengths) else [])
 
@@ -263,7 +347,9 @@ def load(json_path: str | Path) -> tuple[Trace, AttentionData | None]:
     try:
         size = json_path.stat().st_size
         if size > MAX_TRACE_BYTES:
-            raise TraceError(f"{json_path.name} is {size / 1e6:.1f} MB, over the {MAX_TRACE_BYTES / 1e6:.0f} MB limit for traces")
+            raise TraceError(
+                f"{json_path.name} is {size / 1e6:.1f} MB, over the {MAX_TRACE_BYTES / 1e6:.0f} MB limit for traces"
+            )
         trace = parse(json_path.read_bytes())
     except OSError as exc:
         raise TraceError(f"cannot read {json_path}: {exc.strerror}") from None

@@ -27,6 +27,7 @@ def settle(run_key: str, trace_key: str) -> None:
     if run is None:
         return
     st.session_state[trace_key] = (run.trace(), run.attention())
+    st.session_state[trace_key + "_live"] = run  # its KV cache lets branches skip the prefix
     del st.session_state[run_key]
 
 
@@ -61,3 +62,13 @@ def _stream(run: Run, config: GenerationConfig) -> None:
     progress.empty()
     rate.empty()
     box.empty()
+
+
+def stream_branch(run: Run) -> None:
+    """Generate a branch under the lock, with the same live stream as the main run."""
+    notice = st.empty()
+    lock = resources.acquire_generation_slot(notice)
+    try:
+        _stream(run, run.config)
+    finally:
+        lock.release()

@@ -7,15 +7,16 @@ import zipfile
 from pathlib import Path
 
 from explorer_core import trace as trace_io
-from explorer_core.trace import AttentionData, Trace, TraceError
-
 from explorer_core.limits import Limits
+from explorer_core.trace import AttentionData, Trace, TraceError
 
 MAX_TRACE_BYTES = trace_io.MAX_TRACE_BYTES  # trace.json; a 512-step run is about 1 MB
 
 
 def upload_cap() -> int:
     return Limits.from_env().max_upload_mb * 1024 * 1024
+
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 

@@ -11,7 +11,6 @@ from explorer_core import models
 from explorer_core.limits import Limits
 from explorer_core.models import LoadedModel, ModelLoadError
 
-
 LOADED: dict[tuple[str, str, str], LoadedModel] = {}  # what _load has returned, for size estimates
 
 
@@ -31,10 +30,12 @@ def loaded_already(name: str, dtype: str, device: str) -> LoadedModel | None:
     return LOADED.get((name.strip(), dtype, device))
 
 
-@st.cache_resource
+# One per process, shared by every session: 2 CPU cores run one generation well, not two.
+GENERATION_LOCK = threading.Lock()
+
+
 def generation_lock() -> threading.Lock:
-    """Shared by every session of this process: 2 CPU cores run one generation well, not two."""
-    return threading.Lock()
+    return GENERATION_LOCK
 
 
 def get_model(name: str, dtype: str = "auto", device: str = "auto") -> LoadedModel | None:

@@ -6,7 +6,6 @@ chart data, dataframe cells, st.text/st.code, or HTML with every special charact
 
 from __future__ import annotations
 
-import html
 import io
 import zipfile
 
@@ -17,12 +16,13 @@ from explorer_core import trace as trace_io
 from explorer_core.trace import AttentionData, StepRecord, Trace
 
 
+_MARKUP = set("*_$[]()`~#|:\\{}!<>&\"'=")
+
+
 def escape_text(text: str) -> str:
-    """HTML-escape and neutralise Markdown/LaTeX characters, so text shows verbatim in st.html."""
-    out = html.escape(text, quote=True)
-    for ch in "*_$[]()`~#|:\\{}!":
-        out = out.replace(ch, f"&#{ord(ch)};")
-    return out
+    """Escape every HTML and Markdown/LaTeX character in one pass (as numeric entities), so text shows
+    verbatim in st.html and nothing in it can start a tag, an attribute or a formatting run."""
+    return "".join(f"&#{ord(ch)};" if ch in _MARKUP else ch for ch in text)
 
 
 def stream_html(steps: list[StepRecord]) -> str:
@@ -56,9 +56,15 @@ def render_cost_estimate(config, lm, limits) -> None:
     except ValueError:
         return
     mb = attention_mb(t, config.max_new_tokens, lm.n_layers, lm.n_heads)
-    over = " — over the budget, lower max new tokens or turn attention capture off" if mb > limits.attention_budget_mb else ""
-    st.caption(f"Attention recording for this run: up to {mb:,.0f} MB in memory "
-               f"(budget {limits.attention_budget_mb:,} MB){over}.")
+    over = (
+        " — over the budget, lower max new tokens or turn attention capture off"
+        if mb > limits.attention_budget_mb
+        else ""
+    )
+    st.caption(
+        f"Attention recording for this run: up to {mb:,.0f} MB in memory "
+        f"(budget {limits.attention_budget_mb:,} MB){over}."
+    )
 
 
 def render_summary(trace: Trace) -> None:
@@ -68,8 +74,10 @@ def render_summary(trace: Trace) -> None:
     cols[2].metric("Stopped by", trace.stop_reason.replace("_", " "))
     cols[3].metric("Prompt tokens", trace.prompt_len)
     st.caption("Model and settings")
-    st.text(f"{trace.model.name} · {trace.model.dtype} on {trace.model.device} · "
-            f"{trace.model.n_layers} layers × {trace.model.n_heads} heads")
+    st.text(
+        f"{trace.model.name} · {trace.model.dtype} on {trace.model.device} · "
+        f"{trace.model.n_layers} layers × {trace.model.n_heads} heads"
+    )
 
 
 def pick_step(trace: Trace, key: str) -> int:
@@ -89,8 +97,14 @@ def pick_step(trace: Trace, key: str) -> int:
 
 
 def token_table(trace: Trace, key: str) -> None:
-    st.dataframe(frames.stream_frame(trace), key=key + "_table", on_select="rerun", selection_mode="single-row",
-                 hide_index=True, height=220)
+    st.dataframe(
+        frames.stream_frame(trace),
+        key=key + "_table",
+        on_select="rerun",
+        selection_mode="single-row",
+        hide_index=True,
+        height=220,
+    )
 
 
 def render_step(trace: Trace, step: int) -> None:
@@ -122,15 +136,19 @@ def render_attention(trace: Trace, attn: AttentionData | None, step: int, key: s
     st.altair_chart(charts.heatmap_chart(frame, f"Attention when choosing step {step} (layer {layer}, {who})"))
     if trace.prompt_len + step > 160:
         st.caption("Showing the last 160 positions; the trace holds them all.")
-    st.altair_chart(charts.heatmap_chart(frames.prompt_frame(trace, attn, layer, head), f"Prompt attention (layer {layer}, {who})"))
+    st.altair_chart(
+        charts.heatmap_chart(frames.prompt_frame(trace, attn, layer, head), f"Prompt attention (layer {layer}, {who})")
+    )
 
 
 def render_missing_attention(trace: Trace) -> None:
     if trace.attention is None:
         st.info("This run did not record attention (attention capture was off).")
         return
-    st.info("Full attention is not available for this trace (its companion file was not loaded). "
-            "Showing the last-layer snapshots stored inside trace.json instead.")
+    st.info(
+        "Full attention is not available for this trace (its companion file was not loaded). "
+        "Showing the last-layer snapshots stored inside trace.json instead."
+    )
     snap = frames.snapshot_frame(trace)
     if len(snap):
         st.altair_chart(charts.snapshot_chart(snap))
@@ -138,7 +156,11 @@ def render_missing_attention(trace: Trace) -> None:
 
 def archive_bytes(trace: Trace, attn: AttentionData | None) -> bytes:
     buf = io.BytesIO()
-    info = trace.attention.model_copy(update={"file": "trace.attn.npz"}) if (attn is not None and trace.attention) else trace.attention
+    info = (
+        trace.attention.model_copy(update={"file": "trace.attn.npz"})
+        if (attn is not None and trace.attention)
+        else trace.attention
+    )
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("trace.json", trace_io.dumps(trace.model_copy(update={"attention": info})))
         if attn is not None:
@@ -148,35 +170,74 @@ def archive_bytes(trace: Trace, attn: AttentionData | None) -> bytes:
 
 
 def render_downloads(trace: Trace, attn: AttentionData | None, key: str) -> None:
-    c1, c2, c3 = st.columns(3)
-    c1.download_button("trace.json", trace_io.dumps(trace.model_copy(update={"attention": _no_file(trace)})),
-                       file_name="trace.json", mime="application/json", key=key + "_dl_json")
-    c2.download_button("output.txt", trace.output_text + "\n", file_name="output.txt", mime="text/plain",
-                       key=key + "_dl_txt")
-    c3.download_button("All (zip, with attention)", lambda: archive_bytes(trace, attn), file_name="trace.zip",
-                       mime="application/zip", key=key + "_dl_zip")
+    from explorer_core.export_html import build
+
+    c1, c2, c3, c4 = st.columns(4)
+    c1.download_button(
+        "trace.json",
+        trace_io.dumps(trace.model_copy(update={"attention": _no_file(trace)})),
+        file_name="trace.json",
+        mime="application/json",
+        key=key + "_dl_json",
+    )
+    c2.download_button(
+        "output.txt", trace.output_text + "\n", file_name="output.txt", mime="text/plain", key=key + "_dl_txt"
+    )
+    c3.download_button(
+        "All (zip, with attention)",
+        lambda: archive_bytes(trace, attn),
+        file_name="trace.zip",
+        mime="application/zip",
+        key=key + "_dl_zip",
+    )
+    c4.download_button(
+        "Single-file HTML", lambda: build(trace, attn), file_name="trace.html", mime="text/html", key=key + "_dl_html"
+    )
 
 
 def _no_file(trace: Trace):
     return trace.attention.model_copy(update={"file": None}) if trace.attention else None
 
 
-def render_trace(trace: Trace, attn: AttentionData | None, key: str) -> None:
-    """Every view of a finished (or partial) trace, the same for live runs and loaded files."""
+def render_trace(
+    trace: Trace, attn: AttentionData | None, key: str, state_key: str | None = None, live_run=None
+) -> None:
+    """Every view of a finished (or partial) trace, the same for live runs and loaded files.
+
+    `state_key` names the session entry holding (trace, attention), so branches can be added to it.
+    """
+    from . import insight
+
     if not trace.steps:
         st.warning("This trace has no generated tokens.")
         return
-    render_summary(trace)
+    branch_id = insight.path_choice(trace, key + "_path")
+    view, view_attn = insight.path_view(trace, attn, branch_id)
+    render_summary(view)
     st.subheader("Output")
-    render_stream(trace)
+    render_stream(view)
     st.subheader("Inspect a step")
-    step = pick_step(trace, key + "_step")
-    token_table(trace, key + "_step")
-    left, right = st.columns([1, 1])
-    with left:
-        render_step(trace, step)
-    with right:
-        render_attention(trace, attn, step, key + "_attn")
-    render_timeline(trace, step)
+    step = pick_step(view, key + "_step")
+    token_table(view, key + "_step")
+    tabs = st.tabs(["Candidates", "Attention", "Which rule?", "Logit lens", "Branch from here"])
+    with tabs[0]:
+        render_step(view, step)
+    with tabs[1]:
+        if branch_id and attn is not None:
+            st.caption("Branches record no attention; pick the main run to see it.")
+        render_attention(view, view_attn, step, key + "_attn")
+    with tabs[2]:
+        insight.render_stages(view, step)
+    with tabs[3]:
+        insight.render_lens(view, step)
+    with tabs[4]:
+        if state_key is None:
+            st.caption("Branching works on the Generate and Trace viewer pages.")
+        else:
+            insight.render_branch_form(trace, branch_id, step, state_key, live_run)
+    render_timeline(view, step)
+    insight.render_branches(trace)
+    with st.expander("Replay check: re-score these tokens with the model"):
+        insight.render_replay(view, key)
     st.subheader("Download")
     render_downloads(trace, attn, key)

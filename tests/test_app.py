@@ -3,15 +3,12 @@ compare two models, open the heads grid. Charts are checked through their specs 
 
 from __future__ import annotations
 
-import io
-import zipfile
-
 import pytest
 
 from explorer_core import trace as trace_io
 from explorer_core.config import GenerationConfig
-from explorer_core.stepper import Run, generate
-from tests.apphelp import ROOT, chart_titles, charts, start, use_model
+from explorer_core.stepper import Run
+from tests.apphelp import chart_titles, charts, start, use_model
 
 
 @pytest.fixture()
@@ -25,9 +22,25 @@ def generated(tiny_llama_dir):
 def test_first_screen_has_every_control():
     at = start()
     keys = {w.key for w in at.sidebar.children.values() for w in _walk(w)}
-    for name in ("prompt", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size",
-                 "max_new_tokens", "min_new_tokens", "block_eos_steps", "block_ws_steps", "stop_on", "seed",
-                 "chat", "top_n", "capture_attention", "attn_every", "model_choice"):
+    for name in (
+        "prompt",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "no_repeat_ngram_size",
+        "max_new_tokens",
+        "min_new_tokens",
+        "block_eos_steps",
+        "block_ws_steps",
+        "stop_on",
+        "seed",
+        "chat",
+        "top_n",
+        "capture_attention",
+        "attn_every",
+        "model_choice",
+    ):
         assert f"sidebar_{name}" in keys
     assert at.selectbox(key="sidebar_model_choice").value == "SmolLM2-135M-Instruct"
     assert at.info[0].value.startswith("Set the prompt")
@@ -94,10 +107,12 @@ def test_viewer_example_and_upload(generated, tmp_path):
     assert "Top candidates" in chart_titles(at)
     at.radio(key="viewer_source").set_value("Upload").run()
     path = trace_io.save(trace, attn, tmp_path / "trace.json")
-    at.file_uploader(key="viewer_upload").set_value([
-        ("trace.json", path.read_bytes(), "application/json"),
-        ("trace.attn.npz", (tmp_path / "trace.attn.npz").read_bytes(), "application/octet-stream"),
-    ]).run()
+    at.file_uploader(key="viewer_upload").set_value(
+        [
+            ("trace.json", path.read_bytes(), "application/json"),
+            ("trace.attn.npz", (tmp_path / "trace.attn.npz").read_bytes(), "application/octet-stream"),
+        ]
+    ).run()
     assert not at.exception
     loaded, loaded_attn = at.session_state["viewer_trace"]
     assert [s.token_id for s in loaded.steps] == [s.token_id for s in trace.steps] and loaded_attn is not None

@@ -19,8 +19,13 @@ def reference_ids(lm, run: Run, n: int, seed: int, greedy: bool, **flags) -> lis
     """What model.generate produces for the same prompt, seed and flags."""
     prompt = run.ids[:, : run.prompt_len]
     torch.manual_seed(seed)
-    kwargs = dict(min_new_tokens=n, max_new_tokens=n, attention_mask=torch.ones_like(prompt),
-                  repetition_penalty=flags["repetition_penalty"], no_repeat_ngram_size=flags["no_repeat_ngram_size"])
+    kwargs = dict(
+        min_new_tokens=n,
+        max_new_tokens=n,
+        attention_mask=torch.ones_like(prompt),
+        repetition_penalty=flags["repetition_penalty"],
+        no_repeat_ngram_size=flags["no_repeat_ngram_size"],
+    )
     if greedy:
         kwargs.update(do_sample=False)
     else:
@@ -31,8 +36,17 @@ def reference_ids(lm, run: Run, n: int, seed: int, greedy: bool, **flags) -> lis
 
 def check_faithful(lm, n: int, seed: int, greedy: bool) -> None:
     flags = dict(SAMPLED, temperature=0.0) if greedy else SAMPLED
-    cfg = GenerationConfig(model="x", prompt="Why is the sea salty?", max_new_tokens=n, min_new_tokens=n,
-                           block_eos_steps=n, block_ws_steps=0, seed=seed, capture_attention=False, **flags)
+    cfg = GenerationConfig(
+        model="x",
+        prompt="Why is the sea salty?",
+        max_new_tokens=n,
+        min_new_tokens=n,
+        block_eos_steps=n,
+        block_ws_steps=0,
+        seed=seed,
+        capture_attention=False,
+        **flags,
+    )
     run = generate(lm, cfg)
     assert run.stop_reason == "max_new_tokens"
     assert run.output_ids() == reference_ids(lm, run, n, seed, greedy, **flags)
@@ -111,8 +125,16 @@ def test_stop_on_text_spanning_tokens(tiny_llama):
     full = generate(tiny_llama, base)
     pieces = [full.vocab.bytes_of(i) for i in full.output_ids()]
     # a stop text made of the last byte of one token and the first byte of the next (both ASCII)
-    i = next(i for i in range(1, 19) if pieces[i][-1:].isascii() and pieces[i + 1][:1].isascii()
-             and pieces[i][-1:].strip() and pieces[i + 1][:1].strip() and len(pieces[i]) and len(pieces[i + 1]))
+    i = next(
+        i
+        for i in range(1, 19)
+        if pieces[i][-1:].isascii()
+        and pieces[i + 1][:1].isascii()
+        and pieces[i][-1:].strip()
+        and pieces[i + 1][:1].strip()
+        and len(pieces[i])
+        and len(pieces[i + 1])
+    )
     stop = (pieces[i][-1:] + pieces[i + 1][:1]).decode()
     run = generate(tiny_llama, base.replace(stop_on=stop))
     assert run.stop_reason == "stop_on"
@@ -137,8 +159,16 @@ def test_eos_stops_unless_blocked(tiny_llama):
 
 
 def test_block_whitespace_steps(tiny_gpt2):
-    cfg = GenerationConfig(model="x", max_new_tokens=8, min_new_tokens=8, block_ws_steps=8, temperature=2.0,
-                           top_k=0, top_p=1.0, repetition_penalty=1.0)
+    cfg = GenerationConfig(
+        model="x",
+        max_new_tokens=8,
+        min_new_tokens=8,
+        block_ws_steps=8,
+        temperature=2.0,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+    )
     run = generate(tiny_gpt2, cfg)
     ws = set(run.vocab.whitespace_ids())
     assert ws and not ws & set(run.output_ids())

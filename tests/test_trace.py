@@ -34,7 +34,9 @@ def test_round_trip_is_equal(run, tmp_path):
         np.testing.assert_allclose(a.astype(np.float32), b, atol=1e-3)  # float16 on disk
     again = tmp_path / "again.json"
     trace_io.save(loaded, loaded_attn, again)
-    assert trace_io.load(again)[0] == loaded.model_copy(update={"attention": loaded.attention.model_copy(update={"file": "again.attn.npz"})})
+    assert trace_io.load(again)[0] == loaded.model_copy(
+        update={"attention": loaded.attention.model_copy(update={"file": "again.attn.npz"})}
+    )
 
 
 def test_json_is_plain_and_readable(run, tmp_path):
@@ -72,12 +74,15 @@ def test_companion_shape_mismatch_is_a_trace_error(run, tmp_path):
         trace_io.load(path)
 
 
-@pytest.mark.parametrize("payload,needle", [
-    (b"", "the file is empty"),
-    (b"\x89PNG\r\n", "not valid JSON"),
-    (b'{"schema_version": 99}', "unsupported schema_version"),
-    (b'{"schema_version": 1}', "invalid trace at"),
-])
+@pytest.mark.parametrize(
+    "payload,needle",
+    [
+        (b"", "the file is empty"),
+        (b"\x89PNG\r\n", "not valid JSON"),
+        (b'{"schema_version": 99}', "unsupported schema_version"),
+        (b'{"schema_version": 1}', "invalid trace at"),
+    ],
+)
 def test_bad_files_raise_one_error_type(payload, needle):
     with pytest.raises(TraceError, match=needle):
         trace_io.parse(payload)
@@ -85,12 +90,36 @@ def test_bad_files_raise_one_error_type(payload, needle):
 
 def test_cli_writes_every_artifact(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
-    code = cli_main(["--model", str(tiny_llama_dir), "--prompt", "Hello", "--max_new_tokens", "12",
-                     "--min_new_tokens", "12", "--attn_every", "5", "--out_dir", str(out), "-q"])
+    code = cli_main(
+        [
+            "--model",
+            str(tiny_llama_dir),
+            "--prompt",
+            "Hello",
+            "--max_new_tokens",
+            "12",
+            "--min_new_tokens",
+            "12",
+            "--attn_every",
+            "5",
+            "--out_dir",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["attn_step_0000.png", "attn_step_0005.png", "attn_step_0010.png", "final_step_token_probs.png",
-                     "output.txt", "prompt_attention_heatmap.png", "timeline.png", "trace.attn.npz", "trace.json"]
+    assert names == [
+        "attn_step_0000.png",
+        "attn_step_0005.png",
+        "attn_step_0010.png",
+        "final_step_token_probs.png",
+        "output.txt",
+        "prompt_attention_heatmap.png",
+        "timeline.png",
+        "trace.attn.npz",
+        "trace.json",
+    ]
     assert (out / "final_step_token_probs.png").read_bytes()[:4] == b"\x89PNG"
     trace, attn = trace_io.load(out / "trace.json")
     assert len(trace.steps) == 12 and attn is not None

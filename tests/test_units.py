@@ -78,8 +78,15 @@ def test_block_tokens_masks_only_early_steps_and_never_in_place():
 
 
 def test_chain_order_matches_generate():
-    cfg = GenerationConfig(repetition_penalty=1.2, no_repeat_ngram_size=2, block_eos_steps=3, block_ws_steps=2,
-                           temperature=0.7, top_k=5, top_p=0.9)
+    cfg = GenerationConfig(
+        repetition_penalty=1.2,
+        no_repeat_ngram_size=2,
+        block_eos_steps=3,
+        block_ws_steps=2,
+        temperature=0.7,
+        top_k=5,
+        top_p=0.9,
+    )
     names = [s.name for s in build_chain(cfg, 4, [0], [1])]
     assert names == ["repetition", "no_repeat_ngram", "block_eos", "block_ws", "temperature", "top_k", "top_p"]
 

@@ -9,13 +9,43 @@ from explorer_core.cli import main
 
 ROOT = Path(__file__).resolve().parents[1] / "examples"
 RUNS = {
-    "sky-sampled": ["--prompt", "Explain why the sky is blue in one short paragraph.", "--max_new_tokens", "48",
-                    "--min_new_tokens", "24", "--seed", "42"],
-    "python-greedy": ["--prompt", "Write a Python function that reverses a string.", "--temperature", "0",
-                      "--max_new_tokens", "40", "--clean_stop", "false"],
-    "story-snapshots-only": ["--prompt", "Tell a two-sentence story about a lighthouse.", "--temperature", "1.1",
-                             "--top_p", "0.9", "--max_new_tokens", "60", "--min_new_tokens", "20",
-                             "--block_eos_steps", "10", "--attn_every", "5", "--no_companion"],
+    "sky-sampled": [
+        "--prompt",
+        "Explain why the sky is blue in one short paragraph.",
+        "--max_new_tokens",
+        "48",
+        "--min_new_tokens",
+        "24",
+        "--seed",
+        "42",
+    ],
+    "python-greedy": [
+        "--prompt",
+        "Write a Python function that reverses a string.",
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "40",
+        "--clean_stop",
+        "false",
+    ],
+    "story-snapshots-only": [
+        "--prompt",
+        "Tell a two-sentence story about a lighthouse.",
+        "--temperature",
+        "1.1",
+        "--top_p",
+        "0.9",
+        "--max_new_tokens",
+        "60",
+        "--min_new_tokens",
+        "20",
+        "--block_eos_steps",
+        "10",
+        "--attn_every",
+        "5",
+        "--no_companion",
+    ],
 }
 
 

