@@ -20,7 +20,10 @@ def topk_chart(frame: pd.DataFrame, title: str = "Top candidates") -> alt.FacetC
     """Raw beside processed top-k bars; the chosen token's bar is red."""
     base = alt.Chart(frame).encode(
         y=alt.Y(
-            "label:N", sort=alt.EncodingSortField("rank", order="ascending"), title=None, axis=alt.Axis(labelLimit=140)
+            "label:N",
+            sort=alt.EncodingSortField("rank", op="min", order="ascending"),
+            title=None,
+            axis=alt.Axis(labelLimit=140),
         ),
         x=alt.X("prob:Q", title="probability", scale=alt.Scale(domain=[0, 1])),
         tooltip=["distribution:N", "rank:O", "label:N", "token_id:Q", alt.Tooltip("prob:Q", format=".4f")],
@@ -73,13 +76,13 @@ def heatmap_chart(frame: pd.DataFrame, title: str, size: int = 420) -> alt.Chart
         .encode(
             x=alt.X(
                 "k_name:O",
-                sort=alt.EncodingSortField("k", order="ascending"),
+                sort=alt.EncodingSortField("k", op="min", order="ascending"),
                 title="key position",
                 axis=alt.Axis(labelLimit=90, labelOverlap="greedy", labelAngle=-60),
             ),
             y=alt.Y(
                 "q_name:O",
-                sort=alt.EncodingSortField("q", order="ascending"),
+                sort=alt.EncodingSortField("q", op="min", order="ascending"),
                 title="query position",
                 axis=alt.Axis(labelLimit=90, labelOverlap="greedy"),
             ),
@@ -145,9 +148,9 @@ def stage_chart(frame: pd.DataFrame, title: str = "Each candidate through the pr
     """Probability of each tracked candidate after every stage, in chain order; the chosen token is thick."""
     x = alt.X(
         "stage:N",
-        sort=alt.EncodingSortField("stage_index", order="ascending"),
+        sort=alt.EncodingSortField("stage_index", op="min", order="ascending"),
         title="after stage",
-        axis=alt.Axis(labelAngle=-30),
+        axis=alt.Axis(labelAngle=-30, labelOverlap=False),
     )
     lines = (
         alt.Chart(frame)

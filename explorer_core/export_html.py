@@ -36,6 +36,7 @@ pre {{ background: #f4f4f4; padding: 8px; white-space: pre-wrap; }}
 <div id="timeline"></div>
 <script type="application/json" id="data">{data}</script>
 <script>
+(() => {{  // a scope of its own: the bundled libraries define short global names too
 const D = JSON.parse(document.getElementById('data').textContent);
 const opts = {{actions: false, renderer: 'svg'}};
 vegaEmbed('#timeline', D.timeline, opts);
@@ -56,6 +57,7 @@ function show(step) {{
 }}
 document.querySelectorAll('.tok').forEach(e => e.addEventListener('click', () => show(Number(e.dataset.step))));
 show(0);
+}})();
 </script>
 </body></html>
 """

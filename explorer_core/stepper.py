@@ -314,8 +314,10 @@ class Run:
         )
 
     def _candidates(self, top) -> Candidates:
-        ids = top.indices.tolist()
-        return Candidates.model_construct(ids=ids, labels=self.vocab.labels(ids), probs=top.values.tolist())
+        """Top candidates with non-zero probability (a rule may leave fewer than top_n possible)."""
+        pairs = [(i, p) for i, p in zip(top.indices.tolist(), top.values.tolist()) if p > 0.0]
+        ids, probs = [i for i, _ in pairs], [p for _, p in pairs]
+        return Candidates.model_construct(ids=ids, labels=self.vocab.labels(ids), probs=probs)
 
     # -- results --------------------------------------------------------------------------------
     def output_ids(self) -> list[int]:

@@ -80,11 +80,17 @@ def path_view(trace: Trace, attn: AttentionData | None, branch_id: int) -> tuple
 def render_branch_form(trace: Trace, parent_id: int, step: int, state_key: str, live_run: Run | None) -> None:
     """Pick another candidate at this step (or type a token) and continue from there."""
     s = trace.path_steps(parent_id)[step]
-    options = list(dict.fromkeys(s.top_proc.ids + s.top_raw.ids))
+    # the most likely other candidates first; the token actually taken last
+    options = [i for i in dict.fromkeys(s.top_proc.ids + s.top_raw.ids) if i != s.token_id] + [s.token_id]
     labels = {**dict(zip(s.top_raw.ids, s.top_raw.labels)), **dict(zip(s.top_proc.ids, s.top_proc.labels))}
     with st.form(key=f"{state_key}_branch_form"):
         pick = st.selectbox(
-            "Candidate", options, format_func=lambda i: f"{labels[i]}  (id {i})", key=f"{state_key}_branch_pick"
+            "Candidate",
+            options,
+            format_func=lambda i: (
+                f"{labels.get(i, s.label)}  (id {i})" + ("  — the token taken" if i == s.token_id else "")
+            ),
+            key=f"{state_key}_branch_pick",
         )
         typed = st.text_input("…or type a token (its first token is used)", key=f"{state_key}_branch_typed")
         go = st.form_submit_button("Continue from here")

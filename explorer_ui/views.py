@@ -15,7 +15,6 @@ from explorer_core import charts, frames
 from explorer_core import trace as trace_io
 from explorer_core.trace import AttentionData, StepRecord, Trace
 
-
 _MARKUP = set("*_$[]()`~#|:\\{}!<>&\"'=")
 
 

@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from explorer_core import frames
 from explorer_core import trace as trace_io
@@ -19,8 +18,9 @@ from tests.apphelp import chart_titles, start, use_model
 
 
 def test_stage_track_runs_from_raw_to_processed(tiny_llama):
-    cfg = GenerationConfig(model="x", max_new_tokens=6, min_new_tokens=6, top_k=3, top_p=0.9, temperature=0.7,
-                           repetition_penalty=1.3)
+    cfg = GenerationConfig(
+        model="x", max_new_tokens=6, min_new_tokens=6, top_k=3, top_p=0.9, temperature=0.7, repetition_penalty=1.3
+    )
     run = generate(tiny_llama, cfg)
     removed_by_top_k = set()
     for s in run.steps:
@@ -103,8 +103,12 @@ def test_branch_validation_rejects_bad_tree(tiny_llama):
 
 
 def test_replay_is_faithful_and_catches_tampering(tiny_llama, tmp_path):
-    run = generate(tiny_llama, GenerationConfig(model="x", max_new_tokens=10, min_new_tokens=10,
-                                                no_repeat_ngram_size=2, repetition_penalty=1.4))
+    run = generate(
+        tiny_llama,
+        GenerationConfig(
+            model="x", max_new_tokens=10, min_new_tokens=10, no_repeat_ngram_size=2, repetition_penalty=1.4
+        ),
+    )
     trace = run.trace()
     report = replay(tiny_llama, trace)
     assert report.max_diff <= 1e-4 and report.verdict.startswith("faithful")
@@ -116,8 +120,12 @@ def test_replay_is_faithful_and_catches_tampering(tiny_llama, tmp_path):
 
 def test_cli_replay_subcommand(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli_main(["--model", str(tiny_llama_dir), "--max_new_tokens", "8", "--out_dir", str(out), "--no_png",
-                     "-q", "--html"]) == 0
+    assert (
+        cli_main(
+            ["--model", str(tiny_llama_dir), "--max_new_tokens", "8", "--out_dir", str(out), "--no_png", "-q", "--html"]
+        )
+        == 0
+    )
     assert cli_main(["replay", str(out / "trace.json")]) == 0
     assert "faithful" in capsys.readouterr().out
     assert (out / "trace.html").stat().st_size > 100_000

@@ -7,6 +7,7 @@ stops a long run mid-way, and saves a screenshot of each page under docs/ for th
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -154,3 +155,49 @@ def test_viewer_heads_and_compare_pages(page, server):
     wait_idle(page)
     no_exception(page)
     page.screenshot(path=str(DOCS / "compare.png"), full_page=True)
+
+
+def test_beyond_the_basics_screenshots(page, tmp_path):
+    """Which rule, logit lens, a branch, the replay check and the HTML export, on a shipped example."""
+    page.get_by_role("link", name="Trace viewer").click()
+    page.get_by_text("Inspect a step").wait_for()
+    page.locator(".st-key-viewer_example").click()
+    page.get_by_role("option", name="sky-sampled").click()
+    wait_idle(page)
+    tabs = page.locator("[data-testid='stTabs']").first
+    page.get_by_role("tab", name="Which rule?").click()
+    page.get_by_text("what each rule did to it").wait_for()
+    wait_idle(page)
+    tabs.screenshot(path=str(DOCS / "rules.png"))
+    page.get_by_role("tab", name="Logit lens").click()
+    wait_idle(page)
+    assert page.locator("[data-testid='stTabs'] [data-testid='stVegaLiteChart']").count() >= 2
+    tabs.screenshot(path=str(DOCS / "lens.png"))
+    page.get_by_role("tab", name="Branch from here").click()
+    page.get_by_role("button", name="Continue from here").click()
+    page.get_by_text("Branch 1 splits from the main run").wait_for(timeout=180_000)
+    wait_idle(page)
+    no_exception(page)
+    page.get_by_text("Branch 1 splits from the main run").scroll_into_view_if_needed()
+    page.screenshot(path=str(DOCS / "branch.png"))
+    page.get_by_text("Replay check: re-score these tokens").click()
+    page.locator(".st-key-viewer_replay button").first.click()
+    page.get_by_text(re.compile("^(faithful|close|different):")).wait_for(timeout=180_000)
+    wait_idle(page)
+    no_exception(page)
+    page.get_by_text(re.compile("^(faithful|close|different):")).scroll_into_view_if_needed()
+    page.screenshot(path=str(DOCS / "replay.png"))
+    from explorer_core import trace as trace_io
+    from explorer_core.export_html import build
+
+    trace, attn = trace_io.load(ROOT / "examples" / "sky-sampled" / "trace.json")
+    html_path = tmp_path / "trace.html"
+    html_path.write_text(build(trace, attn), encoding="utf-8")
+    other = page.context.browser.new_page(viewport={"width": 1300, "height": 1000})
+    other.goto(html_path.as_uri())
+    other.locator("#topk svg").wait_for()
+    other.locator(".tok").nth(5).click()
+    other.locator("#attn svg").wait_for()
+    other.wait_for_timeout(500)
+    other.screenshot(path=str(DOCS / "html_export.png"), full_page=True)
+    other.close()

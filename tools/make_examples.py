@@ -18,6 +18,8 @@ RUNS = {
         "24",
         "--seed",
         "42",
+        "--logit_lens",
+        "true",
     ],
     "python-greedy": [
         "--prompt",

@@ -42,10 +42,17 @@ OTHER_FAULTS = """
 
 
 def main() -> None:
-    lines = ["# Reliability", "",
-             "What happens to hostile or broken input. The first table is written by `python -m tools.reliability_report` "
-             "from a live run of the corpus in `tests/corpus.py`; `tests/test_reliability.py` asserts each message.", "",
-             "## Trace files from outside", "", "| input | size | what the loader says |", "|---|---|---|"]
+    lines = [
+        "# Reliability",
+        "",
+        "What happens to hostile or broken input. The first table is written by `python -m tools.reliability_report` "
+        "from a live run of the corpus in `tests/corpus.py`; `tests/test_reliability.py` asserts each message.",
+        "",
+        "## Trace files from outside",
+        "",
+        "| input | size | what the loader says |",
+        "|---|---|---|",
+    ]
     for name, data, _ in corpus.cases():
         try:
             trace_io.parse(data)
