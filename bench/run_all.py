@@ -30,6 +30,8 @@ def main() -> None:
     text, ratios = overhead.run(lm)
     sections.append("## 1–2. The cost of watching\n" + text)
     sections.append(targets_overhead(ratios))
+    log("logit lens")
+    sections.append(overhead.lens_cost(lm))
     log("growth")
     PNG.parent.mkdir(exist_ok=True)
     text, _ = growth.run(lm, png=PNG)

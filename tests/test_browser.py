@@ -185,8 +185,7 @@ def test_beyond_the_basics_screenshots(page, tmp_path):
     page.get_by_text(re.compile("^(faithful|close|different):")).wait_for(timeout=180_000)
     wait_idle(page)
     no_exception(page)
-    page.get_by_text(re.compile("^(faithful|close|different):")).scroll_into_view_if_needed()
-    page.screenshot(path=str(DOCS / "replay.png"))
+    page.locator("[data-testid='stExpander']").last.screenshot(path=str(DOCS / "replay.png"))
     from explorer_core import trace as trace_io
     from explorer_core.export_html import build
 
