@@ -34,13 +34,18 @@ if st.button("Run both", type="primary", key="compare_go"):
     lm_a = resources.get_model(config.model, config.dtype, config.device)
     lm_b = resources.get_model(config_b.model, config_b.dtype, config_b.device)
     if lm_a is not None and lm_b is not None:
-        st.session_state.pop("compare_div", None)
-        live.generate_live(lm_a, config, "compare_a_run", "compare_a_trace")
-        live.generate_live(lm_b, config_b, "compare_b_run", "compare_b_trace")
-        if same_tokenizer(lm_a, lm_b):
-            st.session_state["compare_div"] = divergence_frame(st.session_state["compare_a_trace"][0], lm_a, lm_b)
-        else:
-            st.session_state["compare_div"] = None
+        for old in ("compare_div", "compare_a_trace", "compare_b_trace"):  # never show a new A beside an old B
+            st.session_state.pop(old, None)
+        try:
+            live.generate_live(lm_a, config, "compare_a_run", "compare_a_trace")
+            live.generate_live(lm_b, config_b, "compare_b_run", "compare_b_trace")
+            if same_tokenizer(lm_a, lm_b):
+                st.session_state["compare_div"] = divergence_frame(st.session_state["compare_a_trace"][0], lm_a, lm_b)
+            else:
+                st.session_state["compare_div"] = None
+        except ValueError as exc:
+            st.error("Could not run both")
+            st.text(str(exc))
 
 if "compare_a_trace" in st.session_state and "compare_b_trace" in st.session_state:
     (ta, aa), (tb, ab) = st.session_state["compare_a_trace"], st.session_state["compare_b_trace"]

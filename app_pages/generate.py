@@ -7,7 +7,7 @@ from explorer_ui import live, resources, views
 RUN, TRACE = "gen_run", "gen_trace"
 
 st.title("Watch a model write")
-live.settle(RUN, TRACE)  # a run cut short by Stop or a widget change becomes a partial trace
+live.settle(RUN, TRACE, keep_live=True)  # a run cut short by Stop or a widget change becomes a partial trace
 config = st.session_state.get("config")
 c1, c2, _ = st.columns([1, 1, 4])
 go = c1.button("Generate", type="primary", key="gen_generate", disabled=config is None)
@@ -22,7 +22,7 @@ if go and config is not None:
     lm = resources.get_model(config.model, config.dtype, config.device)
     if lm is not None:
         try:
-            live.generate_live(lm, config, RUN, TRACE)
+            live.generate_live(lm, config, RUN, TRACE, keep_live=True)
         except ValueError as exc:
             st.error("Could not start the run")
             st.text(str(exc))

@@ -77,19 +77,26 @@ def run(lm: LoadedModel, lengths=(128, 512)) -> tuple[str, dict]:
 
 def lens_cost(lm: LoadedModel, n: int = 128) -> str:
     """Tokens/s with and without the logit lens (every layer projected through the head every step)."""
-    cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, block_eos_steps=n, clean_stop=False,
-                           capture_attention=False, **FLAGS)
+    cfg = GenerationConfig(
+        max_new_tokens=n, min_new_tokens=n, block_eos_steps=n, clean_stop=False, capture_attention=False, **FLAGS
+    )
 
     def go(lens: bool):
         def once():
             run = Run(lm, cfg.replace(logit_lens=lens))
             for _ in run:
                 pass
+
         return lambda: n / timed(once)
 
     series = interleave({"explorer, top-k logging": go(False), "explorer + logit lens": go(True)})
     base = series["explorer, top-k logging"].median
-    lines = [f"\n**Logit lens, {n} new tokens** (tokens/s; ratio to the loop without it)\n", RATIO_HEAD.replace("generate", "no lens")]
+    lines = [
+        f"\n**Logit lens, {n} new tokens** (tokens/s; ratio to the loop without it)\n",
+        RATIO_HEAD.replace("generate", "no lens"),
+    ]
     for s in series.values():
-        lines.append(f"| {s.name} | {min(s.values):.2f} | {s.median:.2f} | {max(s.values):.2f} | {s.median / base:.3f} |")
+        lines.append(
+            f"| {s.name} | {min(s.values):.2f} | {s.median:.2f} | {max(s.values):.2f} | {s.median / base:.3f} |"
+        )
     return "\n".join(lines)

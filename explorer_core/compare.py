@@ -25,6 +25,7 @@ def next_token_logprobs(lm: LoadedModel, ids: list[int], prompt_len: int) -> tor
 
     Returns (steps, vocab): row s is the distribution that chose ids[prompt_len + s].
     """
+    lm.check_fits(len(ids), "scoring run A's tokens")
     x = torch.tensor([ids], dtype=torch.long, device=lm.device)
     logits = lm.model(input_ids=x).logits[0, prompt_len - 1 : len(ids) - 1].float()
     return torch.log_softmax(logits, dim=-1)

@@ -62,6 +62,27 @@ class LoadedModel:
     def n_heads(self) -> int:
         return int(self.model.config.num_attention_heads)
 
+    @property
+    def vocab_size(self) -> int:
+        """Ids the model can emit: the tokenizer's, or the output head's when it is padded beyond that."""
+        head = self.model.get_output_embeddings()
+        return max(len(self.tokenizer), int(getattr(head, "out_features", 0) or 0))
+
+    @property
+    def context_length(self) -> int | None:
+        """Most positions the model can attend to, when its config says."""
+        cfg = self.model.config
+        value = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        return int(value) if value else None
+
+    def check_fits(self, positions: int, what: str) -> None:
+        ctx = self.context_length
+        if ctx is not None and positions > ctx:
+            raise ValueError(
+                f"{what} needs {positions} positions, more than {self.source.name} can attend to "
+                f"({ctx}): shorten the prompt or lower max_new_tokens"
+            )
+
 
 def cache_dir() -> Path:
     """Per-user cache for converted models; EXPLORER_CACHE_DIR overrides it."""

@@ -52,7 +52,9 @@ class Stage:
     fn: LogitsProcessor
 
 
-def build_chain(config: GenerationConfig, prompt_length: int, eos_ids: list[int], ws_ids: list[int]) -> list[Stage]:
+def build_chain(
+    config: GenerationConfig, prompt_length: int, eos_ids: list[int], ws_ids: list[int], device: str = "cpu"
+) -> list[Stage]:
     """The chain for one run. Rules that would do nothing are left out, as `generate()` does."""
     chain: list[Stage] = []
     if config.repetition_penalty != 1.0:
@@ -61,7 +63,7 @@ def build_chain(config: GenerationConfig, prompt_length: int, eos_ids: list[int]
         chain.append(Stage("no_repeat_ngram", NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size)))
     eos_steps = max(config.block_eos_steps, config.min_new_tokens)
     if eos_steps > 0 and eos_ids:
-        proc = MinNewTokensLengthLogitsProcessor(prompt_length, eos_steps, eos_ids)
+        proc = MinNewTokensLengthLogitsProcessor(prompt_length, eos_steps, eos_ids, device=device)
         chain.append(Stage("block_eos", proc))
     if config.block_ws_steps > 0 and ws_ids:
         chain.append(Stage("block_ws", BlockTokensForNewSteps(ws_ids, prompt_length, config.block_ws_steps)))
@@ -84,8 +86,8 @@ def apply_chain(chain: list[Stage], input_ids: torch.LongTensor, scores: torch.F
 
 def apply_chain_staged(
     chain: list[Stage], input_ids: torch.LongTensor, scores: torch.FloatTensor
-) -> tuple[torch.FloatTensor, torch.FloatTensor]:
-    """Like apply_chain, also returning every stage's scores: (final (1, vocab), stacked (stages+1, vocab)).
+) -> tuple[torch.FloatTensor, list[torch.FloatTensor]]:
+    """Like apply_chain, also returning every stage's scores: final (1, vocab) and a list of (vocab,) rows.
 
     Row 0 is the raw scores; row i the scores after stage i. Processors never work in place, so each
     row is the tensor that stage returned, kept without copying.
@@ -94,4 +96,4 @@ def apply_chain_staged(
     for stage in chain:
         scores = stage.fn(input_ids, scores)
         rows.append(scores[0])
-    return scores, torch.stack(rows)
+    return scores, rows

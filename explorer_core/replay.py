@@ -52,18 +52,19 @@ def replay(lm: LoadedModel, trace: Trace, branch_id: int = 0) -> ReplayReport:
     steps = trace.path_steps(branch_id)
     if not steps:
         raise ValueError("the trace has no generated tokens to replay")
-    if len(lm.tokenizer) != trace.model.vocab_size:
+    if lm.vocab_size != trace.model.vocab_size:
         raise ValueError(
-            f"the model's vocabulary has {len(lm.tokenizer)} tokens but the trace's has "
+            f"the model's vocabulary has {lm.vocab_size} tokens but the trace's has "
             f"{trace.model.vocab_size}: replay with the model that made it ({trace.model.name})"
         )
     config = GenerationConfig.from_dict(trace.config)
     t = trace.prompt_len
+    lm.check_fits(t + len(steps), "replaying this trace")
     ids = torch.tensor([trace.prompt_ids + [s.token_id for s in steps]], device=lm.device)
     logits = lm.model(input_ids=ids).logits[0, t - 1 : t - 1 + len(steps)].float()  # (steps, vocab)
     vocab = vocab_for(lm.tokenizer)
     ws = vocab.whitespace_ids() if config.block_ws_steps > 0 else []
-    chain = build_chain(config, t, eos_ids(lm), ws)
+    chain = build_chain(config, t, eos_ids(lm), ws, device=lm.device)
     rows = []
     for i, s in enumerate(steps):
         raw = torch.softmax(logits[i], -1)

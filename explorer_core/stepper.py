@@ -19,6 +19,7 @@ import platform
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -84,6 +85,9 @@ class Run:
         self.vocab = vocab_for(loaded.tokenizer)
         prompt_ids, self.input_text, self.chat_applied = format_prompt(loaded.tokenizer, config)
         self.prompt_len = t = len(prompt_ids)
+        loaded.check_fits(
+            t + config.max_new_tokens, f"the prompt ({t} tokens) plus max_new_tokens={config.max_new_tokens}"
+        )
         if limits is not None:
             limits.check_run(config, t, loaded.n_layers, loaded.n_heads)
         dev = loaded.device
@@ -93,7 +97,7 @@ class Run:
         self.start_step = 0  # first step this run generates (a branch starts later)
         self.eos = eos_ids(loaded)
         ws = self.vocab.whitespace_ids() if config.block_ws_steps > 0 else []
-        self.chain = build_chain(config, t, self.eos, ws)
+        self.chain = build_chain(config, t, self.eos, ws, device=dev)
         self.generator = torch.Generator(device=dev).manual_seed(config.seed)
         self.steps: list[StepRecord] = []
         # kept in float32 while running so they stay the model's exact numbers; saved as float16
@@ -156,16 +160,17 @@ class Run:
                 self._pending_row = torch.stack([a[0, :, -1, :] for a in out.attentions]).float()
         seq = self.ids[:, : t + s]  # processors see the whole running sequence
         raw = self._logits
-        scores, staged = apply_chain_staged(self.chain, seq, raw)  # staged: (stages+1, vocab)
+        scores, staged = apply_chain_staged(self.chain, seq, raw)  # staged: stages+1 rows of (vocab,)
+        probs = torch.softmax(scores, dim=-1)  # (1, vocab): sampled from, and recorded
         if s in self.forced:
             next_id = torch.tensor([self.forced[s]], device=raw.device)
         elif self.config.greedy:
             next_id = scores.argmax(dim=-1)
         else:
-            next_id = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator)[:, 0]
+            next_id = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
         self.ids[0, t + s] = next_id[0]
         token = int(next_id[0])
-        record = self._record(s, token, raw[0], scores[0], start, staged)
+        record = self._record(s, token, raw[0], probs[0], start, staged)
         self._commit(record, token)
         return record
 
@@ -202,6 +207,7 @@ class Run:
         token_id: int,
         parent: Run | None = None,
         limits: Limits | None = None,
+        prompt_ids: list[int] | None = None,
     ) -> Run:
         """A run that replays `prefix` (tokens 0..s-1), takes `token_id` at step s and goes on generating.
 
@@ -211,6 +217,11 @@ class Run:
         """
         child = cls(loaded, config.replace(capture_attention=False), limits)
         s, t = len(prefix), child.prompt_len
+        if prompt_ids is not None and child.ids[0, :t].tolist() != list(prompt_ids):
+            raise ValueError(
+                "this model's tokenizer and chat template do not reproduce the trace's prompt, so a "
+                "branch cannot continue it: use the model that made the trace"
+            )
         if s >= config.max_new_tokens:
             raise ValueError(f"cannot branch at step {s}: max_new_tokens={config.max_new_tokens} are already out")
         if not 0 <= token_id < len(child.vocab):
@@ -247,24 +258,18 @@ class Run:
 
     # -- recording ------------------------------------------------------------------------------
     def _record(
-        self, s: int, token: int, raw: torch.Tensor, scores: torch.Tensor, start: float, staged: torch.Tensor
+        self, s: int, token: int, raw: torch.Tensor, proc_p: torch.Tensor, start: float, staged: list[torch.Tensor]
     ) -> StepRecord:
-        """Summarise both distributions of step s. raw, scores: (vocab,) float32 logits; staged (stages+1, vocab)."""
+        """Summarise both distributions of step s. raw: (vocab,) logits; proc_p: (vocab,) processed probabilities."""
         k = min(self.config.top_n, raw.shape[-1])
-        raw_lp, proc_lp = torch.log_softmax(raw, -1), torch.log_softmax(scores, -1)
-        raw_p, proc_p = raw_lp.exp(), proc_lp.exp()
-        top_raw, top_proc = torch.topk(raw_p, k), torch.topk(proc_p, k)
+        both = torch.stack([torch.softmax(raw, -1), proc_p])  # (2, vocab): raw, processed
+        raw_p = both[0]
+        top = torch.topk(both, k)  # one kernel for both lists
+        entropy = torch.special.entr(both).sum(-1)  # (2,) in nats
         rank = (raw > raw[token]).sum() + 1
-        scalars = torch.stack(
-            [
-                raw_p[token],
-                proc_p[token],
-                torch.special.entr(raw_p).sum(),
-                torch.special.entr(proc_p).sum(),
-                rank.float(),
-            ]
-        ).tolist()  # one device->host copy for all scalars
+        scalars = torch.cat([both[:, token], entropy, rank.float()[None]]).tolist()  # one copy to the host
         p_raw, p_proc, h_raw, h_proc, rank_f = scalars
+        top_raw, top_proc = _Top(top.values[0], top.indices[0]), _Top(top.values[1], top.indices[1])
         snapshot = None
         if self.config.capture_attention and s % self.config.attn_every == 0:
             snapshot = [round(v, 6) for v in self._pending_row[-1].float().mean(0).tolist()]
@@ -283,18 +288,28 @@ class Run:
             top_proc=self._candidates(top_proc),
             time_s=time.perf_counter() - start,
             attn_snapshot=snapshot,
-            stages=self._stage_track(staged, top_raw.indices, top_proc.indices, token),
+            stages=self._stage_track(staged, raw_p, proc_p, top_raw.indices, top_proc.indices, token),
             lens=self._lens(token) if self.config.logit_lens else None,
             forced=s in self.forced,
         )
 
     def _stage_track(
-        self, staged: torch.Tensor, top_raw: torch.Tensor, top_proc: torch.Tensor, token: int
+        self,
+        staged: list[torch.Tensor],
+        raw_p: torch.Tensor,
+        proc_p: torch.Tensor,
+        top_raw: torch.Tensor,
+        top_proc: torch.Tensor,
+        token: int,
     ) -> StageTrack:
         """Probability of the tracked candidates (both top-k lists, the chosen token, EOS) after every stage."""
-        ids = list(dict.fromkeys(top_raw.tolist() + top_proc.tolist() + [token] + self.eos))
-        idx = torch.tensor(ids, device=staged.device)
-        probs = torch.exp(staged[:, idx] - torch.logsumexp(staged, dim=-1, keepdim=True))  # (stages+1, m)
+        ids = list(dict.fromkeys(torch.cat([top_raw, top_proc]).tolist() + [token] + self.eos))
+        idx = torch.tensor(ids, device=raw_p.device)
+        # first and last rows are already normalised; only the stages in between need a logsumexp
+        rows = [raw_p[idx]] + [torch.exp(r[idx] - torch.logsumexp(r, -1)) for r in staged[1:-1]]
+        if len(staged) > 1:
+            rows.append(proc_p[idx])
+        probs = torch.stack(rows)  # (stages+1, m)
         return StageTrack.model_construct(
             stages=["raw"] + [st.name for st in self.chain],
             ids=ids,
@@ -370,6 +385,14 @@ class Run:
         return AttentionData(prompt=self.prompt_attn.cpu().numpy(), rows=rows)
 
 
+@dataclass
+class _Top:
+    """One row of a batched torch.topk result."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
 def model_info(lm: LoadedModel) -> ModelInfo:
     return ModelInfo(
         name=lm.source.name,
@@ -379,7 +402,7 @@ def model_info(lm: LoadedModel) -> ModelInfo:
         device=lm.device,
         n_layers=lm.n_layers,
         n_heads=lm.n_heads,
-        vocab_size=len(lm.tokenizer),
+        vocab_size=lm.vocab_size,
         attn_implementation=str(getattr(lm.model.config, "_attn_implementation", "eager")),
     )
 

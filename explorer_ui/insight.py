@@ -12,6 +12,8 @@ from explorer_core.trace import AttentionData, Trace
 
 from . import live, resources
 
+MAX_BRANCHES = 64  # the trace schema's limit
+
 
 def render_stages(trace: Trace, step: int) -> None:
     s = trace.steps[step]
@@ -96,33 +98,63 @@ def render_branch_form(trace: Trace, parent_id: int, step: int, state_key: str, 
         go = st.form_submit_button("Continue from here")
     if not go:
         return
-    config = GenerationConfig.from_dict(trace.config)
+    if len(trace.branches) >= MAX_BRANCHES:
+        st.text(f"This trace already has {MAX_BRANCHES} branches, the most one trace keeps.")
+        return
+    child = _start_branch(trace, parent_id, step, pick, typed, live_run)
+    if child is None:
+        return
+    # kept in session_state first: a Stop mid-branch still leaves a (partial) branch, see settle_branch
+    st.session_state[state_key + "_branch"] = (child, parent_id)
+    live.stream_branch(child)
+    settle_branch(state_key)
+    st.rerun()
+
+
+def _start_branch(trace: Trace, parent_id: int, step: int, pick: int, typed: str, live_run: Run | None) -> Run | None:
+    """Load the trace's model and set up the branch run; None (with the reason shown) when it cannot start."""
+    try:
+        config = GenerationConfig.from_dict(trace.config)
+    except ValueError as exc:
+        st.text(f"This trace's settings are not valid here: {exc}")
+        return None
+    st.text(f"Branching with the model named in the trace: {config.model}")
     lm = resources.get_model(config.model, config.dtype, config.device)
     if lm is None:
-        return
+        return None
     token = pick
     if typed:
         ids = lm.tokenizer(typed, add_special_tokens=False)["input_ids"]
         if not ids:
             st.text("That text has no tokens; pick a candidate instead.")
-            return
+            return None
         token = ids[0]
     prefix = [x.token_id for x in trace.path_steps(parent_id)[:step]]
     try:
-        child = Run.branch(
-            lm, config, prefix, token, parent=live_run if parent_id == 0 else None, limits=resources.limits()
+        return Run.branch(
+            lm,
+            config,
+            prefix,
+            token,
+            parent=live_run if parent_id == 0 else None,
+            limits=resources.limits(),
+            prompt_ids=trace.prompt_ids,
         )
-    except ValueError as exc:
-        st.text(str(exc))
+    except (ValueError, IndexError, RuntimeError) as exc:  # a model that does not fit the trace
+        st.text(f"Cannot branch here: {exc}")
+        return None
+
+
+def settle_branch(state_key: str) -> None:
+    """Add a branch run left in session_state to its trace (finished, or cut short by Stop)."""
+    pending = st.session_state.pop(state_key + "_branch", None)
+    if pending is None or state_key not in st.session_state:
         return
-    live.stream_branch(child)
-    new_id = max([b.id for b in trace.branches], default=0) + 1
+    child, parent_id = pending
     trace, attn = st.session_state[state_key]
-    st.session_state[state_key] = (
-        trace.model_copy(update={"branches": trace.branches + [child.branch_record(new_id, parent_id)]}),
-        attn,
-    )
-    st.rerun()
+    new_id = max([b.id for b in trace.branches], default=0) + 1
+    branches = trace.branches + [child.branch_record(new_id, parent_id)]
+    st.session_state[state_key] = (trace.model_copy(update={"branches": branches}), attn)
 
 
 def render_branches(trace: Trace) -> None:
@@ -150,14 +182,19 @@ def render_replay(trace: Trace, key: str) -> None:
     """Re-score the trace with its model and report the largest difference, per step."""
     if not st.button("Run the replay check", key=f"{key}_replay"):
         return
-    config = GenerationConfig.from_dict(trace.config)
+    try:
+        config = GenerationConfig.from_dict(trace.config)
+    except ValueError as exc:
+        st.text(f"This trace's settings are not valid here: {exc}")
+        return
+    st.text(f"Replaying with the model named in the trace: {config.model}")
     lm = resources.get_model(config.model, config.dtype, config.device)
     if lm is None:
         return
     try:
         report = replay(lm, trace)
-    except ValueError as exc:
-        st.text(str(exc))
+    except (ValueError, IndexError, RuntimeError) as exc:  # a model that does not fit the trace
+        st.text(f"Cannot replay: {exc}")
         return
     (st.success if report.max_diff <= 1e-4 else st.warning)("Replay check finished")
     st.text(report.verdict)

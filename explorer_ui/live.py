@@ -7,6 +7,7 @@ so the next rerun turns the unfinished Run into a partial trace with stop reason
 
 from __future__ import annotations
 
+import os
 import time
 
 import streamlit as st
@@ -18,20 +19,26 @@ from explorer_core.stepper import Run
 from . import resources
 from .views import stream_html
 
-REDRAW_S = 0.3  # redraw the stream at most this often, so the UI does not slow the model
+# The browser shares the CPU with the model: redraw at most this often, and only the newest tokens
+# while running (the whole stream appears when the run ends).
+REDRAW_S = float(os.environ.get("EXPLORER_REDRAW_S", "1.0"))
+LIVE_TOKENS = int(os.environ.get("EXPLORER_LIVE_TOKENS", "80"))
 
 
-def settle(run_key: str, trace_key: str) -> None:
+def settle(run_key: str, trace_key: str, keep_live: bool = False) -> None:
     """Turn a Run left in session_state into a stored (trace, attention); unfinished means interrupted."""
     run: Run | None = st.session_state.get(run_key)
     if run is None:
         return
     st.session_state[trace_key] = (run.trace(), run.attention())
-    st.session_state[trace_key + "_live"] = run  # its KV cache lets branches skip the prefix
+    if keep_live:
+        st.session_state[trace_key + "_live"] = run  # its KV cache lets branches skip the prefix
     del st.session_state[run_key]
 
 
-def generate_live(lm: LoadedModel, config: GenerationConfig, run_key: str, trace_key: str) -> None:
+def generate_live(
+    lm: LoadedModel, config: GenerationConfig, run_key: str, trace_key: str, keep_live: bool = False
+) -> None:
     """Generate with a live stream and tokens/s; stores the result under trace_key."""
     notice = st.empty()
     lock = resources.acquire_generation_slot(notice)
@@ -43,7 +50,7 @@ def generate_live(lm: LoadedModel, config: GenerationConfig, run_key: str, trace
         wall = time.perf_counter() - start
     finally:
         lock.release()  # no Streamlit calls here: this also runs when the script is interrupted
-    settle(run_key, trace_key)
+    settle(run_key, trace_key, keep_live)
     st.session_state[trace_key + "_wall"] = (run.n, wall)
 
 
@@ -58,7 +65,7 @@ def _stream(run: Run, config: GenerationConfig) -> None:
             done = step.step + 1
             progress.progress(min(done / config.max_new_tokens, 1.0), text=f"{done} / {config.max_new_tokens} tokens")
             rate.caption(f"{done / (now - start):.1f} tokens/s")
-            box.html(stream_html(run.steps))
+            box.html(stream_html(run.steps[-LIVE_TOKENS:]))
     progress.empty()
     rate.empty()
     box.empty()

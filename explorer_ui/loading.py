@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
 from pathlib import Path
 
 from explorer_core import trace as trace_io
@@ -62,7 +63,7 @@ def from_zip(data: bytes) -> tuple[Trace, AttentionData | None]:
             trace = trace_io.parse(zf.read("trace.json"))
             comp = "trace.attn.npz"
             attn = trace_io.parse_attention(zf.read(comp), trace) if comp in names and trace.attention else None
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, zlib.error, NotImplementedError, RuntimeError) as exc:
         raise TraceError(f"not a readable zip archive: {exc}") from None
     return trace, attn
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import streamlit as st
 
@@ -11,7 +12,8 @@ from explorer_core import models
 from explorer_core.limits import Limits
 from explorer_core.models import LoadedModel, ModelLoadError
 
-LOADED: dict[tuple[str, str, str], LoadedModel] = {}  # what _load has returned, for size estimates
+# what _load has returned, for size estimates; weak, so the cache's eviction really frees a model
+LOADED: weakref.WeakValueDictionary[tuple[str, str, str], LoadedModel] = weakref.WeakValueDictionary()
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)

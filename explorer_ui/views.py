@@ -207,6 +207,9 @@ def render_trace(
     """
     from . import insight
 
+    if state_key is not None:
+        insight.settle_branch(state_key)  # a branch cut short by Stop joins the trace as a partial branch
+        trace, attn = st.session_state[state_key]
     if not trace.steps:
         st.warning("This trace has no generated tokens.")
         return

@@ -68,6 +68,36 @@ def cases() -> list[tuple[str, bytes, str]]:
             _with(steps=[{**g["steps"][0], "label": "x" * 10_000}] + g["steps"][1:]),
             "invalid trace at steps.0.label: String should have at most 256 characters",
         ),
+        (
+            "token id beyond the model's vocabulary",
+            _with(steps=[{**g["steps"][0], "token_id": 9_999_999}] + g["steps"][1:]),
+            "token id 9999999 is outside the model's vocabulary of 49152",
+        ),
+        (
+            "a setting out of range in config",
+            _with(config={**g["config"], "temperature": 9}),
+            "temperature=9 is out of range",
+        ),
+        (
+            "empty stage track",
+            _with(
+                steps=[{**g["steps"][0], "stages": {"stages": [], "ids": [], "labels": [], "probs": []}}]
+                + g["steps"][1:]
+            ),
+            "stage track: needs the 'raw' stage first",
+        ),
+        (
+            "logit lens lists of different lengths",
+            _with(steps=[{**g["steps"][0], "lens": {**g["steps"][0]["lens"], "chosen_probs": []}}] + g["steps"][1:]),
+            "logit lens: the four per-layer lists must be non-empty and of the same length",
+        ),
+        (
+            "branch naming an unknown parent",
+            _with(
+                branches=[{"id": 1, "parent": 5, "at_step": 0, "steps": [], "stop_reason": "eos", "output_text": ""}]
+            ),
+            "names an unknown parent 5",
+        ),
         ("future schema version", _with(schema_version=2), "unsupported schema_version"),
         ("unknown extra field", _with(surprise=1), "invalid trace at surprise: Extra inputs are not permitted"),
         ("a JSON list instead of an object", b"[1, 2, 3]", "invalid trace at file"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -306,3 +307,65 @@ def test_app_bad_model_then_good_model(tiny_llama_dir):
     at.text_input(key="sidebar_model_custom").input(str(tiny_llama_dir)).run()
     at.button(key="gen_generate").click().run()
     assert not at.exception and len(at.session_state["gen_trace"][0].steps) == 3
+
+
+def _companion(prompt, rows, lengths) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, prompt=prompt, rows=rows, lengths=lengths)
+    return buf.getvalue()
+
+
+def test_crafted_companions_are_refused(tiny_llama):
+    import numpy as np
+
+    run = Run(tiny_llama, GenerationConfig(model="x", max_new_tokens=3, min_new_tokens=3))
+    for _ in run:
+        pass
+    trace, attn = run.trace(), run.attention()
+    good = trace_io.attention_bytes(attn)
+    parsed = trace_io.parse_attention(good, trace)
+    assert len(parsed.rows) == 3
+    prompt = trace_io._planes(attn.prompt)
+    rows = trace_io._planes(np.concatenate(attn.rows, axis=-1))
+    lengths = np.array([r.shape[-1] for r in attn.rows])
+    cases = {
+        "float lengths": (_companion(prompt, rows, lengths.astype(float)), "lengths is float64"),
+        "strings": (_companion(prompt.astype(str), rows, lengths), "prompt is <U"),
+        "NaN": (
+            _companion(trace_io._planes(np.full(attn.prompt.shape, np.nan)), rows, lengths),
+            "outside [0, 1] or not finite",
+        ),
+        "not a zip": (b"PK\x03\x04garbage", "attention companion is not readable"),
+        "missing array": (_companion(prompt, rows, lengths)[:-200], "not readable"),
+    }
+    for name, (data, needle) in cases.items():
+        with pytest.raises(TraceError, match=re.escape(needle) if name != "missing array" else needle):
+            trace_io.parse_attention(data, trace)
+
+
+def test_corrupt_zip_upload_is_a_trace_error(tiny_llama):
+    from explorer_ui.loading import from_zip
+    from explorer_ui.views import archive_bytes
+
+    run = Run(tiny_llama, GenerationConfig(model="x", max_new_tokens=3, min_new_tokens=3))
+    for _ in run:
+        pass
+    data = bytearray(archive_bytes(run.trace(), run.attention()))
+    data[200:260] = b"\x00" * 60  # break the deflate stream of the first member
+    with pytest.raises(TraceError):
+        from_zip(bytes(data))
+
+
+def test_run_longer_than_the_context_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match=r"more than .* can attend to \(512\)"):
+        Run(tiny_llama, GenerationConfig(model="x", max_new_tokens=600))
+
+
+def test_branch_refuses_a_different_prompt(tiny_llama):
+    cfg = GenerationConfig(model="x", max_new_tokens=4)
+    with pytest.raises(ValueError, match="do not reproduce the trace's prompt"):
+        Run.branch(tiny_llama, cfg, [], 5, prompt_ids=[1, 2, 3])
