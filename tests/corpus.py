@@ -18,12 +18,22 @@ def _with(**changes) -> bytes:
 
 def cases() -> list[tuple[str, bytes, str]]:
     """(name, file bytes, expected part of the error message)."""
-    g = json.loads(GOOD)
+    return _syntax_cases() + _content_cases(json.loads(GOOD))
+
+
+def _syntax_cases() -> list[tuple[str, bytes, str]]:
+    """Files that are not a trace at all."""
     return [
         ("empty file", b"", "the file is empty"),
         ("whitespace only", b"  \n ", "the file is empty"),
         ("not JSON (a PNG's bytes)", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not valid JSON"),
         ("truncated JSON", GOOD[:1000], "not valid JSON: Invalid JSON: EOF while parsing"),
+    ]
+
+
+def _content_cases(g: dict) -> list[tuple[str, bytes, str]]:
+    """JSON that parses but breaks the schema, its bounds or its cross-field rules."""
+    return [
         (
             "wrong type (steps is a string)",
             _with(steps="many"),
