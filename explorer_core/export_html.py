@@ -70,7 +70,7 @@ def _json_for_script(value) -> str:
 def _stream(trace: Trace) -> str:
     spans = []
     for s in trace.steps:
-        alpha = 0.08 + 0.62 * (1.0 - s.p_raw)
+        alpha = frames.shade(s.p_raw)
         tip = html.escape(f"step {s.step}: p_raw={s.p_raw:.3f} p_proc={s.p_proc:.3f} rank {s.rank_raw}")
         spans.append(
             f'<span class="tok" data-step="{s.step}" title="{tip}" '

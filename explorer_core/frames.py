@@ -58,17 +58,31 @@ def _cand_frame(c: Candidates, dist: str, chosen: int) -> pd.DataFrame:
     )
 
 
+def step_columns(trace: Trace) -> pd.DataFrame:
+    """One row per step: the per-step figures every table and timeline starts from."""
+    steps = trace.steps
+    return pd.DataFrame(
+        {
+            "step": [s.step for s in steps],
+            "label": [s.label for s in steps],
+            "p_raw": [s.p_raw for s in steps],
+            "p_proc": [s.p_proc for s in steps],
+            "entropy_raw": [s.entropy_raw for s in steps],
+            "entropy_proc": [s.entropy_proc for s in steps],
+            "rank": [s.rank_raw for s in steps],
+        }
+    )
+
+
 def timeline_frame(trace: Trace) -> pd.DataFrame:
     """Per-step figures in long form: step, label, metric, value."""
-    wide = pd.DataFrame(
-        {
-            "step": [s.step for s in trace.steps],
-            "label": [s.label for s in trace.steps],
-            "p(chosen), raw": [s.p_raw for s in trace.steps],
-            "p(chosen), processed": [s.p_proc for s in trace.steps],
-            "entropy raw (bits)": [s.entropy_raw for s in trace.steps],
-            "entropy processed (bits)": [s.entropy_proc for s in trace.steps],
-            "raw rank": [s.rank_raw for s in trace.steps],
+    wide = step_columns(trace).rename(
+        columns={
+            "p_raw": "p(chosen), raw",
+            "p_proc": "p(chosen), processed",
+            "entropy_raw": "entropy raw (bits)",
+            "entropy_proc": "entropy processed (bits)",
+            "rank": "raw rank",
         }
     )
     long = wide.melt(id_vars=["step", "label"], var_name="series", value_name="value")
@@ -150,16 +164,14 @@ def snapshot_frame(trace: Trace) -> pd.DataFrame:
 
 
 def stream_frame(trace: Trace) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "step": [s.step for s in trace.steps],
-            "token": [s.label for s in trace.steps],
-            "p_raw": [s.p_raw for s in trace.steps],
-            "p_proc": [s.p_proc for s in trace.steps],
-            "rank": [s.rank_raw for s in trace.steps],
-            "entropy": [s.entropy_raw for s in trace.steps],
-        }
-    )
+    """The token table: step, token and the chosen token's figures."""
+    cols = step_columns(trace).rename(columns={"label": "token", "entropy_raw": "entropy"})
+    return cols[["step", "token", "p_raw", "p_proc", "rank", "entropy"]]
+
+
+def shade(p_raw: float) -> float:
+    """Background opacity for a token in a stream: the less likely under the raw model, the stronger."""
+    return 0.08 + 0.62 * (1.0 - p_raw)
 
 
 STAGE_NAMES = {

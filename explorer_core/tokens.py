@@ -67,6 +67,7 @@ class Vocab:
         self.byte_level = self._is_byte_level(self.pieces)
         self._labels: dict[int, str] = {}
         self._bytes: dict[int, bytes] = {}
+        self._ws: list[int] | None = None
 
     @staticmethod
     def _is_byte_level(pieces: list[str]) -> bool:
@@ -99,7 +100,11 @@ class Vocab:
         return [self.label(int(i)) for i in ids]
 
     def whitespace_ids(self) -> list[int]:
-        """Ids of tokens whose text is whitespace only (spaces, newlines, tabs), specials excluded."""
+        """Ids of tokens whose text is whitespace only (spaces, newlines, tabs), specials excluded.
+
+        Scans the whole vocabulary once; later runs with the same tokenizer reuse the list."""
+        if self._ws is not None:
+            return self._ws
         out = []
         for i in range(len(self.pieces)):
             if i in self.special:
@@ -107,6 +112,7 @@ class Vocab:
             raw = self.bytes_of(i)
             if raw and raw.strip(b" \t\n\r\x0b\x0c") == b"":
                 out.append(i)
+        self._ws = out
         return out
 
 

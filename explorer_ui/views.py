@@ -28,7 +28,7 @@ def stream_html(steps: list[StepRecord]) -> str:
     """Tokens shaded by probability: the less likely under the raw model, the stronger the shade."""
     spans = []
     for s in steps:
-        alpha = 0.08 + 0.62 * (1.0 - s.p_raw)
+        alpha = frames.shade(s.p_raw)
         tip = escape_text(f"step {s.step}: {s.label}  p_raw={s.p_raw:.3f}  p_proc={s.p_proc:.3f}  rank {s.rank_raw}")
         spans.append(
             f'<span title="{tip}" style="background: rgba(214,39,40,{alpha:.2f}); border-radius: 3px; '

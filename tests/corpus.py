@@ -18,7 +18,8 @@ def _with(**changes) -> bytes:
 
 def cases() -> list[tuple[str, bytes, str]]:
     """(name, file bytes, expected part of the error message)."""
-    return _syntax_cases() + _content_cases(json.loads(GOOD))
+    g = json.loads(GOOD)
+    return _syntax_cases() + _content_cases(g) + _cross_field_cases(g)
 
 
 def _syntax_cases() -> list[tuple[str, bytes, str]]:
@@ -72,6 +73,12 @@ def _content_cases(g: dict) -> list[tuple[str, bytes, str]]:
             "not valid JSON: Invalid JSON: number out of range",
         ),
         ("5 000 steps", _with(steps=[g["steps"][0]] * 5000), "List should have at most 4096 items"),
+    ]
+
+
+def _cross_field_cases(g: dict) -> list[tuple[str, bytes, str]]:
+    """Fields that are each fine alone but disagree with the rest of the trace."""
+    return [
         ("steps out of order", _with(steps=[g["steps"][1], g["steps"][0]]), "step 0 is numbered 1"),
         (
             "token label of 10 000 characters",
