@@ -32,7 +32,8 @@ class Limits:
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 2048
     max_top_n: int = 100
-    attention_budget_mb: int = 4096  # attention recorded in memory (float32) for one run
+    attention_budget_mb: int = 4096  # attention one run records (the companion on disk, float16)
+    prompt_attention_mb: int = 40  # of which the prompt's own pooled T×T attention
     max_model_mb: int = 8192  # weights in the chosen dtype
     max_upload_mb: int = 200
     allowed_models: tuple[str, ...] = field(default=())
@@ -61,6 +62,7 @@ class Limits:
             max_new_tokens=_env_int("EXPLORER_MAX_NEW_TOKENS", base.max_new_tokens),
             max_top_n=_env_int("EXPLORER_MAX_TOP_N", base.max_top_n),
             attention_budget_mb=_env_int("EXPLORER_ATTENTION_BUDGET_MB", base.attention_budget_mb),
+            prompt_attention_mb=_env_int("EXPLORER_PROMPT_ATTENTION_MB", base.prompt_attention_mb),
             max_model_mb=_env_int("EXPLORER_MAX_MODEL_MB", base.max_model_mb),
             max_upload_mb=_env_int("EXPLORER_MAX_UPLOAD_MB", base.max_upload_mb),
             allowed_models=tuple(m.strip() for m in allowed.split(",") if m.strip())
@@ -93,17 +95,35 @@ class Limits:
                 f"the prompt is {prompt_tokens} tokens, over the limit of {self.max_prompt_tokens} "
                 "(EXPLORER_MAX_PROMPT_TOKENS): shorten it"
             )
-        mb = attention_mb(prompt_tokens, config.max_new_tokens, layers, heads) if config.capture_attention else 0.0
-        if mb > self.attention_budget_mb:
-            raise ValueError(
-                f"recording attention for this run needs about {mb:.0f} MB, over the budget of "
-                f"{self.attention_budget_mb} MB (EXPLORER_ATTENTION_BUDGET_MB): lower max_new_tokens "
-                "or turn attention capture off"
-            )
+        if config.capture_attention:
+            cost = attention_cost(prompt_tokens, config.max_new_tokens, layers, heads, self.prompt_attention_bytes())
+            if cost.disk_mb > self.attention_budget_mb:
+                raise ValueError(
+                    f"recording attention for this run writes up to {cost.disk_mb:,.0f} MB, over the budget of "
+                    f"{self.attention_budget_mb:,} MB (EXPLORER_ATTENTION_BUDGET_MB): lower max_new_tokens, "
+                    "shorten the prompt or turn attention capture off"
+                )
+
+    def prompt_attention_bytes(self) -> int:
+        return self.prompt_attention_mb * 2**20
 
 
-def attention_mb(prompt_tokens: int, new_tokens: int, layers: int, heads: int) -> float:
-    """Memory for a run's attention as recorded (float32): the prompt's T×T plus one row per step."""
+@dataclass(frozen=True)
+class AttentionCost:
+    disk_mb: float  # the companion at max_new_tokens steps
+    memory_mb: float  # held while recording: pooled prompt cells, one chunk of weights, one pending row
+    prompt_cells: int  # cells per axis of the prompt's pooled attention (= prompt tokens when exact)
+
+
+def attention_cost(
+    prompt_tokens: int, new_tokens: int, layers: int, heads: int, prompt_budget_bytes: int = 40 * 2**20
+) -> AttentionCost:
+    """What recording a run's attention will take, computed from its shape before it starts."""
+    from .attnstore import Shape, file_bytes, pooling_edges, pooling_width, prompt_bins_for
+    from .capture import CHUNK_BYTES
+
     t, n = prompt_tokens, new_tokens
-    values = layers * heads * (t * t + n * t + n * (n - 1) / 2)
-    return values * 4 / 1e6
+    cells = len(pooling_edges(t, pooling_width(t, prompt_bins_for(prompt_budget_bytes, layers, heads, t)))) - 1
+    disk = file_bytes(Shape(layers, heads, t, cells), n)
+    memory = 4 * layers * heads * (cells * cells + 2 * (t + n)) + CHUNK_BYTES
+    return AttentionCost(disk / 2**20, memory / 2**20, cells)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import capture
 from .config import DEFAULT_MODEL
 from .limits import Limits
 
@@ -180,7 +181,7 @@ def pick_dtype(dtype: str, device: str):
 def load(
     name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto", limits: Limits | None = None
 ) -> LoadedModel:
-    """Load a model for inspection: eager attention (so attention weights exist), eval mode, no grad."""
+    """Load a model for inspection: sdpa attention through the capture hook (capture.py), eval mode, no grad."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor bars would drown the tool's own progress
@@ -201,6 +202,8 @@ def load(
     model, tok = _from_pretrained(source, location, torch_dtype)
     model.to(dev).eval()
     model.requires_grad_(False)
+    if capture.supports(model):  # plain sdpa until a run records; then its rows reach the recorder
+        capture.install(model)
     elapsed = time.perf_counter() - start
     return LoadedModel(model, tok, source, dev, str(torch_dtype).removeprefix("torch."), elapsed)
 
@@ -230,7 +233,7 @@ def _from_pretrained(source: ModelSource, location: str, torch_dtype):
     kwargs = dict(use_safetensors=True, trust_remote_code=False)
     try:
         tok = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, attn_implementation="eager", **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)
     except Exception as exc:  # transformers raises many types; turn them into one clear sentence
         raise ModelLoadError(_explain(source, exc)) from exc
     return model, tok

@@ -1,31 +1,21 @@
-"""The Trace: one run as plain data (pydantic models), its JSON schema, and atomic save/load.
+"""The Trace: one run as plain data (pydantic models), its JSON schema and strict parsing.
 
-trace.json holds everything but the full attention, which goes into a compact float16 companion
-(`<name>.attn.npz`) that trace.json names: the prompt's attention from the prefill, shape
-(layers, heads, T, T), and each step's attention row over all earlier positions, concatenated into
-(layers, heads, sum of row lengths) with row lengths T, T+1, ... in step order. Each float16 array
-is stored as its two byte planes (uint8, shape (2, size): all low bytes, then all high bytes), which
-zlib packs about 10% tighter than the interleaved bytes; reading reverses it exactly.
+trace.json holds everything but the full attention, which lives in a companion file that trace.json
+names (see attnstore.py for its layout, tracefile.py for saving and loading the pair). Schema 2
+changed only the attention section (the companion's format); schema-1 files are upgraded on reading.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import tempfile
-import zipfile
-import zlib
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import GenerationConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 StopReason = Literal["max_new_tokens", "eos", "stop_on", "clean_stop", "interrupted", "running"]
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 # Bounds for files from outside: generous for real runs, small enough that a hostile file is refused early.
@@ -165,7 +155,12 @@ class AttentionInfo(_Strict):
     file: Name | None = Field(description="Companion file name next to trace.json, or null if not saved.")
     layers: int = Field(ge=1, le=1024)
     heads: int = Field(ge=1, le=1024)
-    dtype: Literal["float16"] = "float16"
+    dtype: Literal["float16", "float32"] = "float16"
+    prompt_cells: int = Field(
+        ge=1,
+        le=MAX_PROMPT_TOKENS,
+        description="Cells per axis of the prompt's pooled T×T attention in the companion (= prompt length when exact).",
+    )
     snapshot_layer: int = Field(ge=0)
     snapshot_every: int = Field(ge=1)
 
@@ -173,7 +168,7 @@ class AttentionInfo(_Strict):
 class Trace(_Strict):
     """A whole run. Everything here is plain data: it round-trips through JSON unchanged."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     created: Name
     model: ModelInfo
     versions: dict[Name, Name] = Field(max_length=50)
@@ -203,6 +198,8 @@ class Trace(_Strict):
                 raise ValueError(f"step {i}'s attention snapshot has {len(s.attn_snapshot)} values; expected {t + i}")
         self._check_ids()
         self._check_config()
+        if self.attention is not None and self.attention.prompt_cells > t:
+            raise ValueError(f"attention.prompt_cells={self.attention.prompt_cells} exceeds the {t}-token prompt")
         known = {0: len(self.steps)}
         for b in self.branches:
             if b.id in known or b.parent not in known:
@@ -255,89 +252,11 @@ class Trace(_Strict):
         return self.prompt_labels + [s.label for s in self.steps[:step]]
 
 
-@dataclass
-class AttentionData:
-    """Full attention of a run: prompt (layers, heads, T, T) and per-step rows (layers, heads, T+step)."""
-
-    prompt: np.ndarray
-    rows: list[np.ndarray]
-
-    def matrix(self, step: int, layer: int, head: int | None) -> np.ndarray:
-        """Lower-triangular (T+step, T+step) attention of the sequence seen at `step`; head None = mean."""
-        t = self.prompt.shape[-1]
-        n = t + step
-        out = np.zeros((n, n), dtype=np.float32)
-        pick = (lambda a: a.astype(np.float32).mean(axis=0)) if head is None else (lambda a: a[head].astype(np.float32))
-        out[:t, :t] = pick(self.prompt[layer])
-        for j in range(1, step + 1):  # step j's query sits at position t+j-1
-            out[t + j - 1, : t + j] = pick(self.rows[j][layer])
-        return out
-
-
 def dumps(trace: Trace) -> str:
     """trace.json text, checked by the same parser that reads it: the tool never writes a file it would refuse."""
     text = trace.model_dump_json(indent=1)
     parse(text)
     return text
-
-
-def companion_name(json_path: Path) -> str:
-    return json_path.name.removesuffix(".json") + ".attn.npz"
-
-
-def save(trace: Trace, attention: AttentionData | None, json_path: str | Path) -> Path:
-    """Write trace.json (and its companion) atomically: each file is complete or not there."""
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    if attention is not None and trace.attention is not None:
-        trace = trace.model_copy(
-            update={"attention": trace.attention.model_copy(update={"file": companion_name(json_path)})}
-        )
-        _atomic_write(json_path.parent / companion_name(json_path), lambda fh: write_attention(fh, attention))
-    _atomic_write(json_path, dumps(trace).encode("utf-8"))
-    return json_path
-
-
-def _planes(a: np.ndarray) -> np.ndarray:
-    """float16 array -> (2, size) uint8 byte planes."""
-    return np.ascontiguousarray(a, dtype=np.float16).view(np.uint8).reshape(-1, 2).T.copy()
-
-
-def _unplane(planes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    return planes.T.copy().view(np.float16).reshape(shape)
-
-
-def write_attention(fh, attention: AttentionData) -> None:
-    """Stream the companion into an open binary file; rows go to float16 one by one to keep memory low."""
-    rows = np.concatenate(
-        [r.astype(np.float16) for r in attention.rows] or [np.zeros(attention.prompt.shape[:2] + (0,), np.float16)],
-        axis=-1,
-    )
-    lengths = np.array([r.shape[-1] for r in attention.rows], dtype=np.int64)
-    np.savez_compressed(fh, prompt=_planes(attention.prompt), rows=_planes(rows), lengths=lengths)
-
-
-def attention_bytes(attention: AttentionData) -> bytes:
-    buf = io.BytesIO()
-    write_attention(buf, attention)
-    return buf.getvalue()
-
-
-def _atomic_write(path: Path, data) -> None:
-    """Write bytes, or call `data(file)` to stream them, into a temp file, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; saved traces are meant to be shared
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data) if isinstance(data, bytes) else data(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def parse(data: bytes | str) -> Trace:
@@ -347,11 +266,40 @@ def parse(data: bytes | str) -> Trace:
     if not data or not (data.strip() if isinstance(data, bytes) else data.strip()):
         raise TraceError("the file is empty: choose a trace.json written by Model Interpret Explorer")
     try:
-        return Trace.model_validate_json(data)
+        obj = json.loads(data, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:  # DuplicateKey is a ValueError with its own message
+        raise TraceError(str(exc) if isinstance(exc, DuplicateKey) else f"not valid JSON: {exc}") from None
+    if isinstance(obj, dict) and obj.get("schema_version") == 1:
+        obj = _upgrade_v1(obj)
+    try:
+        return Trace.model_validate(obj)
     except ValidationError as exc:
         raise TraceError(_describe(exc)) from None
     except (ValueError, RecursionError) as exc:
         raise TraceError(f"not a valid trace file: {exc}") from None
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads hook: a key given twice is refused instead of the last one silently winning."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKey(f"the key {k[:40]!r} appears twice in one object: the trace was edited or is corrupt")
+        out[k] = v
+    return out
+
+
+def _upgrade_v1(obj: dict) -> dict:
+    """Schema 1 differs only in its attention section: the companion (.attn.npz) held the prompt's full T×T."""
+    obj = dict(obj, schema_version=2)
+    attn, ids = obj.get("attention"), obj.get("prompt_ids")
+    if isinstance(attn, dict) and isinstance(ids, list) and ids:
+        obj["attention"] = dict(attn, prompt_cells=min(len(ids), MAX_PROMPT_TOKENS))
+    return obj
 
 
 def _describe(exc: ValidationError) -> str:
@@ -359,103 +307,9 @@ def _describe(exc: ValidationError) -> str:
     first = errs[0]
     where = ".".join(str(p) for p in first["loc"]) or "file"
     if first["type"] == "literal_error" and first["loc"] == ("schema_version",):
-        return "unsupported schema_version: this version reads schema_version 1; update Model Interpret Explorer"
-    if first["type"] == "json_invalid":
-        return f"not valid JSON: {first['msg']}"
+        return "unsupported schema_version: this version reads schema_version 1 and 2; update Model Interpret Explorer"
     more = f" (and {len(errs) - 1} more problems)" if len(errs) > 1 else ""
     return f"invalid trace at {where}: {first['msg']}{more}"
-
-
-MAX_ATTENTION_BYTES = 2 * 1024**3  # inflated companion; a 2048-step run of the default model is about 1.2 GB
-
-
-def _companion_headers(data: bytes) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of each array in the companion, read from the .npy headers before any data."""
-    out = {}
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        for name in ("prompt", "rows", "lengths"):
-            with zf.open(name + ".npy") as fh:
-                version = np.lib.format.read_magic(fh)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read(fh)
-            out[name] = (tuple(shape), np.dtype(dtype))
-    return out
-
-
-def _check_companion(headers: dict, trace: Trace) -> None:
-    info, t = trace.attention, trace.prompt_len
-    if info is None:
-        raise TraceError("trace has no attention section, so no companion belongs to it")
-    n, total = len(trace.steps), sum(t + i for i in range(len(trace.steps)))
-    want = {
-        "prompt": ((2, info.layers * info.heads * t * t), "uint8"),  # byte planes of float16
-        "rows": ((2, info.layers * info.heads * total), "uint8"),
-        "lengths": ((n,), "int64"),
-    }
-    for name, (shape, dtype) in want.items():
-        got_shape, got_dtype = headers[name]
-        if got_shape != shape or got_dtype != np.dtype(dtype):
-            raise TraceError(
-                f"attention companion's {name} is {got_dtype} {got_shape}; the trace's {n} steps need {dtype} {shape}"
-            )
-    size = 2 * (info.layers * info.heads * (t * t + total))
-    if size > MAX_ATTENTION_BYTES:
-        raise TraceError(
-            f"attention companion would take {size / 1e9:.1f} GB in memory, over the "
-            f"{MAX_ATTENTION_BYTES / 1e9:.1f} GB limit"
-        )
-
-
-def parse_attention(data: bytes, trace: Trace) -> AttentionData:
-    """Read a companion: check its headers against the trace before inflating, then its values."""
-    try:
-        _check_companion(_companion_headers(data), trace)
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            prompt_planes, row_planes, lengths = npz["prompt"], npz["rows"], npz["lengths"]
-    except TraceError:
-        raise
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        zipfile.BadZipFile,
-        EOFError,
-        zlib.error,
-        NotImplementedError,
-        RuntimeError,
-    ) as exc:
-        raise TraceError(f"attention companion is not readable: {exc}") from None
-    t, info = trace.prompt_len, trace.attention
-    if not np.array_equal(lengths, np.arange(len(trace.steps)) + t):
-        raise TraceError(f"attention companion's row lengths do not match the trace's {len(trace.steps)} steps")
-    prompt = _unplane(prompt_planes, (info.layers, info.heads, t, t))
-    rows = _unplane(row_planes, (info.layers, info.heads, int(lengths.sum())))
-    for name, arr in (("prompt", prompt), ("rows", rows)):
-        if arr.size and (not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1.001):
-            raise TraceError(f"attention companion's {name} holds values outside [0, 1] or not finite")
-    split = np.cumsum(lengths)[:-1]
-    return AttentionData(prompt=prompt, rows=list(np.split(rows, split, axis=-1)) if len(lengths) else [])
-
-
-def load(json_path: str | Path) -> tuple[Trace, AttentionData | None]:
-    """Load trace.json and, when it names one that exists, its attention companion."""
-    json_path = Path(json_path)
-    try:
-        size = json_path.stat().st_size
-        if size > MAX_TRACE_BYTES:
-            raise TraceError(
-                f"{json_path.name} is {size / 1e6:.1f} MB, over the {MAX_TRACE_BYTES / 1e6:.0f} MB limit for traces"
-            )
-        trace = parse(json_path.read_bytes())
-    except OSError as exc:
-        raise TraceError(f"cannot read {json_path}: {exc.strerror}") from None
-    info = trace.attention
-    if info is None or info.file is None:
-        return trace, None
-    comp = json_path.parent / Path(info.file).name  # never follow a path out of the trace's folder
-    if not comp.is_file():
-        return trace, None
-    return trace, parse_attention(comp.read_bytes(), trace)
 
 
 def json_schema() -> str:

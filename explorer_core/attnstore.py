@@ -1,0 +1,284 @@
+"""The attention companion: a safetensors file written row by row during a run and read lazily.
+
+Layout (standard safetensors, readable by `safetensors.numpy.load_file` or any other reader):
+- `prompt_bins` (layers, heads, B, B): the prompt's own T×T attention pooled into B×B cells, each
+  the mean weight over the query-key pairs it covers; B = T (exact) whenever T×T fits the byte
+  budget for the prompt, so short prompts are stored exactly. Any layer or head can be recomputed
+  exactly when the model is loaded (`recompute.py`).
+- `prompt_edges` (B+1,) int64: cell boundaries over positions 0..T.
+- `row.NNNNN` (layers, heads, T+s): step s's full attention row (the query that chose step s's
+  token), every layer and head, exact up to float16 rounding.
+
+The writer reserves room for the header, streams each row to disk as the run goes (nothing grows in
+memory) and fills in the header when the run ends, so the file is complete or refused as truncated.
+safetensors' own writer needs every tensor in memory at once, hence this small incremental writer.
+The reader checks the header's sizes before mapping anything and maps the file (numpy memmap), so a
+view reads one layer or head of one step without inflating the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "explorer-attention/2"
+DTYPES = {"float16": ("F16", np.float16), "float32": ("F32", np.float32)}
+HEADER_LIMIT = 8 * 1024 * 1024  # a header bigger than this is refused before parsing
+ROW_ENTRY_BYTES = 128  # header room reserved per step
+
+
+class AttentionFileError(ValueError):
+    """An attention companion could not be read; the message says what is wrong with it."""
+
+
+def pooling_width(length: int, bins: int) -> int:
+    """Cell width so that at most `bins` equal cells cover positions 0..length (1 when they fit)."""
+    return max(1, -(-length // max(1, bins)))
+
+
+def pooling_edges(length: int, width: int) -> np.ndarray:
+    """Boundaries of cells `width` positions wide over 0..length (the last may be shorter)."""
+    return np.append(np.arange(0, length, width, dtype=np.int64), np.int64(length))
+
+
+def prompt_bins_for(budget_bytes: int, layers: int, heads: int, prompt_len: int, itemsize: int = 2) -> int:
+    """Largest B with layers × heads × B × B values inside the byte budget (at least 16, at most T)."""
+    b = int((budget_bytes / (layers * heads * itemsize)) ** 0.5)
+    return max(1, min(prompt_len, max(16, b)))
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    heads: int
+    prompt_len: int
+    bins: int  # B: prompt cells per axis (ceil(T / width))
+    dtype: str = "float16"
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(DTYPES[self.dtype][1]).itemsize
+
+    def row_bytes(self, step: int) -> int:
+        return self.layers * self.heads * (self.prompt_len + step) * self.itemsize
+
+    def prompt_bytes(self) -> int:
+        return self.layers * self.heads * self.bins * self.bins * self.itemsize + 8 * (self.bins + 1)
+
+
+def file_bytes(shape: Shape, steps: int) -> int:
+    """Bytes on disk for a run of `steps` steps (header room aside)."""
+    return shape.prompt_bytes() + sum(shape.row_bytes(s) for s in range(steps))
+
+
+class AttentionWriter:
+    """Streams a run's attention into `path`: the prompt cells once, then one row per step."""
+
+    def __init__(self, path: str | Path, shape: Shape, max_steps: int) -> None:
+        self.path, self.shape = Path(path), shape
+        self.header_room = _round8(1024 + ROW_ENTRY_BYTES * (max_steps + 2))
+        self.index: dict[str, dict] = {}
+        self.end = 0  # bytes of data written after the header room
+        self.steps = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "wb")  # noqa: SIM115 - held open for the whole run, closed in finish()
+        self._fh.write(b"\0" * (8 + self.header_room))  # no valid header until finish(): a killed run is refused
+
+    def write_prompt(self, cells: np.ndarray, edges: np.ndarray) -> None:
+        """cells: (layers, heads, B, B) pooled prompt attention; edges: (B+1,) positions."""
+        s = self.shape
+        self._put("prompt_bins", np.ascontiguousarray(cells, dtype=DTYPES[s.dtype][1]), (s.layers, s.heads, s.bins, s.bins))
+        self._put("prompt_edges", np.ascontiguousarray(edges, dtype=np.int64), (s.bins + 1,))
+
+    def write_row(self, row: np.ndarray) -> None:
+        """row: (layers, heads, T+s) for the next step s."""
+        s, step = self.shape, self.steps
+        self._put(f"row.{step:05d}", np.ascontiguousarray(row, dtype=DTYPES[s.dtype][1]), (s.layers, s.heads, s.prompt_len + step))
+        self.steps += 1
+
+    def _put(self, name: str, arr: np.ndarray, shape: tuple[int, ...]) -> None:
+        if arr.shape != shape:
+            raise ValueError(f"attention {name} has shape {arr.shape}; expected {shape}")
+        code = "I64" if arr.dtype == np.int64 else DTYPES[self.shape.dtype][0]
+        self._fh.write(arr.tobytes())
+        self.index[name] = {"dtype": code, "shape": list(shape), "data_offsets": [self.end, self.end + arr.nbytes]}
+        self.end += arr.nbytes
+
+    def metadata(self) -> dict[str, str]:
+        s = self.shape
+        return {
+            "format": FORMAT,
+            "layers": str(s.layers),
+            "heads": str(s.heads),
+            "prompt_len": str(s.prompt_len),
+            "bins": str(s.bins),
+            "steps": str(self.steps),
+            "dtype": s.dtype,
+        }
+
+    def flush(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+
+    def finish(self) -> Path:
+        """Write the header for what was written so far and close the file; callable once."""
+        header = json.dumps({"__metadata__": self.metadata(), **self.index}, separators=(",", ":")).encode()
+        if len(header) > self.header_room:
+            raise RuntimeError(f"attention header needs {len(header)} bytes, {self.header_room} were reserved")
+        header += b" " * (self.header_room - len(header))  # safetensors allows trailing spaces
+        self._fh.flush()
+        self._fh.seek(0)
+        self._fh.write(struct.pack("<Q", self.header_room) + header)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        return self.path
+
+    def reader(self) -> AttentionStore:
+        """A reader over what is written so far (works while the run goes on)."""
+        self.flush()
+        return AttentionStore(self.path, self.shape, self.steps, dict(self.index), 8 + self.header_room)
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+
+def _round8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+class AttentionStore:
+    """Read side of a companion: rows and prompt cells on demand, as float32 numpy arrays."""
+
+    def __init__(self, path: Path, shape: Shape, steps: int, index: dict, data_start: int) -> None:
+        self.path, self.shape, self.steps, self._index, self._start = Path(path), shape, steps, index, data_start
+        self._map: np.memmap | None = None
+        self._mapped_size = -1
+
+    # -- facts ------------------------------------------------------------------------------------
+    @property
+    def layers(self) -> int:
+        return self.shape.layers
+
+    @property
+    def heads(self) -> int:
+        return self.shape.heads
+
+    @property
+    def prompt_len(self) -> int:
+        return self.shape.prompt_len
+
+    @property
+    def exact_prompt(self) -> bool:
+        return self.shape.bins == self.shape.prompt_len
+
+    def nbytes(self) -> int:
+        return self._start + max((e["data_offsets"][1] for e in self._index.values()), default=0)
+
+    # -- reading ----------------------------------------------------------------------------------
+    def _array(self, name: str) -> np.ndarray:
+        entry = self._index.get(name)
+        if entry is None:
+            raise KeyError(f"attention companion has no {name}")
+        a, b = entry["data_offsets"]
+        dt = np.int64 if entry["dtype"] == "I64" else DTYPES[self.shape.dtype][1]
+        mm = self._mapping(self._start + b)
+        return mm[self._start + a : self._start + b].view(dt).reshape(entry["shape"])
+
+    def _mapping(self, need: int) -> np.memmap:
+        if self._map is None or self._mapped_size < need:  # a live run's file grows: map it again
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self._mapped_size = self._map.shape[0]
+        if self._mapped_size < need:
+            raise AttentionFileError(f"attention companion {self.path.name} is truncated")
+        return self._map
+
+    def edges(self) -> np.ndarray:
+        return np.asarray(self._array("prompt_edges"))
+
+    def prompt_cells(self, layer: int, head: int | None) -> np.ndarray:
+        """(B, B) pooled prompt attention of one layer; head None = mean over heads."""
+        cells = self._array("prompt_bins")[layer]
+        return _pick(cells, head)
+
+    def row(self, step: int, layer: int, head: int | None) -> np.ndarray:
+        """(T+step,) attention row of the query that chose step `step`; head None = mean over heads."""
+        if not 0 <= step < self.steps:
+            raise IndexError(f"step {step} is outside the {self.steps} recorded steps")
+        return _pick(self._array(f"row.{step:05d}")[layer], head)
+
+    def row_all(self, step: int) -> np.ndarray:
+        """(layers, heads, T+step) float32: every layer and head of one step's row."""
+        return self._array(f"row.{step:05d}").astype(np.float32)
+
+    def close(self) -> None:
+        self._map = None
+
+
+def _pick(a: np.ndarray, head: int | None) -> np.ndarray:
+    """a: (heads, ...) -> one head or the mean over heads, as float32."""
+    return a.astype(np.float32).mean(axis=0) if head is None else a[head].astype(np.float32)
+
+
+def open_store(path: str | Path) -> AttentionStore:
+    """Open a finished companion, checking its header against its own sizes before mapping data."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise AttentionFileError(f"{path.name} is too short to be an attention companion")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0:
+                raise AttentionFileError(f"{path.name} was not finished (the run writing it did not end): record again")
+            if n > HEADER_LIMIT or 8 + n > size:
+                raise AttentionFileError(f"{path.name} has a header of {n} bytes, which the file cannot hold")
+            header = json.loads(fh.read(n))
+    except OSError as exc:
+        raise AttentionFileError(f"cannot read {path.name}: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AttentionFileError(f"{path.name} is not an attention companion: {exc}") from None
+    shape, steps, index = _check_header(header, path.name)
+    data = size - 8 - n
+    end = max((e["data_offsets"][1] for e in index.values()), default=0)
+    if end != data:
+        raise AttentionFileError(f"{path.name} holds {data} bytes of data; its header describes {end}: truncated or padded")
+    return AttentionStore(path, shape, steps, index, 8 + n)
+
+
+def _check_header(header: dict, name: str) -> tuple[Shape, int, dict]:
+    """Validate the metadata and every tensor entry: names, dtypes, shapes and contiguous offsets."""
+    meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AttentionFileError(f"{name} is not an attention companion of format {FORMAT}")
+    try:
+        ints = {k: int(meta[k]) for k in ("layers", "heads", "prompt_len", "bins", "steps")}
+        shape = Shape(ints["layers"], ints["heads"], ints["prompt_len"], ints["bins"], str(meta["dtype"]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise AttentionFileError(f"{name}: bad metadata ({exc})") from None
+    if shape.dtype not in DTYPES or min(ints.values()) < 0 or min(shape.layers, shape.heads, shape.prompt_len) < 1:
+        raise AttentionFileError(f"{name}: metadata out of range {meta}")
+    if not 1 <= shape.bins <= shape.prompt_len:
+        raise AttentionFileError(f"{name}: {shape.bins} prompt cells for a {shape.prompt_len}-token prompt")
+    want = {"prompt_bins": ([shape.layers, shape.heads, shape.bins, shape.bins], DTYPES[shape.dtype][0])}
+    want["prompt_edges"] = ([shape.bins + 1], "I64")
+    for s in range(ints["steps"]):
+        want[f"row.{s:05d}"] = ([shape.layers, shape.heads, shape.prompt_len + s], DTYPES[shape.dtype][0])
+    if set(header) != set(want):
+        raise AttentionFileError(f"{name}: its tensors do not match its metadata ({len(header)} vs {len(want)})")
+    pos = 0
+    for key in want:  # written in this order, back to back
+        e = header[key]
+        itemsize = 8 if want[key][1] == "I64" else shape.itemsize
+        nbytes = int(np.prod(want[key][0])) * itemsize
+        if e.get("shape") != want[key][0] or e.get("dtype") != want[key][1] or e.get("data_offsets") != [pos, pos + nbytes]:
+            raise AttentionFileError(f"{name}: tensor {key} is {e}; expected {want[key]} at offset {pos}")
+        pos += nbytes
+    return shape, ints["steps"], header

@@ -1,0 +1,134 @@
+"""Attention capture without `output_attentions`: a registered attention function that hands weights on.
+
+The model computes its own attention with sdpa (fast, memory-light); this module recomputes the
+weights the tool records, softmax(q·Kᵀ·scaling + mask) in float32, from the very query and key
+tensors the layer used (rotary embeddings applied, the cache's keys included), one layer at a time:
+- a decode step (one query) yields each layer's single row, (heads, keys), cheap at any length;
+- a prefill yields its rows in query chunks, (heads, chunk, keys), so no layer's full T×T matrix
+  and never every layer at once is held; a `Sink` decides what to keep of each chunk.
+
+The function is registered once under `IMPLEMENTATION` and a model is switched to it at load.
+Without an active sink (capture off, another thread, another run) it is plain sdpa, so a model
+shared by every session of the app pays nothing when nobody records. The sink is thread-local
+because the app serves each session's run from its own thread over one shared model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import torch
+
+IMPLEMENTATION = "explorer_capture"
+CHUNK_BYTES = 64 * 1024 * 1024  # float32 scores of one prefill chunk, all heads: bounds the extra memory
+
+_local = threading.local()
+
+
+class Sink(Protocol):
+    """Receives attention weights as they leave each layer (float32, batch 1)."""
+
+    def rows(self, layer: int, start: int, weights: torch.Tensor) -> None:
+        """weights: (heads, q, keys) for queries at positions start..start+q-1."""
+
+
+@contextmanager
+def capturing(sink: Sink | None) -> Iterator[None]:
+    """Route attention weights of forwards run inside this block (in this thread) to `sink`."""
+    before = getattr(_local, "sink", None)
+    _local.sink = sink
+    try:
+        yield
+    finally:
+        _local.sink = before
+
+
+def _sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The layer's output from sdpa, plus the weights for the active sink (query: (1, heads, q, d))."""
+    out, _ = _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    sink = getattr(_local, "sink", None)
+    if sink is not None:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        for start, weights in attention_weights(query, key, attention_mask, scale, kwargs.get("softcap")):
+            sink.rows(int(module.layer_idx), start, weights)
+    return out, None
+
+
+def attention_weights(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (first query's offset, (heads, chunk, keys) float32 weights), chunk by chunk.
+
+    query: (1, heads, q, d); key: (1, kv_heads, keys, d), kv_heads dividing heads (grouped-query
+    attention maps query head h to key head h // group, as `repeat_kv` does). The query positions are
+    the last q of the keys (a prefill or a cached step). mask: None (plain causal), a boolean
+    (True = may attend) or an additive float mask, broadcastable to (1, heads, q, keys).
+    """
+    _, heads, q_len, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    k = key[0].float()  # (kv_heads, keys, d)
+    chunk = max(1, CHUNK_BYTES // (4 * heads * keys))
+    past = keys - q_len
+    for a in range(0, q_len, chunk):
+        b = min(q_len, a + chunk)
+        q = query[0, :, a:b].float().reshape(kv_heads, group, b - a, dim)  # (kv_heads, group, c, d)
+        scores = torch.matmul(q, k.transpose(-1, -2).unsqueeze(1)).reshape(heads, b - a, keys) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = _masked(scores, mask, a, b, past)
+        yield a, torch.softmax(scores, dim=-1)  # (heads, c, keys)
+
+
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None, a: int, b: int, past: int) -> torch.Tensor:
+    """Apply the layer's mask to query rows a..b-1 (causal when the model passed none)."""
+    if mask is None:
+        if b - a == 1 and a == 0 and past == scores.shape[-1] - 1:
+            return scores  # one query at the end sees every key
+        qpos = torch.arange(past + a, past + b, device=scores.device)[:, None]
+        kpos = torch.arange(scores.shape[-1], device=scores.device)[None, :]
+        return scores.masked_fill(kpos > qpos, float("-inf"))
+    m = mask[0] if mask.dim() == 4 else mask  # (heads or 1, q, keys)
+    m = m[..., a:b, :] if m.shape[-2] > 1 else m
+    if m.dtype == torch.bool:
+        return scores.masked_fill(~m, float("-inf"))
+    return scores + m.float()
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the capture function (and sdpa's mask builder for it) with transformers, once."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, capture_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    _registered = True
+
+
+def supports(model) -> bool:
+    """Whether the model's attention layers dispatch through transformers' AttentionInterface."""
+    return bool(getattr(model, "_supports_attention_backend", False))
+
+
+def install(model) -> str | None:
+    """Switch a model to the capture function; return the implementation it had (to restore later)."""
+    register()
+    before = getattr(model.config, "_attn_implementation", None)
+    if before != IMPLEMENTATION:
+        model.set_attn_implementation(IMPLEMENTATION)
+    return before

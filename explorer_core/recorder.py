@@ -1,0 +1,94 @@
+"""One run's attention recorder: pools the prompt's attention as the prefill computes it, then hands
+each step's row to the companion writer, so memory stays flat however long the prompt is.
+
+Memory held: the pooled prompt cells (layers × heads × B × B float32, a few MB), one chunk of one
+layer's weights at a time (capture.CHUNK_BYTES), and the pending row of the next step
+(layers × heads × (T+s) float32). Nothing grows with the number of steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .attnstore import AttentionStore, AttentionWriter, Shape, pooling_edges, pooling_width, prompt_bins_for
+
+PROMPT_BUDGET_BYTES = 40 * 1024 * 1024  # pooled prompt attention on disk (float16): exact up to ~270 tokens on the default model
+
+
+class AttentionRecorder:
+    """A capture.Sink for one run (batch 1)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        layers: int,
+        heads: int,
+        prompt_len: int,
+        max_steps: int,
+        dtype: str = "float16",
+        prompt_budget_bytes: int = PROMPT_BUDGET_BYTES,
+    ) -> None:
+        itemsize = 2 if dtype == "float16" else 4
+        self.width = pooling_width(prompt_len, prompt_bins_for(prompt_budget_bytes, layers, heads, prompt_len, itemsize))
+        self.edges = pooling_edges(prompt_len, self.width)
+        self.shape = Shape(layers, heads, prompt_len, len(self.edges) - 1, dtype)
+        self.writer = AttentionWriter(path, self.shape, max_steps)
+        self._cells: torch.Tensor | None = None  # (layers, heads, B, B) sums during the prefill
+        self._last: list[torch.Tensor | None] = [None] * layers  # per layer: (heads, keys) newest row
+        self._prefill_len = 0
+        self.finished = False
+
+    # -- capture.Sink ---------------------------------------------------------------------------
+    def rows(self, layer: int, start: int, weights: torch.Tensor) -> None:
+        """weights: (heads, c, keys) for queries start..start+c-1 of the current forward."""
+        if self._prefill_len:
+            self._pool(layer, start, weights)
+        if start + weights.shape[1] == weights.shape[-1] or not self._prefill_len:
+            self._last[layer] = weights[:, -1].clone()  # the newest query's row: the next step's row
+
+    def _pool(self, layer: int, start: int, w: torch.Tensor) -> None:
+        """Add a chunk's weights into the prompt cells: sum over each cell's keys and queries."""
+        heads, c, keys = w.shape
+        wd, b = self.width, self.shape.bins
+        pad = b * wd - keys
+        kw = torch.nn.functional.pad(w, (0, pad)).view(heads, c, b, wd).sum(-1)  # (heads, c, B)
+        qcell = torch.div(torch.arange(start, start + c), wd, rounding_mode="floor")
+        self._cells[layer].index_add_(1, qcell, kw)
+
+    def start_prefill(self, length: int) -> None:
+        self._prefill_len = length
+        self._cells = torch.zeros(self.shape.layers, self.shape.heads, self.shape.bins, self.shape.bins)
+
+    def end_prefill(self) -> None:
+        """Turn the cell sums into means over each cell's query-key pairs and write them."""
+        sizes = torch.from_numpy(np.diff(self.edges)).float()  # (B,)
+        means = self._cells / (sizes[:, None] * sizes[None, :])
+        self.writer.write_prompt(means.numpy(), self.edges)
+        self._cells, self._prefill_len = None, 0
+
+    # -- steps ----------------------------------------------------------------------------------
+    def pending(self) -> torch.Tensor:
+        """(layers, heads, keys) float32: the row the next committed step will record."""
+        if any(r is None for r in self._last):
+            raise RuntimeError("no attention row was captured for this step")
+        return torch.stack(self._last)
+
+    def commit(self) -> None:
+        """Write the pending row as the next step's row (raises OSError when the disk is full)."""
+        self.writer.write_row(self.pending().numpy())
+
+    def store(self) -> AttentionStore:
+        return self.writer.reader()
+
+    def finish(self) -> Path:
+        if not self.finished:
+            self.finished = True
+            return self.writer.finish()
+        return self.writer.path
+
+    def discard(self) -> None:
+        self.writer.close()
+        self.writer.path.unlink(missing_ok=True)
