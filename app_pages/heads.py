@@ -2,8 +2,7 @@
 
 import streamlit as st
 
-from explorer_core import charts, frames
-from explorer_ui import views
+from explorer_ui import attention_view, views
 
 st.title("Attention heads")
 sources = {"Generated run": "gen_trace", "Loaded trace": "viewer_trace"}
@@ -17,12 +16,4 @@ if attn is None:
     views.render_missing_attention(trace)
     st.stop()
 step = views.pick_step(trace, "heads_step") if trace.steps else 0
-layer, head = views.head_choice(attn.prompt.shape[0], attn.prompt.shape[1], "heads")
-window = st.slider("Positions shown (the last N)", 8, 256, 48, key="heads_window")
-grid = frames.heads_frame(trace, attn, step, layer, window=window)
-st.altair_chart(charts.heads_grid_chart(grid, f"Layer {layer}: every head at step {step}"))
-shown = 0 if head is None else head
-frame = frames.attention_frame(trace, attn, step, layer, head, window=max(window, 64))
-st.altair_chart(
-    charts.heatmap_chart(frame, f"Layer {layer}, {'mean over heads' if head is None else f'head {shown}'}", size=560)
-)
+attention_view.render_heads(trace, attn, step, "heads")

@@ -1,67 +1,85 @@
-"""Write a run's shareable artifacts: trace.json (+ attention companion), output.txt and PNG charts."""
+"""Write a run's shareable artifacts: trace.json (+ attention companion), output.txt and PNG charts.
+
+Every chart is drawn from bounded frames (attnview: at most DEFAULT_BINS cells per axis), so a PNG
+costs the same for a 40-token and a 4,000-token prompt. A chart that still cannot be drawn is
+reported by name with its reason, never skipped silently.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import charts, frames
-from . import trace as trace_io
-from .trace import AttentionData, Trace
+from . import attnview, charts, frames, tracefile
+from .attnstore import AttentionStore
+from .trace import Trace
 
 log = logging.getLogger(__name__)
 
 
-def write_all(trace: Trace, attention: AttentionData | None, out_dir: str | Path, pngs: bool = True) -> list[Path]:
-    """Write every artifact into out_dir; return the paths written. Trace first, so charts never block it."""
+@dataclass
+class Written:
+    paths: list[Path] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (file name, why)
+
+
+def write_all(trace: Trace, attention: AttentionStore | None, out_dir: str | Path, pngs: bool = True) -> Written:
+    """Write every artifact into out_dir. Trace first, so charts never block it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [trace_io.save(trace, attention, out / "trace.json")]
-    if attention is not None:
-        written.append(out / trace_io.companion_name(out / "trace.json"))
+    json_path, companion = tracefile.save_pair(trace, attention, out / "trace.json")
+    result = Written([json_path])
+    if companion:
+        result.paths.append(out / companion)
     text_path = out / "output.txt"
     text_path.write_text(trace.output_text + "\n", encoding="utf-8")
-    written.append(text_path)
+    result.paths.append(text_path)
     if pngs and trace.steps:
-        written += write_pngs(trace, attention, out)
-    return written
+        write_pngs(trace, attention, out, result)
+    return result
 
 
-def write_pngs(trace: Trace, attention: AttentionData | None, out: Path) -> list[Path]:
-    """The seed's PNGs, drawn by the same Altair builders the app uses (vl-convert renders offline)."""
-    paths = []
+def _charts(trace: Trace, attention: AttentionStore | None):
+    """(file name, chart builder) for every PNG this run promises."""
     last = trace.steps[-1]
-    paths.append(
-        _save(
-            charts.topk_chart(frames.topk_frame(last), f"Top candidates at the final step ({last.step})"),
-            out / "final_step_token_probs.png",
-        )
+    yield (
+        "final_step_token_probs.png",
+        lambda: charts.topk_chart(frames.topk_frame(last), f"Top candidates at the final step ({last.step})"),
     )
-    paths.append(_save(charts.timeline_chart(frames.timeline_frame(trace)), out / "timeline.png"))
+    yield "timeline.png", lambda: charts.timeline_chart(frames.timeline_frame(trace))
     if attention is None:
         if any(s.attn_snapshot for s in trace.steps):
-            paths.append(_save(charts.snapshot_chart(frames.snapshot_frame(trace)), out / "attention_snapshots.png"))
-        return paths
-    layer = attention.prompt.shape[0] - 1
-    paths.append(
-        _save(
-            charts.heatmap_chart(
-                frames.prompt_frame(trace, attention, layer, None),
-                f"Prompt attention, last layer ({layer}), mean over heads",
-            ),
-            out / "prompt_attention_heatmap.png",
-        )
+            yield "attention_snapshots.png", lambda: charts.snapshot_chart(attnview.snapshot_frame(trace))
+        return
+    layer = attention.layers - 1
+    pooled = "" if attention.exact_prompt else f" (pooled: {trace.prompt_len} tokens in {attention.shape.bins} cells)"
+    yield (
+        "prompt_attention_heatmap.png",
+        lambda: charts.heatmap_chart(
+            attnview.heatmap_frame(trace, attention, 0, layer, None),
+            f"Prompt attention, last layer ({layer}), mean over heads{pooled}",
+        ),
     )
     every = trace.attention.snapshot_every if trace.attention else 10
-    for s in range(0, len(trace.steps), every):
-        chart = charts.heatmap_chart(
-            frames.attention_frame(trace, attention, s, layer, None),
-            f"Attention at step {s}, last layer ({layer}), mean over heads",
+    for s in range(0, len(trace.steps), every) if every > 0 else ():
+        yield (
+            f"attn_step_{s:04d}.png",
+            lambda s=s: charts.heatmap_chart(
+                attnview.heatmap_frame(trace, attention, s, layer, None),
+                [
+                    f"Attention seen at step {s}, last layer ({layer}), mean over heads",
+                    "red outline: the row of step's query",
+                ],
+            ),
         )
-        paths.append(_save(chart, out / f"attn_step_{s:04d}.png"))
-    return paths
 
 
-def _save(chart, path: Path) -> Path:
-    chart.save(str(path), scale_factor=1.5)
-    return path
+def write_pngs(trace: Trace, attention: AttentionStore | None, out: Path, result: Written) -> None:
+    """The seed's PNGs, drawn by the same Altair builders the app uses (vl-convert renders offline)."""
+    for name, build in _charts(trace, attention):
+        try:
+            build().save(str(out / name), scale_factor=1.5)
+            result.paths.append(out / name)
+        except Exception as exc:  # noqa: BLE001 - the renderer raises many kinds; each is reported by name
+            result.failed.append((name, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"))

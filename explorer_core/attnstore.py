@@ -92,13 +92,19 @@ class AttentionWriter:
     def write_prompt(self, cells: np.ndarray, edges: np.ndarray) -> None:
         """cells: (layers, heads, B, B) pooled prompt attention; edges: (B+1,) positions."""
         s = self.shape
-        self._put("prompt_bins", np.ascontiguousarray(cells, dtype=DTYPES[s.dtype][1]), (s.layers, s.heads, s.bins, s.bins))
+        self._put(
+            "prompt_bins", np.ascontiguousarray(cells, dtype=DTYPES[s.dtype][1]), (s.layers, s.heads, s.bins, s.bins)
+        )
         self._put("prompt_edges", np.ascontiguousarray(edges, dtype=np.int64), (s.bins + 1,))
 
     def write_row(self, row: np.ndarray) -> None:
         """row: (layers, heads, T+s) for the next step s."""
         s, step = self.shape, self.steps
-        self._put(f"row.{step:05d}", np.ascontiguousarray(row, dtype=DTYPES[s.dtype][1]), (s.layers, s.heads, s.prompt_len + step))
+        self._put(
+            f"row.{step:05d}",
+            np.ascontiguousarray(row, dtype=DTYPES[s.dtype][1]),
+            (s.layers, s.heads, s.prompt_len + step),
+        )
         self.steps += 1
 
     def _put(self, name: str, arr: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -249,7 +255,9 @@ def open_store(path: str | Path) -> AttentionStore:
     data = size - 8 - n
     end = max((e["data_offsets"][1] for e in index.values()), default=0)
     if end != data:
-        raise AttentionFileError(f"{path.name} holds {data} bytes of data; its header describes {end}: truncated or padded")
+        raise AttentionFileError(
+            f"{path.name} holds {data} bytes of data; its header describes {end}: truncated or padded"
+        )
     return AttentionStore(path, shape, steps, index, 8 + n)
 
 
@@ -278,7 +286,11 @@ def _check_header(header: dict, name: str) -> tuple[Shape, int, dict]:
         e = header[key]
         itemsize = 8 if want[key][1] == "I64" else shape.itemsize
         nbytes = int(np.prod(want[key][0])) * itemsize
-        if e.get("shape") != want[key][0] or e.get("dtype") != want[key][1] or e.get("data_offsets") != [pos, pos + nbytes]:
+        if (
+            e.get("shape") != want[key][0]
+            or e.get("dtype") != want[key][1]
+            or e.get("data_offsets") != [pos, pos + nbytes]
+        ):
             raise AttentionFileError(f"{name}: tensor {key} is {e}; expected {want[key]} at offset {pos}")
         pos += nbytes
     return shape, ints["steps"], header

@@ -68,40 +68,71 @@ def timeline_chart(frame: pd.DataFrame, selected: int | None = None, width: int 
     return alt.vconcat(*panels).resolve_scale(color="independent").properties(title="Chosen token over the run")
 
 
-def heatmap_chart(frame: pd.DataFrame, title: str, size: int = 420) -> alt.Chart:
-    """Attention heatmap: rows are query positions, columns key positions, colour the weight."""
+def _weight_color(title: str = "mean weight") -> alt.Color:
+    # sqrt: attention is heavy-tailed; on a linear scale a long prompt's weights all look black
+    return alt.Color("weight:Q", scale=alt.Scale(scheme="viridis", type="sqrt", zero=True), title=title)
+
+
+def heatmap_chart(frame: pd.DataFrame, title: str | list[str], size: int = 420) -> alt.LayerChart:
+    """Attention cells (attnview.heatmap_frame): query rows down, key columns across, any cell widths.
+
+    The row of the step's own query (is_step) is outlined in red.
+    """
+    lo, hi = (int(frame["k0"].min()), int(frame["q1"].max())) if len(frame) else (0, 1)
+    x = alt.X("k0:Q", title="key position", scale=alt.Scale(domain=[lo, hi], nice=False, zero=False))
+    y = alt.Y("q0:Q", title="query position", scale=alt.Scale(domain=[lo, hi], nice=False, zero=False, reverse=True))
+    tooltip = [
+        alt.Tooltip("q_name:N", title="query"),
+        alt.Tooltip("k_name:N", title="key"),
+        alt.Tooltip("weight:Q", format=".4f", title="mean weight"),
+    ]
+    cells = alt.Chart(frame).mark_rect().encode(x=x, x2="k1:Q", y=y, y2="q1:Q", color=_weight_color(), tooltip=tooltip)
+    step = (
+        alt.Chart(frame)
+        .transform_filter("datum.is_step")
+        .mark_rect(fill=None, stroke=CHOSEN, strokeWidth=1.5)
+        .encode(x=x, x2="k1:Q", y=y, y2="q1:Q")
+    )
+    return alt.layer(cells, step).properties(width=size, height=size, title=title)
+
+
+def row_chart(frame: pd.DataFrame, title: str, width: int = 520) -> alt.Chart:
+    """One query's attention mass per cell of positions (attnview.row_frame), prompt and generated coloured apart."""
     return (
         alt.Chart(frame)
         .mark_rect()
         .encode(
-            x=alt.X(
-                "k_name:O",
-                sort=alt.EncodingSortField("k", op="min", order="ascending"),
-                title="key position",
-                axis=alt.Axis(labelLimit=90, labelOverlap="greedy", labelAngle=-60),
+            x=alt.X("k0:Q", title="key position", scale=alt.Scale(nice=False, zero=False)),
+            x2="k1:Q",
+            y=alt.Y("weight:Q", title="attention mass"),
+            y2=alt.datum(0),
+            color=alt.Color(
+                "part:N", title=None, scale=alt.Scale(domain=["prompt", "generated"], range=[OTHER, CHOSEN])
             ),
-            y=alt.Y(
-                "q_name:O",
-                sort=alt.EncodingSortField("q", op="min", order="ascending"),
-                title="query position",
-                axis=alt.Axis(labelLimit=90, labelOverlap="greedy"),
-            ),
-            color=alt.Color("weight:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="attention"),
-            tooltip=["q_name:N", "k_name:N", alt.Tooltip("weight:Q", format=".4f")],
+            tooltip=[alt.Tooltip("k_name:N", title="positions"), alt.Tooltip("weight:Q", format=".4f", title="mass")],
         )
-        .properties(width=size, height=size, title=title)
+        .properties(width=width, height=160, title=title)
     )
 
 
-def heads_grid_chart(frame: pd.DataFrame, title: str, columns: int = 5, size: int = 130) -> alt.FacetChart:
-    """Small multiples: one lower-triangle heatmap per head of a layer."""
+def heads_grid_chart(frame: pd.DataFrame, title: str, columns: int = 4, size: int = 150) -> alt.FacetChart:
+    """Small multiples: one lower-triangle heatmap per head of a layer (attnview.heads_frame)."""
+    lo, hi = (int(frame["k0"].min()), int(frame["q1"].max())) if len(frame) else (0, 1)
+    scale = alt.Scale(domain=[lo, hi], nice=False, zero=False)
     return (
         alt.Chart(frame)
         .mark_rect()
         .encode(
-            x=alt.X("k:O", title=None, axis=None),
-            y=alt.Y("q:O", title=None, axis=None),
-            color=alt.Color("weight:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="attention"),
+            x=alt.X("k0:Q", title=None, scale=scale, axis=alt.Axis(tickCount=3)),
+            x2="k1:Q",
+            y=alt.Y(
+                "q0:Q",
+                title=None,
+                scale=alt.Scale(domain=[lo, hi], nice=False, zero=False, reverse=True),
+                axis=alt.Axis(tickCount=3),
+            ),
+            y2="q1:Q",
+            color=_weight_color(),
             tooltip=["head:Q", "q_name:N", "k_name:N", alt.Tooltip("weight:Q", format=".4f")],
         )
         .properties(width=size, height=size)
@@ -111,17 +142,23 @@ def heads_grid_chart(frame: pd.DataFrame, title: str, columns: int = 5, size: in
 
 
 def snapshot_chart(frame: pd.DataFrame, title: str = "Last-layer attention snapshots (mean over heads)") -> alt.Chart:
-    """Snapshot rows from trace.json: one row per snapshot step over the positions it could see."""
+    """Snapshot rows from trace.json (attnview.snapshot_frame): one row per snapshot step."""
     return (
         alt.Chart(frame)
         .mark_rect()
         .encode(
-            x=alt.X("k:O", title="key position", axis=alt.Axis(labelOverlap="greedy")),
+            x=alt.X("k0:Q", title="key position", scale=alt.Scale(nice=False, zero=False)),
+            x2="k1:Q",
             y=alt.Y("step:O", title="step"),
-            color=alt.Color("weight:Q", scale=alt.Scale(scheme="viridis", domain=[0, 1]), title="attention"),
-            tooltip=["step:Q", "label:N", "k_name:N", alt.Tooltip("weight:Q", format=".4f")],
+            color=_weight_color(),
+            tooltip=[
+                "step:Q",
+                "label:N",
+                alt.Tooltip("k_name:N", title="positions"),
+                alt.Tooltip("weight:Q", format=".4f"),
+            ],
         )
-        .properties(width=520, height=alt.Step(14), title=title)
+        .properties(width=520, height=alt.Step(12), title=title)
     )
 
 

@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
             )
         else:
             p.add_argument(f"--{f.name}", type=kind, default=f.default, choices=meta.get("choices"), help=help_text)
+    p.add_argument(
+        "--prompt_file",
+        default=None,
+        metavar="PATH",
+        help="Read the prompt from a UTF-8 text file ('-' reads standard input); overrides --prompt.",
+    )
     p.add_argument("--out_dir", default="runs/latest", help="Folder for trace.json, output.txt and PNGs.")
     p.add_argument("--no_png", action="store_true", help="Skip the PNG charts (faster).")
     p.add_argument("--html", action="store_true", help="Also write trace.html, one self-contained page to share.")
@@ -65,6 +71,17 @@ def replay_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _read_prompt(path: str) -> str:
+    """The prompt from a file or standard input, with a message naming the file when it cannot be read."""
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the prompt from {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["replay"]:
@@ -76,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig)}
     try:
+        if args.prompt_file is not None:
+            values["prompt"] = _read_prompt(args.prompt_file)
         config = GenerationConfig(**values)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

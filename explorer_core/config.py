@@ -21,7 +21,7 @@ def _f(default: Any, help: str, lo: float | None = None, hi: float | None = None
 class GenerationConfig:
     """Everything that shapes one generation run. Validation happens on construction."""
 
-    prompt: str = _f("Explain why the sky is blue in one short paragraph.", "Prompt text.")
+    prompt: str = _f("Explain why the sky is blue in one short paragraph.", "Prompt text.", max_chars=150_000)
     model: str = _f(DEFAULT_MODEL, "Model: the embedded default, a hub id, or a local folder.")
     max_new_tokens: int = _f(60, "Most new tokens to generate.", 1, 2048)
     min_new_tokens: int = _f(0, "EOS is masked and clean stop waits until this many tokens are out.", 0, 2048)
@@ -34,7 +34,7 @@ class GenerationConfig:
     block_ws_steps: int = _f(0, "Mask whitespace-only tokens for the first N new tokens.", 0, 2048)
     attn_every: int = _f(10, "Store a head-averaged last-layer attention snapshot every N steps.", 1, 2048)
     seed: int = _f(42, "Seed of this run's own random generator.", 0, 2**32 - 1)
-    stop_on: str = _f("", "Stop once the generated text contains this text (empty: off).")
+    stop_on: str = _f("", "Stop once the generated text contains this text (empty: off).", max_chars=1000)
     clean_stop: bool = _f(True, "After min_new_tokens, stop at the end of a sentence.")
     chat: bool = _f(True, "Wrap the prompt in the tokenizer's chat template (when it has one).")
     top_n: int = _f(10, "Candidates to log per step, for both distributions.", 1, 100)
@@ -86,7 +86,9 @@ def _check_field(f: dataclasses.Field, value: Any) -> None:
     if kind == "str":
         if not isinstance(value, str):
             raise ValueError(f"{f.name}={value!r} must be text")
-        choices = f.metadata.get("choices")
+        choices, most = f.metadata.get("choices"), f.metadata.get("max_chars")
+        if most is not None and len(value) > most:
+            raise ValueError(f"{f.name} is {len(value):,} characters, over the limit of {most:,}: shorten it")
         if choices and value not in choices:
             raise ValueError(f"{f.name}={value!r} is not one of {', '.join(choices)}")
         return

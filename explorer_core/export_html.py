@@ -10,11 +10,11 @@ from __future__ import annotations
 import html
 import json
 
-import numpy as np
 import vl_convert as vlc
 
-from . import charts, frames
-from .trace import AttentionData, Trace
+from . import attnview, charts, frames
+from .attnstore import AttentionStore
+from .trace import Trace
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Model Interpret Explorer trace</title>
@@ -33,21 +33,18 @@ pre {{ background: #f4f4f4; padding: 8px; white-space: pre-wrap; }}
 <h2>Output</h2><div id="stream">{stream}</div>
 <p>Click a token to inspect its step. Selected: <b id="sel">step 0</b></p>
 <div class="grid"><div id="topk"></div><div id="attn"></div></div>
-<div id="timeline"></div>
+<div id="timeline"></div><div id="prompt"></div>
 <script type="application/json" id="data">{data}</script>
 <script>
 (() => {{  // a scope of its own: the bundled libraries define short global names too
 const D = JSON.parse(document.getElementById('data').textContent);
 const opts = {{actions: false, renderer: 'svg'}};
 vegaEmbed('#timeline', D.timeline, opts);
+if (D.prompt) vegaEmbed('#prompt', D.prompt, opts);
 function heat(step) {{
   if (!D.rows) {{ document.getElementById('attn').textContent = 'No attention recorded in this trace.'; return; }}
-  const t = D.prompt_mean.length, n = t + step, cells = [];
-  const row = (q) => q < t ? D.prompt_mean[q] : D.rows[q - t + 1];
-  const lo = Math.max(0, n - 96);
-  for (let q = lo; q < n; q++) {{ const r = row(q);
-    for (let k = lo; k <= q; k++) cells.push({{q: q, k: k, q_name: q + ': ' + D.labels[q], k_name: k + ': ' + D.labels[k], weight: r[k]}}); }}
-  const spec = JSON.parse(JSON.stringify(D.heat_spec)); spec.data = {{values: cells}}; delete spec.datasets;
+  const spec = JSON.parse(JSON.stringify(D.row_spec)); spec.data = {{values: D.rows[step]}}; delete spec.datasets;
+  spec.title = 'Where step ' + step + ' looked: last layer, mean over heads';
   vegaEmbed('#attn', spec, opts);
 }}
 function show(step) {{
@@ -79,7 +76,7 @@ def _stream(trace: Trace) -> str:
     return "".join(spans)
 
 
-def build(trace: Trace, attention: AttentionData | None) -> str:
+def build(trace: Trace, attention: AttentionStore | None) -> str:
     """The whole page as a string."""
     data = {
         "timeline": charts.timeline_chart(frames.timeline_frame(trace)).to_dict(),
@@ -90,14 +87,18 @@ def build(trace: Trace, attention: AttentionData | None) -> str:
         "rows": None,
     }
     if attention is not None:
-        layer = attention.prompt.shape[0] - 1
-        data["prompt_mean"] = np.round(attention.prompt[layer].astype(np.float32).mean(0), 4).tolist()
-        data["rows"] = [np.round(r[layer].astype(np.float32).mean(0), 4).tolist() for r in attention.rows]
-        heat = charts.heatmap_chart(
-            frames.matrix_frame(np.zeros((1, 1)), ["x"]),
-            f"Attention, last layer ({layer}), mean over heads (last 96 positions)",
+        layer = attention.layers - 1
+        rows = [attnview.row_frame(trace, attention, s.step, layer, None, max_bins=200) for s in trace.steps]
+        data["rows"] = [r.round({"weight": 5}).to_dict(orient="records") for r in rows]
+        data["row_spec"] = charts.row_chart(
+            rows[0] if rows else attnview.row_frame(trace, attention, 0, layer, None), ""
+        ).to_dict()
+        prompt = attnview.heatmap_frame(
+            trace, attention, 0, layer, None, attnview.Window.clamp(None, None, trace.prompt_len, 96)
         )
-        data["heat_spec"] = heat.to_dict()
+        data["prompt"] = charts.heatmap_chart(
+            prompt, f"Prompt attention, last layer ({layer}), mean over heads", 360
+        ).to_dict()
     meta = (
         f"{trace.model.name} · {trace.model.dtype} on {trace.model.device} · {len(trace.steps)} tokens · "
         f"stopped by {trace.stop_reason} · temperature {trace.config.get('temperature')} · "

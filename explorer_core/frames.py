@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .trace import AttentionData, Candidates, StepRecord, Trace
+from .trace import Candidates, StepRecord, Trace
 
 DIST_NAMES = {"raw": "raw model", "proc": "after processing"}
 
@@ -95,72 +95,6 @@ def timeline_frame(trace: Trace) -> pd.DataFrame:
     }
     long["panel"] = long["series"].map(panel)
     return long
-
-
-def matrix_frame(matrix: np.ndarray, labels: list[str], offset: int = 0) -> pd.DataFrame:
-    """Lower triangle of a square attention matrix as (q, k, q_name, k_name, weight) rows.
-
-    Positions are integers; the names join position and label so repeated tokens never merge.
-    `offset` shifts positions when the matrix is a window at the end of a longer sequence.
-    """
-    n = matrix.shape[0]
-    q, k = np.tril_indices(n)
-    names = [f"{offset + i}: {lab}" for i, lab in enumerate(labels[:n])]
-    return pd.DataFrame(
-        {
-            "q": q + offset,
-            "k": k + offset,
-            "q_name": np.take(names, q),
-            "k_name": np.take(names, k),
-            "weight": matrix[q, k].astype(float),
-        }
-    )
-
-
-def attention_frame(
-    trace: Trace, attn: AttentionData, step: int, layer: int, head: int | None, window: int | None = None
-) -> pd.DataFrame:
-    """The sequence seen at `step` (prompt + tokens before it), optionally only its last `window` positions."""
-    m = attn.matrix(step, layer, head)
-    labels = trace.labels_upto(step)
-    if window is not None and m.shape[0] > window:
-        off = m.shape[0] - window
-        return matrix_frame(m[off:, off:], labels[off:], offset=off)
-    return matrix_frame(m, labels)
-
-
-def prompt_frame(trace: Trace, attn: AttentionData, layer: int, head: int | None) -> pd.DataFrame:
-    return attention_frame(trace, attn, 0, layer, head)
-
-
-def heads_frame(trace: Trace, attn: AttentionData, step: int, layer: int, window: int = 48) -> pd.DataFrame:
-    """Every head of one layer, each its lower-triangle window, with a `head` column for faceting."""
-    parts = []
-    for h in range(attn.prompt.shape[1]):
-        f = attention_frame(trace, attn, step, layer, h, window)
-        f.insert(0, "head", h)
-        parts.append(f)
-    return pd.concat(parts, ignore_index=True)
-
-
-def snapshot_frame(trace: Trace) -> pd.DataFrame:
-    """The head-mean last-layer snapshot rows stored inside trace.json (no companion needed)."""
-    rows = []
-    for s in trace.steps:
-        if s.attn_snapshot is None:
-            continue
-        labels = trace.labels_upto(s.step)
-        for k, w in enumerate(s.attn_snapshot):
-            rows.append(
-                {
-                    "step": s.step,
-                    "k": k,
-                    "k_name": f"{k}: {labels[k] if k < len(labels) else '?'}",
-                    "label": s.label,
-                    "weight": w,
-                }
-            )
-    return pd.DataFrame(rows, columns=["step", "k", "k_name", "label", "weight"])
 
 
 def stream_frame(trace: Trace) -> pd.DataFrame:

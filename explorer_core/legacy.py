@@ -65,7 +65,16 @@ def _unplane(planes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def read_npz(data: bytes, trace: Trace) -> tuple[np.ndarray, list[np.ndarray]]:
     """(prompt (layers, heads, T, T), rows [(layers, heads, T+s)]) float16 from a schema-1 companion."""
-    errors = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError)
+    errors = (
+        OSError,
+        ValueError,
+        KeyError,
+        zipfile.BadZipFile,
+        EOFError,
+        zlib.error,
+        NotImplementedError,
+        RuntimeError,
+    )
     try:
         _check(_headers(data), trace)
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:

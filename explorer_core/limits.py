@@ -104,6 +104,15 @@ class Limits:
                     "shorten the prompt or turn attention capture off"
                 )
 
+    def check_replay(self, trace) -> None:
+        """A replay re-runs the model over the trace's prompt and steps: the same caps as generating them."""
+        t, n = trace.prompt_len, len(trace.steps)
+        if t > self.max_prompt_tokens or n > self.max_new_tokens:
+            raise ValueError(
+                f"replaying this trace runs {t} prompt tokens and {n} steps, over this host's limits of "
+                f"{self.max_prompt_tokens} and {self.max_new_tokens} (EXPLORER_MAX_PROMPT_TOKENS, EXPLORER_MAX_NEW_TOKENS)"
+            )
+
     def prompt_attention_bytes(self) -> int:
         return self.prompt_attention_mb * 2**20
 

@@ -15,7 +15,9 @@ import torch
 
 from .attnstore import AttentionStore, AttentionWriter, Shape, pooling_edges, pooling_width, prompt_bins_for
 
-PROMPT_BUDGET_BYTES = 40 * 1024 * 1024  # pooled prompt attention on disk (float16): exact up to ~270 tokens on the default model
+PROMPT_BUDGET_BYTES = (
+    40 * 1024 * 1024
+)  # pooled prompt attention on disk (float16): exact up to ~270 tokens on the default model
 
 
 class AttentionRecorder:
@@ -32,7 +34,9 @@ class AttentionRecorder:
         prompt_budget_bytes: int = PROMPT_BUDGET_BYTES,
     ) -> None:
         itemsize = 2 if dtype == "float16" else 4
-        self.width = pooling_width(prompt_len, prompt_bins_for(prompt_budget_bytes, layers, heads, prompt_len, itemsize))
+        self.width = pooling_width(
+            prompt_len, prompt_bins_for(prompt_budget_bytes, layers, heads, prompt_len, itemsize)
+        )
         self.edges = pooling_edges(prompt_len, self.width)
         self.shape = Shape(layers, heads, prompt_len, len(self.edges) - 1, dtype)
         self.writer = AttentionWriter(path, self.shape, max_steps)
@@ -80,8 +84,9 @@ class AttentionRecorder:
         """Write the pending row as the next step's row (raises OSError when the disk is full)."""
         self.writer.write_row(self.pending().numpy())
 
-    def store(self) -> AttentionStore:
-        return self.writer.reader()
+    def store(self) -> AttentionStore | None:
+        """A reader over the rows so far; None until the prompt's cells are written (prefill done)."""
+        return self.writer.reader() if "prompt_bins" in self.writer.index else None
 
     def finish(self) -> Path:
         if not self.finished:

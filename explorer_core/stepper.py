@@ -35,6 +35,7 @@ from .processors import apply_chain_staged, build_chain
 from .recorder import AttentionRecorder
 from .tokens import vocab_for
 from .trace import (
+    MAX_PROMPT_TOKENS,
     AttentionInfo,
     Branch,
     Candidates,
@@ -96,6 +97,8 @@ class Run:
         self.vocab = vocab_for(loaded.tokenizer)
         prompt_ids, self.input_text, self.chat_applied = format_prompt(loaded.tokenizer, config)
         self.prompt_len = t = len(prompt_ids)
+        if t > MAX_PROMPT_TOKENS:  # checked now: a trace that holds more would be refused when saved
+            raise ValueError(f"the prompt is {t} tokens; a trace holds at most {MAX_PROMPT_TOKENS}: shorten it")
         loaded.check_fits(
             t + config.max_new_tokens, f"the prompt ({t} tokens) plus max_new_tokens={config.max_new_tokens}"
         )
@@ -136,7 +139,9 @@ class Run:
         budget = limits.prompt_attention_bytes() if limits is not None else None
         kw = {"prompt_budget_bytes": budget} if budget else {}
         lm = self.loaded
-        return AttentionRecorder(path, lm.n_layers, lm.n_heads, self.prompt_len, self.config.max_new_tokens, dtype, **kw)
+        return AttentionRecorder(
+            path, lm.n_layers, lm.n_heads, self.prompt_len, self.config.max_new_tokens, dtype, **kw
+        )
 
     # -- the loop -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[StepRecord]:
@@ -413,9 +418,7 @@ class Run:
 
     def attention(self) -> AttentionStore | None:
         """The recorded attention so far, read lazily from the companion; None when not captured."""
-        if self.recorder is None or not self._ready:
-            return None
-        return self.recorder.store()
+        return None if self.recorder is None else self.recorder.store()
 
 
 @dataclass

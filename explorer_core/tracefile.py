@@ -29,7 +29,12 @@ def companion_name(json_path: Path, token: str | None = None) -> str:
 
 
 def save(trace: Trace, attention: AttentionStore | None, json_path: str | Path) -> Path:
-    """Write trace.json and its companion as a pair; return trace.json's path.
+    """Write trace.json and its companion as a pair; return trace.json's path."""
+    return save_pair(trace, attention, json_path)[0]
+
+
+def save_pair(trace: Trace, attention: AttentionStore | None, json_path: str | Path) -> tuple[Path, str | None]:
+    """Write trace.json and its companion as a pair; return trace.json's path and the companion's name.
 
     A companion already inside the target folder (the CLI records straight there) is renamed into
     place; one elsewhere (the app's temporary folder) is copied.
@@ -37,7 +42,7 @@ def save(trace: Trace, attention: AttentionStore | None, json_path: str | Path) 
     json_path = Path(json_path)
     folder = json_path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    keep = set()
+    keep: set[str] = set()
     if attention is not None and trace.attention is not None:
         name = companion_name(json_path)
         if attention.path.parent.resolve() == folder.resolve():
@@ -51,7 +56,7 @@ def save(trace: Trace, attention: AttentionStore | None, json_path: str | Path) 
         trace = trace.model_copy(update={"attention": trace.attention.model_copy(update={"file": None})})
     _atomic_write(json_path, dumps(trace).encode("utf-8"))
     clean_leftovers(json_path, keep)
-    return json_path
+    return json_path, next(iter(keep), None)
 
 
 def _copy(src: Path, fh) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import streamlit as st
 
 from explorer_core import charts, frames
+from explorer_core.attnstore import AttentionStore
 from explorer_core.config import GenerationConfig
 from explorer_core.replay import replay
 from explorer_core.stepper import Run
-from explorer_core.trace import AttentionData, Trace
+from explorer_core.trace import Trace
 
 from . import live, resources
 
@@ -62,7 +63,7 @@ def path_choice(trace: Trace, key: str) -> int:
     return int(st.radio("Path", options, format_func=labels.get, horizontal=True, key=key))
 
 
-def path_view(trace: Trace, attn: AttentionData | None, branch_id: int) -> tuple[Trace, AttentionData | None]:
+def path_view(trace: Trace, attn: AttentionStore | None, branch_id: int) -> tuple[Trace, AttentionStore | None]:
     """A branch seen as a trace of its own (for the shared views); branches carry no attention."""
     if branch_id == 0:
         return trace, attn

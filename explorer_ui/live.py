@@ -35,6 +35,8 @@ def settle(run_key: str, trace_key: str, keep_live: bool = False) -> None:
     run: Run | None = st.session_state.get(run_key)
     if run is None:
         return
+    if run.recorder is not None and run.attention() is not None:
+        run.recorder.finish()  # the companion becomes a complete file (downloads copy it as is)
     st.session_state[trace_key] = (run.trace(), run.attention())
     if keep_live:
         st.session_state[trace_key + "_live"] = run  # its KV cache lets branches skip the prefix

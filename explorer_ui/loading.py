@@ -1,21 +1,32 @@
-"""Reading traces that users hand to the app: uploads (json + companion, or one zip) and example folders."""
+"""Reading traces that users hand to the app: uploads (json + companion, or one zip) and example folders.
+
+Every byte read from an upload is counted against a cap before it is kept: a zip member is inflated
+in pieces and refused once it passes the cap, whatever its header claims. Companions are spooled to
+a temporary folder and mapped from there, so a view reads only what it shows.
+"""
 
 from __future__ import annotations
 
 import io
+import shutil
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 
 from explorer_core import trace as trace_io
+from explorer_core import tracefile
+from explorer_core.attnstore import AttentionStore
 from explorer_core.limits import Limits
-from explorer_core.trace import AttentionData, Trace, TraceError
+from explorer_core.trace import Trace, TraceError
 
 MAX_TRACE_BYTES = trace_io.MAX_TRACE_BYTES  # trace.json; a 512-step run is about 1 MB
+COMPANION_SUFFIXES = (".attn.safetensors", ".safetensors", ".attn.npz", ".npz")
+PIECE = 1024 * 1024
 
 
 def upload_cap() -> int:
-    return Limits.from_env().max_upload_mb * 1024 * 1024
+    return Limits.from_env().max_upload_mb * 2**20
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -23,49 +34,109 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 def _check_size(name: str, size: int, cap: int) -> None:
     if size > cap:
-        raise TraceError(f"{name} is {size / 1e6:.1f} MB, over the {cap / 1e6:.0f} MB limit for uploads")
+        raise TraceError(f"{name} is {size / 2**20:.1f} MiB, over the {cap / 2**20:.0f} MiB limit for uploads")
 
 
-def from_uploads(files: list) -> tuple[Trace, AttentionData | None]:
-    """Uploaded files: a trace.zip, or a trace.json with an optional .npz companion."""
+def _kind(name: str) -> str | None:
+    low = name.lower()
+    if low.endswith(".zip"):
+        return "zip"
+    if low.endswith(".json"):
+        return "json"
+    if low.endswith(COMPANION_SUFFIXES):
+        return "companion"
+    return None
+
+
+def work_dir() -> Path:
+    """A fresh temporary folder for one loaded trace's companion (the caller removes it with `forget`)."""
+    return Path(tempfile.mkdtemp(prefix="explorer-upload-"))
+
+
+def forget(store: AttentionStore | None) -> None:
+    """Remove the temporary folder behind an uploaded companion (never an example's or a run's own folder)."""
+    if store is not None and store.path.parent.name.startswith("explorer-upload-"):
+        store.close()
+        shutil.rmtree(store.path.parent, ignore_errors=True)
+
+
+def from_uploads(files: list) -> tuple[Trace, AttentionStore | None]:
+    """Uploaded files: a trace.zip, or a trace.json with an optional companion."""
     if not files:
         raise TraceError("no file uploaded")
-    by_kind = {"zip": [], "json": [], "npz": []}
+    by_kind: dict[str, list] = {"zip": [], "json": [], "companion": []}
     for f in files:
-        kind = Path(f.name).suffix.lower().lstrip(".")
-        if kind not in by_kind:
-            raise TraceError(f"{f.name}: expected trace.json, its .attn.npz companion, or a .zip archive")
+        kind = _kind(f.name)
+        if kind is None:
+            raise TraceError(f"{f.name}: expected trace.json, its .attn.safetensors companion, or a .zip archive")
         by_kind[kind].append(f)
     if by_kind["zip"]:
         z = by_kind["zip"][0]
         _check_size(z.name, z.size, upload_cap())
         return from_zip(z.getvalue())
-    if not by_kind["json"]:
-        raise TraceError("no trace.json among the uploaded files")
+    if len(by_kind["json"]) != 1 or len(by_kind["companion"]) > 1:
+        raise TraceError("upload one trace.json, optionally with its one attention companion")
     js = by_kind["json"][0]
     _check_size(js.name, js.size, min(MAX_TRACE_BYTES, upload_cap()))
     trace = trace_io.parse(js.getvalue())
-    if not by_kind["npz"] or trace.attention is None:
+    if not by_kind["companion"] or trace.attention is None:
         return trace, None
-    comp = by_kind["npz"][0]
+    comp = by_kind["companion"][0]
     _check_size(comp.name, comp.size, upload_cap())
-    return trace, trace_io.parse_attention(comp.getvalue(), trace)
+    return _open(trace, comp.name, lambda fh: fh.write(comp.getvalue()))
 
 
-def from_zip(data: bytes) -> tuple[Trace, AttentionData | None]:
+def _open(trace: Trace, name: str, write) -> tuple[Trace, AttentionStore]:
+    """Spool a companion into a fresh folder with `write(file)`, then open and check it."""
+    folder = work_dir()
+    suffix = ".attn.npz" if name.lower().endswith(".npz") else tracefile.SUFFIX
+    path = folder / ("upload" + suffix)
+    try:
+        with open(path, "wb") as fh:
+            write(fh)
+        return tracefile.open_companion(path, trace, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, out) -> int:
+    """Inflate one member into `out` in pieces, refusing it once more than `cap` bytes come out."""
+    total = 0
+    with zf.open(info) as fh:
+        while piece := fh.read(PIECE):
+            total += len(piece)
+            if total > cap:
+                raise TraceError(
+                    f"{info.filename} inflates past {cap / 2**20:.0f} MiB: refused (the archive's sizes are wrong)"
+                )
+            out.write(piece)
+    return total
+
+
+def from_zip(data: bytes) -> tuple[Trace, AttentionStore | None]:
+    cap = upload_cap()
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            names = {i.filename: i for i in zf.infolist()}
+            infos = zf.infolist()
+            names = [i.filename for i in infos]
+            if len(names) != len(set(names)):
+                raise TraceError("the archive holds two members with the same name: refused")
             if "trace.json" not in names:
                 raise TraceError("the archive holds no trace.json")
-            for info in names.values():
-                _check_size(info.filename, info.file_size, upload_cap())  # sizes before inflating
-            trace = trace_io.parse(zf.read("trace.json"))
-            comp = "trace.attn.npz"
-            attn = trace_io.parse_attention(zf.read(comp), trace) if comp in names and trace.attention else None
-    except (zipfile.BadZipFile, OSError, zlib.error, NotImplementedError, RuntimeError) as exc:
+            for info in infos:
+                _check_size(info.filename, info.file_size, cap)  # what the directory claims, before inflating
+            buf = io.BytesIO()
+            read_member(zf, zf.getinfo("trace.json"), min(cap, MAX_TRACE_BYTES), buf)
+            trace = trace_io.parse(buf.getvalue())
+            comps = [i for i in infos if _kind(i.filename) == "companion"]
+            if len(comps) > 1:
+                raise TraceError("the archive holds more than one attention companion")
+            if not comps or trace.attention is None:
+                return trace, None
+            return _open(trace, comps[0].filename, lambda fh: read_member(zf, comps[0], cap, fh))
+    except (zipfile.BadZipFile, OSError, zlib.error, NotImplementedError, RuntimeError, EOFError) as exc:
         raise TraceError(f"not a readable zip archive: {exc}") from None
-    return trace, attn
 
 
 def example_traces() -> dict[str, Path]:

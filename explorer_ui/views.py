@@ -13,7 +13,10 @@ import streamlit as st
 
 from explorer_core import charts, frames
 from explorer_core import trace as trace_io
-from explorer_core.trace import AttentionData, StepRecord, Trace
+from explorer_core.attnstore import AttentionStore
+from explorer_core.trace import StepRecord, Trace
+
+from .attention_view import head_choice, render_attention, render_missing_attention  # noqa: F401 - shared names
 
 _MARKUP = set("*_$[]()`~#|:\\{}!<>&\"'=")
 
@@ -47,22 +50,24 @@ def render_cost_estimate(config, lm, limits) -> None:
     """Before a run: what recording attention will take, against the budget (needs the model's shape)."""
     if not config.capture_attention or lm is None:
         return
-    from explorer_core.limits import attention_mb
+    from explorer_core.limits import attention_cost
     from explorer_core.stepper import format_prompt
 
     try:
         t = len(format_prompt(lm.tokenizer, config)[0])
     except ValueError:
         return
-    mb = attention_mb(t, config.max_new_tokens, lm.n_layers, lm.n_heads)
+    cost = attention_cost(t, config.max_new_tokens, lm.n_layers, lm.n_heads, limits.prompt_attention_bytes())
     over = (
-        " — over the budget, lower max new tokens or turn attention capture off"
-        if mb > limits.attention_budget_mb
+        " — over the budget: lower max new tokens, shorten the prompt or turn attention capture off"
+        if cost.disk_mb > limits.attention_budget_mb
         else ""
     )
+    pooled = "exact" if cost.prompt_cells == t else f"pooled into {cost.prompt_cells}×{cost.prompt_cells} cells"
     st.caption(
-        f"Attention recording for this run: up to {mb:,.0f} MB in memory "
-        f"(budget {limits.attention_budget_mb:,} MB){over}."
+        f"Attention recording for this {t}-token prompt: up to {cost.disk_mb:,.0f} MB written "
+        f"(budget {limits.attention_budget_mb:,} MB), about {cost.memory_mb:,.0f} MB held while running; "
+        f"the prompt's own attention {pooled}{over}."
     )
 
 
@@ -117,58 +122,23 @@ def render_timeline(trace: Trace, step: int) -> None:
     st.altair_chart(charts.timeline_chart(frames.timeline_frame(trace), selected=step), width="content")
 
 
-def head_choice(n_layers: int, n_heads: int, key: str) -> tuple[int, int | None]:
-    c1, c2 = st.columns(2)
-    layer = c1.number_input("Layer", 0, n_layers - 1, n_layers - 1, key=key + "_layer")
-    options = ["mean over heads"] + [f"head {h}" for h in range(n_heads)]
-    pick = c2.selectbox("Head", options, key=key + "_head")
-    return int(layer), None if pick == options[0] else int(pick.split()[1])
+ZIP_MAX_BYTES = 512 * 2**20  # a download is built in the server's memory: bigger companions stay on disk
 
 
-def render_attention(trace: Trace, attn: AttentionData | None, step: int, key: str) -> None:
-    if attn is None:
-        render_missing_attention(trace)
-        return
-    layer, head = head_choice(attn.prompt.shape[0], attn.prompt.shape[1], key)
-    who = "mean over heads" if head is None else f"head {head}"
-    frame = frames.attention_frame(trace, attn, step, layer, head, window=160)
-    st.altair_chart(charts.heatmap_chart(frame, f"Attention when choosing step {step} (layer {layer}, {who})"))
-    if trace.prompt_len + step > 160:
-        st.caption("Showing the last 160 positions; the trace holds them all.")
-    st.altair_chart(
-        charts.heatmap_chart(frames.prompt_frame(trace, attn, layer, head), f"Prompt attention (layer {layer}, {who})")
-    )
-
-
-def render_missing_attention(trace: Trace) -> None:
-    if trace.attention is None:
-        st.info("This run did not record attention (attention capture was off).")
-        return
-    st.info(
-        "Full attention is not available for this trace (its companion file was not loaded). "
-        "Showing the last-layer snapshots stored inside trace.json instead."
-    )
-    snap = frames.snapshot_frame(trace)
-    if len(snap):
-        st.altair_chart(charts.snapshot_chart(snap))
-
-
-def archive_bytes(trace: Trace, attn: AttentionData | None) -> bytes:
+def archive_bytes(trace: Trace, attn: AttentionStore | None) -> bytes:
+    """trace.json, its companion (stored as is: float16 does not deflate) and output.txt in one zip."""
     buf = io.BytesIO()
-    info = (
-        trace.attention.model_copy(update={"file": "trace.attn.npz"})
-        if (attn is not None and trace.attention)
-        else trace.attention
-    )
+    name = "trace.attn.safetensors"
+    info = trace.attention.model_copy(update={"file": name if attn is not None else None}) if trace.attention else None
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("trace.json", trace_io.dumps(trace.model_copy(update={"attention": info})))
         if attn is not None:
-            zf.writestr("trace.attn.npz", trace_io.attention_bytes(attn))
+            zf.write(attn.path, name, compress_type=zipfile.ZIP_STORED)
         zf.writestr("output.txt", trace.output_text + "\n")
     return buf.getvalue()
 
 
-def render_downloads(trace: Trace, attn: AttentionData | None, key: str) -> None:
+def render_downloads(trace: Trace, attn: AttentionStore | None, key: str) -> None:
     from explorer_core.export_html import build
 
     c1, c2, c3, c4 = st.columns(4)
@@ -182,13 +152,19 @@ def render_downloads(trace: Trace, attn: AttentionData | None, key: str) -> None
     c2.download_button(
         "output.txt", trace.output_text + "\n", file_name="output.txt", mime="text/plain", key=key + "_dl_txt"
     )
-    c3.download_button(
-        "All (zip, with attention)",
-        lambda: archive_bytes(trace, attn),
-        file_name="trace.zip",
-        mime="application/zip",
-        key=key + "_dl_zip",
-    )
+    if attn is not None and attn.nbytes() > ZIP_MAX_BYTES:
+        c3.caption(
+            f"The attention file is {attn.nbytes() / 2**20:,.0f} MiB, too big to download from the browser: "
+            "the command line writes it to disk (`--out_dir`)."
+        )
+    else:
+        c3.download_button(
+            "All (zip, with attention)",
+            lambda: archive_bytes(trace, attn),
+            file_name="trace.zip",
+            mime="application/zip",
+            key=key + "_dl_zip",
+        )
     c4.download_button(
         "Single-file HTML", lambda: build(trace, attn), file_name="trace.html", mime="text/html", key=key + "_dl_html"
     )
@@ -199,7 +175,7 @@ def _no_file(trace: Trace):
 
 
 def render_trace(
-    trace: Trace, attn: AttentionData | None, key: str, state_key: str | None = None, live_run=None
+    trace: Trace, attn: AttentionStore | None, key: str, state_key: str | None = None, live_run=None
 ) -> None:
     """Every view of a finished (or partial) trace, the same for live runs and loaded files.
 
@@ -227,7 +203,10 @@ def render_trace(
     with tabs[1]:
         if branch_id and attn is not None:
             st.caption("Branches record no attention; pick the main run to see it.")
-        render_attention(view, view_attn, step, key + "_attn")
+        from .resources import loaded_already
+
+        lm = loaded_already(view.model.name, "auto", "auto")  # for exact recomputation, never loaded here
+        render_attention(view, view_attn, step, key + "_attn", lm)
     with tabs[2]:
         insight.render_stages(view, step)
     with tabs[3]:
