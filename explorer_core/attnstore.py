@@ -226,6 +226,39 @@ class AttentionStore:
     def close(self) -> None:
         self._map = None
 
+    # -- writing a self-contained copy ----------------------------------------------------------
+    def header(self) -> bytes:
+        """The safetensors header (length prefix included) for the rows this reader covers."""
+        meta = {
+            "format": FORMAT,
+            **{k: str(v) for k, v in vars(self.shape).items() if k != "dtype"},
+            "dtype": self.shape.dtype,
+            "steps": str(self.steps),
+        }
+        body = json.dumps({"__metadata__": meta, **self._index}, separators=(",", ":")).encode()
+        body += b" " * (_round8(len(body)) - len(body))
+        return struct.pack("<Q", len(body)) + body
+
+    def write_to(self, fh, piece: int = 4 * 1024 * 1024) -> None:
+        """A complete companion for these rows, whether or not the run writing this file has finished."""
+        fh.write(self.header())
+        end = self.nbytes()
+        with open(self.path, "rb") as src:
+            src.seek(self._start)
+            pos = self._start
+            while pos < end:
+                chunk = src.read(min(piece, end - pos))
+                if not chunk:
+                    raise AttentionFileError(f"attention companion {self.path.name} is truncated")
+                fh.write(chunk)
+                pos += len(chunk)
+
+    def finished_on_disk(self) -> bool:
+        """True when the file itself carries a header describing exactly these rows."""
+        with open(self.path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+        return n + 8 == self._start and self.path.stat().st_size == self.nbytes() and n > 0
+
 
 def _pick(a: np.ndarray, head: int | None) -> np.ndarray:
     """a: (heads, ...) -> one head or the mean over heads, as float32."""

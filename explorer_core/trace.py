@@ -262,21 +262,44 @@ def dumps(trace: Trace) -> str:
 def parse(data: bytes | str) -> Trace:
     """Validate trace.json bytes strictly in one step; any problem becomes one TraceError."""
     if len(data) > MAX_TRACE_BYTES:  # checked before parsing anything
-        raise TraceError(f"trace is {len(data) / 1e6:.1f} MB, over the {MAX_TRACE_BYTES / 1e6:.0f} MB limit for traces")
+        raise TraceError(
+            f"trace is {len(data) / 2**20:.1f} MiB, over the {MAX_TRACE_BYTES / 2**20:.0f} MiB limit for traces"
+        )
     if not data or not (data.strip() if isinstance(data, bytes) else data.strip()):
         raise TraceError("the file is empty: choose a trace.json written by Model Interpret Explorer")
     try:
-        obj = json.loads(data, object_pairs_hook=_unique_keys)
-    except (ValueError, RecursionError) as exc:  # DuplicateKey is a ValueError with its own message
-        raise TraceError(str(exc) if isinstance(exc, DuplicateKey) else f"not valid JSON: {exc}") from None
-    if isinstance(obj, dict) and obj.get("schema_version") == 1:
-        obj = _upgrade_v1(obj)
+        trace = Trace.model_validate_json(data)
+    except ValidationError as exc:
+        if not _is_v1(exc, data):
+            raise TraceError(_describe(exc)) from None
+        trace = _parse_v1(data)
+    except (ValueError, RecursionError) as exc:
+        raise TraceError(f"not a valid trace file: {exc}") from None
+    _check_unique_keys(data)
+    return trace
+
+
+def _is_v1(exc: ValidationError, data: bytes | str) -> bool:
+    """Did validation fail only because the file is schema 1 (upgraded by _parse_v1)?"""
+    first = exc.errors(include_url=False)[0]
+    return first["loc"] == ("schema_version",) and first.get("input") == 1
+
+
+def _parse_v1(data: bytes | str) -> Trace:
     try:
-        return Trace.model_validate(obj)
+        return Trace.model_validate(_upgrade_v1(json.loads(data)))
     except ValidationError as exc:
         raise TraceError(_describe(exc)) from None
     except (ValueError, RecursionError) as exc:
         raise TraceError(f"not a valid trace file: {exc}") from None
+
+
+def _check_unique_keys(data: bytes | str) -> None:
+    """The file parsed; now refuse it if an object repeats a key (the JSON parser keeps the last silently)."""
+    try:
+        json.loads(data, object_pairs_hook=_unique_keys)
+    except DuplicateKey as exc:
+        raise TraceError(str(exc)) from None
 
 
 class DuplicateKey(ValueError):
@@ -304,10 +327,12 @@ def _upgrade_v1(obj: dict) -> dict:
 
 def _describe(exc: ValidationError) -> str:
     errs = exc.errors(include_url=False, include_input=False)
+    if any(e["type"] == "literal_error" and e["loc"] == ("schema_version",) for e in errs):
+        return "unsupported schema_version: this version reads schema_version 1 and 2; update Model Interpret Explorer"
     first = errs[0]
     where = ".".join(str(p) for p in first["loc"]) or "file"
-    if first["type"] == "literal_error" and first["loc"] == ("schema_version",):
-        return "unsupported schema_version: this version reads schema_version 1 and 2; update Model Interpret Explorer"
+    if first["type"] == "json_invalid":
+        return f"not valid JSON: {first['msg']}"
     more = f" (and {len(errs) - 1} more problems)" if len(errs) > 1 else ""
     return f"invalid trace at {where}: {first['msg']}{more}"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -45,11 +44,11 @@ def save_pair(trace: Trace, attention: AttentionStore | None, json_path: str | P
     keep: set[str] = set()
     if attention is not None and trace.attention is not None:
         name = companion_name(json_path)
-        if attention.path.parent.resolve() == folder.resolve():
-            os.replace(attention.path, folder / name)
+        if attention.path.parent.resolve() == folder.resolve() and attention.finished_on_disk():
+            os.replace(attention.path, folder / name)  # recorded right here (the CLI): no copy
             attention.path = folder / name
         else:
-            _atomic_write(folder / name, lambda fh: _copy(attention.path, fh))
+            _atomic_write(folder / name, attention.write_to)
         keep.add(name)
         trace = trace.model_copy(update={"attention": trace.attention.model_copy(update={"file": name})})
     elif trace.attention is not None:
@@ -57,11 +56,6 @@ def save_pair(trace: Trace, attention: AttentionStore | None, json_path: str | P
     _atomic_write(json_path, dumps(trace).encode("utf-8"))
     clean_leftovers(json_path, keep)
     return json_path, next(iter(keep), None)
-
-
-def _copy(src: Path, fh) -> None:
-    with open(src, "rb") as s:
-        shutil.copyfileobj(s, fh, 4 * 1024 * 1024)
 
 
 def clean_leftovers(json_path: Path, keep: set[str]) -> None:

@@ -133,7 +133,8 @@ def archive_bytes(trace: Trace, attn: AttentionStore | None) -> bytes:
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("trace.json", trace_io.dumps(trace.model_copy(update={"attention": info})))
         if attn is not None:
-            zf.write(attn.path, name, compress_type=zipfile.ZIP_STORED)
+            with zf.open(zipfile.ZipInfo(name), "w", force_zip64=True) as fh:  # stored: float16 does not deflate
+                attn.write_to(fh)
         zf.writestr("output.txt", trace.output_text + "\n")
     return buf.getvalue()
 

@@ -44,5 +44,6 @@ def chart_titles(at: AppTest) -> list[str]:
     titles = []
     for spec, _ in charts(at):
         t = spec.get("title")
-        titles.append(t if isinstance(t, str) else (t or {}).get("text", ""))
+        t = t if isinstance(t, (str, list)) else (t or {}).get("text", "")
+        titles.append(" ".join(t) if isinstance(t, list) else t)
     return titles

@@ -115,7 +115,7 @@ def _cross_field_cases(g: dict) -> list[tuple[str, bytes, str]]:
             ),
             "names an unknown parent 5",
         ),
-        ("future schema version", _with(schema_version=2), "unsupported schema_version"),
+        ("future schema version", _with(schema_version=3), "unsupported schema_version"),
         ("unknown extra field", _with(surprise=1), "invalid trace at surprise: Extra inputs are not permitted"),
         ("a JSON list instead of an object", b"[1, 2, 3]", "invalid trace at file"),
     ]

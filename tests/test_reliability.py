@@ -38,7 +38,7 @@ def test_corpus_gives_one_error_type_with_message(name, data, needle):
 
 
 def test_file_over_the_cap_is_refused_before_parsing():
-    with pytest.raises(TraceError, match="over the 52 MB limit"):
+    with pytest.raises(TraceError, match="over the 50 MiB limit"):
         trace_io.parse(b"{" + b" " * trace_io.MAX_TRACE_BYTES)
 
 

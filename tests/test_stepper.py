@@ -11,6 +11,7 @@ import torch
 
 from explorer_core.config import GenerationConfig
 from explorer_core.stepper import Run, generate
+from tests.tiny import eager_attentions
 
 SAMPLED = dict(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3, no_repeat_ngram_size=3)
 
@@ -70,16 +71,20 @@ def test_equals_generate_default_model(default_model, greedy):
 
 
 def check_attention_rows(lm, n: int) -> None:
-    run = generate(lm, GenerationConfig(model="x", max_new_tokens=n, min_new_tokens=n, seed=5))
-    attn, t = run.attention(), run.prompt_len
-    assert len(attn.rows) == n
+    """Recorded rows (float32 path) equal an uncached eager forward's last row; the prompt's own too."""
+    cfg = GenerationConfig(model="x", max_new_tokens=n, min_new_tokens=n, seed=5)
+    run = Run(lm, cfg, attention_dtype="float32")
+    for _ in run:
+        pass
+    store, t = run.attention(), run.prompt_len
+    assert store.steps == n and store.exact_prompt
     for s in (0, 1, n // 2, n - 1):
-        full = lm.model(run.ids[:, : t + s], output_attentions=True)  # uncached, whole sequence
-        want = torch.stack([a[0, :, -1, :] for a in full.attentions]).numpy()  # (layers, heads, T+s)
-        np.testing.assert_allclose(attn.rows[s], want, atol=1e-4, rtol=0)
-        np.testing.assert_allclose(attn.rows[s].sum(-1), 1.0, atol=1e-4)
-    full = lm.model(run.ids[:, :t], output_attentions=True)
-    np.testing.assert_allclose(attn.prompt, torch.stack([a[0] for a in full.attentions]).numpy(), atol=1e-4)
+        want = eager_attentions(lm, run.ids[:, : t + s])[:, :, -1, :]  # (layers, heads, T+s)
+        np.testing.assert_allclose(store.row_all(s), want, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(store.row_all(s).sum(-1), 1.0, atol=1e-4)
+    want = eager_attentions(lm, run.ids[:, :t])
+    got = np.stack([[store.prompt_cells(layer, h) for h in range(store.heads)] for layer in range(store.layers)])
+    np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_attention_rows_equal_uncached_forward_tiny_gpt2(tiny_gpt2):
@@ -116,7 +121,7 @@ def test_generator_stops_anywhere_with_valid_partial_trace(tiny_llama):
             break
     trace = run.trace()
     assert trace.stop_reason == "interrupted" and len(trace.steps) == 5
-    assert len(run.attention().rows) == 5
+    assert run.attention().steps == 5
     assert type(trace).model_validate_json(trace.model_dump_json()) == trace
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from explorer_core import trace as trace_io
+from explorer_core import tracefile
 from explorer_core.cli import main as cli_main
 from explorer_core.config import GenerationConfig
 from explorer_core.stepper import generate
@@ -25,24 +26,24 @@ def run(tiny_llama):
 
 def test_round_trip_is_equal(run, tmp_path):
     trace, attn = run.trace(), run.attention()
-    path = trace_io.save(trace, attn, tmp_path / "trace.json")
-    loaded, loaded_attn = trace_io.load(path)
+    path = tracefile.save(trace, attn, tmp_path / "trace.json")
+    loaded, loaded_attn = tracefile.load(path)
     assert loaded.model_copy(update={"attention": trace.attention}) == trace
-    assert loaded.attention.file == "trace.attn.npz"
-    assert len(loaded_attn.rows) == len(attn.rows)
-    for a, b in zip(loaded_attn.rows, attn.rows):
-        np.testing.assert_allclose(a.astype(np.float32), b, atol=1e-3)  # float16 on disk
+    assert loaded.attention.file.startswith("trace.") and loaded.attention.file.endswith(".attn.safetensors")
+    assert loaded_attn.steps == attn.steps == 12
+    for s in range(12):
+        np.testing.assert_array_equal(loaded_attn.row_all(s), attn.row_all(s))
     again = tmp_path / "again.json"
-    trace_io.save(loaded, loaded_attn, again)
-    assert trace_io.load(again)[0] == loaded.model_copy(
-        update={"attention": loaded.attention.model_copy(update={"file": "again.attn.npz"})}
-    )
+    tracefile.save(loaded, loaded_attn, again)
+    reread = tracefile.load(again)[0]
+    assert reread == loaded.model_copy(update={"attention": reread.attention})
+    assert reread.attention.file.startswith("again.")
 
 
 def test_json_is_plain_and_readable(run, tmp_path):
-    path = trace_io.save(run.trace(), None, tmp_path / "t.json")
+    path = tracefile.save(run.trace(), None, tmp_path / "t.json")
     data = json.loads(path.read_text(encoding="utf-8"))
-    assert data["schema_version"] == 1 and data["config"]["max_new_tokens"] == 12
+    assert data["schema_version"] == 2 and data["config"]["max_new_tokens"] == 12
     assert {"torch", "transformers", "python"} <= set(data["versions"])
     assert data["steps"][0]["attn_snapshot"] is not None and data["steps"][1]["attn_snapshot"] is None
     assert oct(path.stat().st_mode & 0o777) != "0o600"
@@ -53,7 +54,7 @@ def test_committed_schema_matches_code():
 
 
 def test_interrupted_write_leaves_old_file(run, tmp_path, monkeypatch):
-    path = trace_io.save(run.trace(), None, tmp_path / "trace.json")
+    path = tracefile.save(run.trace(), None, tmp_path / "trace.json")
     before = path.read_bytes()
 
     def boom(*args, **kwargs):
@@ -61,17 +62,19 @@ def test_interrupted_write_leaves_old_file(run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", boom)  # dies mid-write, after bytes went to the temp file
     with pytest.raises(KeyboardInterrupt):
-        trace_io.save(run.trace(), None, path)
+        tracefile.save(run.trace(), None, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["trace.json"]  # no temp file left behind
 
 
-def test_companion_shape_mismatch_is_a_trace_error(run, tmp_path):
-    path = trace_io.save(run.trace(), run.attention(), tmp_path / "trace.json")
-    short = trace_io.AttentionData(prompt=run.attention().prompt, rows=run.attention().rows[:-1])
-    (tmp_path / "trace.attn.npz").write_bytes(trace_io.attention_bytes(short))
-    with pytest.raises(TraceError, match="the trace's 12 steps"):
-        trace_io.load(path)
+def test_companion_of_another_run_is_a_trace_error(run, tiny_llama, tmp_path):
+    path = tracefile.save(run.trace(), run.attention(), tmp_path / "trace.json")
+    other = generate(tiny_llama, GenerationConfig(model="x", max_new_tokens=11, min_new_tokens=11, attn_every=4))
+    name = tracefile.load(path)[0].attention.file
+    with open(tmp_path / name, "wb") as fh:  # a complete companion, but of 11 steps
+        other.attention().write_to(fh)
+    with pytest.raises(TraceError, match="this trace needs"):
+        tracefile.load(path)
 
 
 @pytest.mark.parametrize(
@@ -80,6 +83,7 @@ def test_companion_shape_mismatch_is_a_trace_error(run, tmp_path):
         (b"", "the file is empty"),
         (b"\x89PNG\r\n", "not valid JSON"),
         (b'{"schema_version": 99}', "unsupported schema_version"),
+        (b'{"schema_version": 2, "schema_version": 2}', "invalid trace at"),
         (b'{"schema_version": 1}', "invalid trace at"),
     ],
 )
@@ -108,7 +112,8 @@ def test_cli_writes_every_artifact(tiny_llama_dir, tmp_path):
         ]
     )
     assert code == 0
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if not p.name.endswith(".attn.safetensors"))
+    assert len(list(out.glob("trace.*.attn.safetensors"))) == 1
     assert names == [
         "attn_step_0000.png",
         "attn_step_0005.png",
@@ -117,11 +122,10 @@ def test_cli_writes_every_artifact(tiny_llama_dir, tmp_path):
         "output.txt",
         "prompt_attention_heatmap.png",
         "timeline.png",
-        "trace.attn.npz",
         "trace.json",
     ]
     assert (out / "final_step_token_probs.png").read_bytes()[:4] == b"\x89PNG"
-    trace, attn = trace_io.load(out / "trace.json")
+    trace, attn = tracefile.load(out / "trace.json")
     assert len(trace.steps) == 12 and attn is not None
     assert (out / "output.txt").read_text(encoding="utf-8").strip() == trace.output_text.strip()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -65,3 +66,18 @@ def build(kind: str, folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def eager_attentions(lm, ids: torch.Tensor) -> np.ndarray:
+    """(layers, heads, q, keys) float32 from one uncached eager forward: the reference every capture test uses.
+
+    The model is switched to eager for the call and back to what it had after.
+    """
+    before = lm.model.config._attn_implementation
+    lm.model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = lm.model(ids, output_attentions=True, use_cache=False)
+        return torch.stack([a[0] for a in out.attentions]).float().numpy()
+    finally:
+        lm.model.set_attn_implementation(before)
