@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from explorer_core import trace as trace_io
+from explorer_core import tracefile
 from explorer_core.config import GenerationConfig
 from explorer_core.stepper import Run
 from tests.apphelp import chart_titles, charts, start, use_model
@@ -59,8 +60,8 @@ def test_generate_shows_tokens_and_charts(generated):
     assert len(trace.steps) == 8 and trace.stop_reason == "max_new_tokens"
     titles = chart_titles(at)
     assert "Top candidates" in titles and "Chosen token over the run" in titles
-    assert any(t.startswith("Attention when choosing step 0") for t in titles)
-    assert any(t.startswith("Prompt attention") for t in titles)
+    assert any(t.startswith("Attention of the sequence seen at step 0") for t in titles)
+    assert any(t.startswith("Where step 0's query looked") for t in titles)
     spec, data = charts(at)[titles.index("Top candidates")]
     top = data[0]
     assert set(top["distribution"]) == {"raw model", "after processing"}
@@ -78,8 +79,9 @@ def test_changing_step_updates_charts(generated):
     titles = chart_titles(at)
     _, data = charts(at)[titles.index("Top candidates")]
     assert set(data[0][data[0]["chosen"]]["token_id"]) == {trace.steps[5].token_id}
-    _, heat = charts(at)[[t.startswith("Attention when choosing step 5") for t in titles].index(True)]
-    assert heat[0]["q"].max() == trace.prompt_len + 4  # query of step 5 sits at T+4
+    _, heat = charts(at)[[t.startswith("Attention of the sequence seen at step 5") for t in titles].index(True)]
+    assert heat[0]["q1"].max() == trace.prompt_len + 5  # query of step 5 sits at T+4, the last row
+    assert list(heat[0][heat[0]["is_step"]]["q0"].unique()) == [trace.prompt_len + 4]
     assert at.code[0].value == trace.steps[5].label
 
 
@@ -93,7 +95,7 @@ def test_stop_mid_run_keeps_partial_trace(tiny_llama, tiny_llama_dir):
     at.button(key="gen_stop").click().run()
     assert not at.exception
     trace, attn = at.session_state["gen_trace"]
-    assert trace.stop_reason == "interrupted" and len(trace.steps) == 3 and len(attn.rows) == 3
+    assert trace.stop_reason == "interrupted" and len(trace.steps) == 3 and attn.steps == 3
     assert at.warning[0].value.startswith("Run stopped early")
     assert at.metric[0].value == "3"
 
@@ -106,17 +108,21 @@ def test_viewer_example_and_upload(generated, tmp_path):
     assert at.selectbox(key="viewer_example").options  # shipped examples are listed
     assert "Top candidates" in chart_titles(at)
     at.radio(key="viewer_source").set_value("Upload").run()
-    path = trace_io.save(trace, attn, tmp_path / "trace.json")
+    path = tracefile.save(trace, attn, tmp_path / "trace.json")
     at.file_uploader(key="viewer_upload").set_value(
         [
             ("trace.json", path.read_bytes(), "application/json"),
-            ("trace.attn.npz", (tmp_path / "trace.attn.npz").read_bytes(), "application/octet-stream"),
+            (
+                "trace.attn.safetensors",
+                next(tmp_path.glob("trace.*.attn.safetensors")).read_bytes(),
+                "application/octet-stream",
+            ),
         ]
     ).run()
     assert not at.exception
     loaded, loaded_attn = at.session_state["viewer_trace"]
     assert [s.token_id for s in loaded.steps] == [s.token_id for s in trace.steps] and loaded_attn is not None
-    assert any(t.startswith("Attention when choosing step 0") for t in chart_titles(at))
+    assert any(t.startswith("Attention of the sequence seen at step 0") for t in chart_titles(at))
 
 
 def test_viewer_zip_upload_and_bad_file_keeps_previous(generated):

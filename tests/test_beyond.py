@@ -9,6 +9,7 @@ import pytest
 
 from explorer_core import frames
 from explorer_core import trace as trace_io
+from explorer_core import tracefile
 from explorer_core.cli import main as cli_main
 from explorer_core.config import GenerationConfig
 from explorer_core.export_html import build
@@ -87,7 +88,7 @@ def test_branch_tree_round_trips(tiny_llama, tmp_path):
     for _ in b2:
         pass
     trace = trace.model_copy(update={"branches": trace.branches + [b2.branch_record(2, 1)]})
-    loaded, _ = trace_io.load(trace_io.save(trace, main.attention(), tmp_path / "trace.json"))
+    loaded, _ = tracefile.load(tracefile.save(trace, main.attention(), tmp_path / "trace.json"))
     assert [b.parent for b in loaded.branches] == [0, 1]
     assert [s.token_id for s in loaded.path_steps(2)] == b2.output_ids()
     assert [s.token_id for s in loaded.path_steps(1)][:3] == main.output_ids()[:3]

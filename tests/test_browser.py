@@ -189,7 +189,7 @@ def test_beyond_the_basics_screenshots(page, tmp_path):
     from explorer_core import trace as trace_io
     from explorer_core.export_html import build
 
-    trace, attn = trace_io.load(ROOT / "examples" / "sky-sampled" / "trace.json")
+    trace, attn = tracefile.load(ROOT / "examples" / "sky-sampled" / "trace.json")
     html_path = tmp_path / "trace.html"
     html_path.write_text(build(trace, attn), encoding="utf-8")
     other = page.context.browser.new_page(viewport={"width": 1300, "height": 1000})
