@@ -20,6 +20,14 @@ def tiny_llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_long(tmp_path_factory):
+    """A tiny Llama (grouped-query attention: 4 heads over 2 key/value heads) that reads 2,048 positions."""
+    from explorer_core import models
+
+    return models.load(str(tiny.build("llama", tmp_path_factory.mktemp("tiny-llama-long"), positions=2048)))
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory):
     return tiny.build("gpt2", tmp_path_factory.mktemp("tiny-gpt2"), seed=1)
 

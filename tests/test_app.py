@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from explorer_core import trace as trace_io
 from explorer_core import tracefile
 from explorer_core.config import GenerationConfig
 from explorer_core.stepper import Run

@@ -7,9 +7,8 @@ import re
 
 import pytest
 
-from explorer_core import frames
+from explorer_core import frames, tracefile
 from explorer_core import trace as trace_io
-from explorer_core import tracefile
 from explorer_core.cli import main as cli_main
 from explorer_core.config import GenerationConfig
 from explorer_core.export_html import build

@@ -186,7 +186,7 @@ def test_beyond_the_basics_screenshots(page, tmp_path):
     wait_idle(page)
     no_exception(page)
     page.locator("[data-testid='stExpander']").last.screenshot(path=str(DOCS / "replay.png"))
-    from explorer_core import trace as trace_io
+    from explorer_core import tracefile
     from explorer_core.export_html import build
 
     trace, attn = tracefile.load(ROOT / "examples" / "sky-sampled" / "trace.json")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,9 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from explorer_core import models
+from explorer_core import models, tracefile
 from explorer_core import trace as trace_io
-from explorer_core import tracefile
 from explorer_core.cli import main as cli_main
 from explorer_core.config import GenerationConfig
 from explorer_core.limits import Limits

@@ -39,7 +39,7 @@ def train_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build(kind: str, folder: Path, seed: int = 0) -> Path:
+def build(kind: str, folder: Path, seed: int = 0, positions: int = 512) -> Path:
     """Save a tiny random model of `kind` ('llama' or 'gpt2') with the in-memory tokenizer to folder."""
     tok = train_tokenizer()
     torch.manual_seed(seed)
@@ -51,12 +51,12 @@ def build(kind: str, folder: Path, seed: int = 0) -> Path:
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=512,
+            max_position_embeddings=positions,
             **common,
         )
         model = LlamaForCausalLM(cfg)
     elif kind == "gpt2":
-        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **common)
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=positions, **common)
         model = GPT2LMHeadModel(cfg)
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}: use 'llama' or 'gpt2'")
