@@ -58,50 +58,64 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
     sink = getattr(_local, "sink", None)
     if sink is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        for start, weights in attention_weights(query, key, attention_mask, scale, kwargs.get("softcap")):
+        pad_to = getattr(sink, "key_multiple", 1)
+        for start, weights in attention_weights(query, key, attention_mask, scale, kwargs.get("softcap"), pad_to):
             sink.rows(int(module.layer_idx), start, weights)
     return out, None
 
 
 def attention_weights(
-    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+    key_multiple: int = 1,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (first query's offset, (heads, chunk, keys) float32 weights), chunk by chunk.
+    """Yield (first query's offset, (heads, chunk, keys') float32 weights), chunk by chunk.
 
     query: (1, heads, q, d); key: (1, kv_heads, keys, d), kv_heads dividing heads (grouped-query
     attention maps query head h to key head h // group, as `repeat_kv` does). The query positions are
     the last q of the keys (a prefill or a cached step). mask: None (plain causal), a boolean
     (True = may attend) or an additive float mask, broadcastable to (1, heads, q, keys).
+
+    A causal chunk cannot see past its own last query, so only keys up to there are computed (half
+    the work of a prefill); keys' is that count rounded up to `key_multiple`, the extra keys weighing
+    zero, so a caller can pool keys with a reshape instead of a copy. Weights past keys' are zero.
     """
     _, heads, q_len, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
-    k = key[0].float()  # (kv_heads, keys, d)
+    k = torch.nn.functional.pad(key[0].float(), (0, 0, 0, -keys % key_multiple))  # (kv_heads, keys padded, d)
     chunk = max(1, CHUNK_BYTES // (4 * heads * keys))
     past = keys - q_len
     for a in range(0, q_len, chunk):
         b = min(q_len, a + chunk)
-        q = query[0, :, a:b].float().reshape(kv_heads, group, b - a, dim)  # (kv_heads, group, c, d)
-        scores = torch.matmul(q, k.transpose(-1, -2).unsqueeze(1)).reshape(heads, b - a, keys) * scaling
+        seen = past + b if mask is None else keys  # a causal chunk sees keys up to its last query
+        width = -(-seen // key_multiple) * key_multiple
+        q = (query[0, :, a:b].float() * scaling).reshape(kv_heads, group, b - a, dim)  # (kv_heads, group, c, d)
+        scores = torch.matmul(q, k[:, None, :width].transpose(-1, -2)).reshape(heads, b - a, width)
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        scores = _masked(scores, mask, a, b, past)
-        yield a, torch.softmax(scores, dim=-1)  # (heads, c, keys)
+        _mask_(scores, mask, a, b, past, seen)
+        yield a, torch.softmax(scores, dim=-1)  # (heads, c, width)
 
 
-def _masked(scores: torch.Tensor, mask: torch.Tensor | None, a: int, b: int, past: int) -> torch.Tensor:
-    """Apply the layer's mask to query rows a..b-1 (causal when the model passed none)."""
+def _mask_(scores: torch.Tensor, mask: torch.Tensor | None, a: int, b: int, past: int, seen: int) -> None:
+    """Mask query rows a..b-1 in place: padding keys, then the layer's mask (causal when it passed none)."""
+    scores[..., seen:] = float("-inf")
     if mask is None:
-        if b - a == 1 and a == 0 and past == scores.shape[-1] - 1:
-            return scores  # one query at the end sees every key
-        qpos = torch.arange(past + a, past + b, device=scores.device)[:, None]
-        kpos = torch.arange(scores.shape[-1], device=scores.device)[None, :]
-        return scores.masked_fill(kpos > qpos, float("-inf"))
+        if b - a > 1:  # within the chunk's own keys, query i sees keys up to past+a+i
+            block = scores[..., past + a : past + b]
+            block.masked_fill_(torch.ones(b - a, b - a, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
+        return
     m = mask[0] if mask.dim() == 4 else mask  # (heads or 1, q, keys)
     m = m[..., a:b, :] if m.shape[-2] > 1 else m
+    view = scores[..., : m.shape[-1]]
     if m.dtype == torch.bool:
-        return scores.masked_fill(~m, float("-inf"))
-    return scores + m.float()
+        view.masked_fill_(~m, float("-inf"))
+    else:
+        view.add_(m.float())
 
 
 _registered = False

@@ -50,17 +50,21 @@ class AttentionRecorder:
         """weights: (heads, c, keys) for queries start..start+c-1 of the current forward."""
         if self._prefill_len:
             self._pool(layer, start, weights)
-        if start + weights.shape[1] == weights.shape[-1] or not self._prefill_len:
-            self._last[layer] = weights[:, -1].clone()  # the newest query's row: the next step's row
+        if start + weights.shape[1] == self._prefill_len or not self._prefill_len:
+            keys = self._prefill_len or weights.shape[-1]
+            self._last[layer] = weights[:, -1, :keys].clone()  # the newest query's row: the next step's row
+
+    @property
+    def key_multiple(self) -> int:
+        """Asked of capture.attention_weights: key widths a multiple of the cell width pool by a reshape."""
+        return self.width if self._prefill_len else 1
 
     def _pool(self, layer: int, start: int, w: torch.Tensor) -> None:
         """Add a chunk's weights into the prompt cells: sum over each cell's keys and queries."""
-        heads, c, keys = w.shape
-        wd, b = self.width, self.shape.bins
-        pad = b * wd - keys
-        kw = torch.nn.functional.pad(w, (0, pad)).view(heads, c, b, wd).sum(-1)  # (heads, c, B)
-        qcell = torch.div(torch.arange(start, start + c), wd, rounding_mode="floor")
-        self._cells[layer].index_add_(1, qcell, kw)
+        heads, c, width = w.shape  # width: a multiple of the cell width (capture pads the keys)
+        kw = w.view(heads, c, width // self.width, self.width).sum(-1)  # (heads, c, cells seen)
+        qcell = torch.div(torch.arange(start, start + c), self.width, rounding_mode="floor")
+        self._cells[layer][:, :, : kw.shape[-1]].index_add_(1, qcell, kw)
 
     def start_prefill(self, length: int) -> None:
         self._prefill_len = length
