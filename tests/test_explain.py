@@ -153,12 +153,16 @@ def test_bad_input_is_named(tiny_llama, llama_trace):
         explain.explain(tiny_llama, llama_trace, 1, methods=("saliency",))
 
 
-def test_model_without_the_expected_modules():
+def test_model_without_the_expected_modules(tiny_llama_dir, llama_trace):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=50)
-    with pytest.raises(explain.ExplainError, match="no separate attention output projection or MLP"):
+    with pytest.raises(explain.ExplainError, match="explanations need a llama-like model"):
         explain.find_parts(GPTNeoXForCausalLM(cfg))
+    lm = models.load(str(tiny_llama_dir))
+    del lm.model.model.layers[1].self_attn.o_proj
+    with pytest.raises(explain.ExplainError, match="block 1 has no separate attention output projection"):
+        explain.explain(lm, llama_trace, 0)
 
 
 def test_trace_keeps_explanations_and_varentropy(tiny_llama, llama_trace):
