@@ -4,9 +4,11 @@ For step N of a trace the explained quantity is f = logit[target] - logit[contra
 of the sequence prompt + tokens 0..N-1, recomputed on request with one uncached (teacher-forced) forward;
 nothing here runs during generation.
 
-- Input attribution (Captum): gradient x input, and integrated gradients along a straight path from a
-  baseline of filler tokens (see BASELINE); position information, norms and weights are unchanged.
-  Scores are summed over the embedding dimension, one per position; IG's completeness error is reported.
+- Input attribution: gradient x input (Captum), and integrated gradients along a straight path from a
+  baseline (see BASELINE); position information, norms and weights are unchanged. Scores are summed over
+  the embedding dimension, one per position; IG's completeness error is reported with them. IG is written
+  here, not taken from Captum, because its nodes must be packed near the baseline (see IG_WARP) and
+  Captum's IntegratedGradients offers only its fixed node rules publicly.
 - Component breakdown: the final residual at the last position is the embedding plus every attention
   block's output plus every MLP's output (pre-norm transformers). With the final norm's scale frozen at
   its actual value the logit difference is linear in that residual, so it splits exactly into the
@@ -29,12 +31,14 @@ from .trace import Components, Explanation, InputScores, StepRecord, TokenRef, T
 
 METHODS = ("grad_x_input", "integrated_gradients")
 METHOD_NAMES = {"grad_x_input": "gradient × input", "integrated_gradients": "integrated gradients"}
-IG_STEPS = 24  # Gauss-Legendre points; completeness stayed within 5 % at this count (tests, bench/explain.py)
+IG_STEPS = 32  # Gauss-Legendre nodes; see bench/explain.py for the completeness error at this count
 IG_TOKENS_PER_BATCH = 2048  # interpolation points x positions per backward pass: bounds memory at long prompts
-# IG's baseline: a filler token (padding, else EOS, else BOS) at every position but the first, which keeps
-# its own token. Zero vectors are the textbook choice but RMSNorm makes f jump near zero, and models park
-# attention on the first token, so moving it makes the path too rough: both broke completeness (measured).
-BASELINE = "the filler token {label} (id {id}) at every position but the first, which keeps its own"
+# IG's baseline: zero token embeddings at every position but the first. Models park attention on the first
+# token, and moving it made the path too rough to integrate; a filler token (EOS) instead of zeros gave a
+# rough path too (measured on the default model). RMSNorm turns the start of the zero path into a steep
+# step, so the path is integrated in t with alpha = t**IG_WARP, which packs the nodes near zero.
+BASELINE = "zero embeddings at every position but the first, which keeps its own token"
+IG_WARP = 3.0
 SUM_TOLERANCE = 1e-2  # the parts must rebuild the logit difference this closely, or the model is refused
 
 
@@ -139,7 +143,6 @@ def explain(
     target, other = record.token_id, resolve_contrast(lm, record, contrast)
     input_ids = torch.tensor([ids], device=lm.device)  # (1, T)
     timing: dict[str, float] = {}
-    filler = baseline_token(lm.tokenizer)
     vocab = vocab_for(lm.tokenizer)
     start = time.perf_counter()
     comps, logit_diff, checks = breakdown(lm.model, parts, input_ids, target, other)
@@ -147,7 +150,7 @@ def explain(
     scores: dict[str, list[float]] = {}
     for method in methods:
         start = time.perf_counter()
-        values, error = attribute(lm.model, input_ids, target, other, method, ig_steps, filler)
+        values, error = attribute(lm.model, input_ids, target, other, method, ig_steps)
         timing[method] = time.perf_counter() - start
         scores[method] = values
         if error is not None:
@@ -163,9 +166,7 @@ def explain(
             positions=list(range(len(ids))),
             labels=labels,
             methods=scores,
-            baseline=BASELINE.format(label=repr(vocab.label(filler)), id=filler)
-            if filler is not None
-            else "zero embeddings at every position but the first, which keeps its own",
+            baseline=BASELINE,
             ig_steps=ig_steps,
         ),
         components=comps,
@@ -298,57 +299,56 @@ def logit_diff_fn(model, target: int, other: int):
     return f
 
 
-def baseline_token(tokenizer) -> int | None:
-    """The filler token of IG's baseline: padding, else end of sequence, else beginning (None: zero vectors)."""
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
-        if tid is not None:
-            return int(tid)
-    return None
-
-
-def baseline_embeds(model, input_ids: torch.Tensor, token: int | None) -> torch.Tensor:
-    """IG's baseline (1, T, d): the filler token's embedding everywhere but position 0, which keeps its own."""
-    embed = model.get_input_embeddings()
+def baseline_embeds(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """IG's baseline (1, T, d): zero embeddings everywhere but position 0, which keeps its own (see BASELINE)."""
     with torch.no_grad():
-        if token is None:
-            base = torch.zeros_like(embed(input_ids).float())
-        else:
-            base = embed(torch.full_like(input_ids, token)).float()
-        base[:, 0] = embed(input_ids[:, 0]).float()
+        first = model.get_input_embeddings()(input_ids[:, :1]).float()  # (1, 1, d)
+        base = torch.zeros(input_ids.shape + first.shape[-1:], dtype=first.dtype, device=first.device)
+        base[:, :1] = first
     return base
 
 
+def ig_nodes(n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points alpha in (0, 1) and weights: Gauss-Legendre in t, mapped by alpha = t**IG_WARP (denser near 0)."""
+    import numpy as np
+
+    t, w = np.polynomial.legendre.leggauss(n_steps)
+    t, w = (t + 1) / 2, w / 2
+    alpha, weight = t**IG_WARP, w * IG_WARP * t ** (IG_WARP - 1)  # d alpha = IG_WARP t^(IG_WARP-1) dt
+    return torch.tensor(alpha, dtype=torch.float32), torch.tensor(weight, dtype=torch.float32)
+
+
+def integrated_gradients(f, x: torch.Tensor, base: torch.Tensor, n_steps: int) -> tuple[torch.Tensor, float]:
+    """(1, T, d) attributions along the straight path from `base` to `x`, and the relative completeness error."""
+    alphas, weights = ig_nodes(n_steps)
+    batch = max(1, IG_TOKENS_PER_BATCH // x.shape[1])
+    total = torch.zeros_like(x)
+    for i in range(0, n_steps, batch):
+        a = alphas[i : i + batch].view(-1, 1, 1).to(x.device)  # (b, 1, 1)
+        points = (base + a * (x - base)).requires_grad_(True)  # (b, T, d)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(f(points).sum(), points)
+        total += (grad * weights[i : i + batch].view(-1, 1, 1).to(x.device)).sum(0, keepdim=True)
+    attr = total * (x - base)
+    with torch.no_grad():
+        gap = float(f(x)[0] - f(base)[0])  # what the scores must add up to
+    return attr, abs(float(attr.sum()) - gap) / max(abs(gap), 1e-6)
+
+
 def attribute(
-    model,
-    input_ids: torch.Tensor,
-    target: int,
-    other: int,
-    method: str,
-    ig_steps: int = IG_STEPS,
-    baseline_id: int | None = None,
+    model, input_ids: torch.Tensor, target: int, other: int, method: str, ig_steps: int = IG_STEPS
 ) -> tuple[list[float], float | None]:
     """One score per position (summed over the embedding), and IG's relative completeness error."""
-    from captum.attr import InputXGradient, IntegratedGradients
-
     f = logit_diff_fn(model, target, other)
     with torch.no_grad():
         embeds = model.get_input_embeddings()(input_ids).float()  # (1, T, d)
-    with torch.enable_grad():
-        if method == "grad_x_input":
+    if method == "grad_x_input":
+        from captum.attr import InputXGradient
+
+        with torch.enable_grad():
             attr = InputXGradient(f).attribute(embeds.clone().requires_grad_(True))  # (1, T, d)
-            return attr[0].sum(-1).tolist(), None
-        baseline = baseline_embeds(model, input_ids, baseline_id)
-        batch = max(1, IG_TOKENS_PER_BATCH // input_ids.shape[1])
-        attr, delta = IntegratedGradients(f).attribute(
-            embeds,
-            baselines=baseline,
-            n_steps=ig_steps,
-            internal_batch_size=min(batch, ig_steps),
-            return_convergence_delta=True,
-        )
-    with torch.no_grad():
-        gap = float(f(embeds)[0] - f(baseline)[0])  # f(input) - f(baseline), what the scores must sum to
-    error = abs(float(delta[0])) / max(abs(gap), 1e-6)
+        return attr[0].sum(-1).tolist(), None
+    attr, error = integrated_gradients(f, embeds, baseline_embeds(model, input_ids), ig_steps)
     return attr[0].sum(-1).tolist(), error
 
 

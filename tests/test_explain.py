@@ -103,10 +103,7 @@ def test_known_answer_only_the_last_position_can_matter(tiny_llama_dir, llama_tr
     f = explain.logit_diff_fn(lm.model, e.target.id, e.contrast.id)
     x = torch.tensor([ids])
     with torch.no_grad():
-        gap = float(
-            f(lm.model.get_input_embeddings()(x))[0]
-            - f(explain.baseline_embeds(lm.model, x, explain.baseline_token(lm.tokenizer)))[0]
-        )
+        gap = float(f(lm.model.get_input_embeddings()(x))[0] - f(explain.baseline_embeds(lm.model, x))[0])
     assert abs(e.inputs.methods["integrated_gradients"][-1] - gap) < 0.05 * abs(gap)
     assert all(v == 0.0 for row in e.components.heads for v in row)
 
@@ -126,6 +123,28 @@ def test_known_answer_grad_x_input_is_the_directional_derivative(tiny_llama_dir,
         down[:, -1] *= 1 - h
         numeric = float(f(up)[0] - f(down)[0]) / (2 * h)
     assert abs(e.inputs.methods["grad_x_input"][-1] - numeric) < 1e-2 * max(1.0, abs(numeric))
+
+
+def test_known_answer_one_earlier_position_decides(tiny_llama_dir, llama_trace):
+    """Every token's embedding is zeroed except one that occurs once, at position j: every other position equals
+    the baseline, so both methods must give it exactly 0, and IG must give position j all of f(x) - f(baseline)."""
+    lm = models.load(str(tiny_llama_dir))
+    ids = llama_trace.prompt_ids + [s.token_id for s in llama_trace.steps[:3]]
+    j = next(i for i in range(1, len(ids) - 1) if ids.count(ids[i]) == 1)
+    with torch.no_grad():
+        table = lm.model.get_input_embeddings().weight
+        row = table[ids[j]].clone()
+        table.zero_()
+        table[ids[j]] = row
+    e = explain.explain(lm, llama_trace, 3)
+    for method, scores in e.inputs.methods.items():
+        assert all(v == 0.0 for i, v in enumerate(scores) if i != j), method
+        assert abs(scores[j]) > 1e-6, method
+    f = explain.logit_diff_fn(lm.model, e.target.id, e.contrast.id)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        gap = float(f(lm.model.get_input_embeddings()(x))[0] - f(explain.baseline_embeds(lm.model, x))[0])
+    assert abs(e.inputs.methods["integrated_gradients"][j] - gap) < 0.05 * abs(gap)
 
 
 def test_known_answer_one_head_writes(tiny_llama_dir, llama_trace):

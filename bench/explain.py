@@ -1,0 +1,76 @@
+"""Cost of explaining one step on the default model, per part, at several prompt lengths; and the step
+loop's extra reduction for varentropy. Run: `python -m bench.explain` (BENCH_ROUNDS, BENCH_LENGTHS)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from explorer_core import explain, models
+from explorer_core.config import GenerationConfig
+from explorer_core.stepper import generate
+
+from .common import ROUNDS, Series, machine
+
+TEXT = (
+    "The history of astronomy is long. People watched the sky to keep calendars, to steer ships and to "
+    "predict the seasons, and over centuries they built instruments that showed more and more of it. "
+)
+
+
+def trace_with_prompt(lm, n: int):
+    """A two-step greedy trace whose prompt is exactly `n` tokens (plain text, no chat template)."""
+    ids = lm.tokenizer(TEXT * (n // 20 + 2), add_special_tokens=False)["input_ids"][:n]
+    text = lm.tokenizer.decode(ids)
+    cfg = GenerationConfig(prompt=text, chat=False, max_new_tokens=2, min_new_tokens=2, greedy=True)
+    return generate(lm, cfg).trace()
+
+
+def one_length(lm, n: int, rounds: int) -> dict:
+    trace = trace_with_prompt(lm, n)
+    parts = {m: Series(m) for m in ("components", *explain.METHODS)}
+    errors = []
+    for r in range(rounds):
+        methods = explain.METHODS if r == 0 else ("grad_x_input",)  # IG once per length: minutes at 500 on CPU
+        e = explain.explain(lm, trace, 1, methods=methods)
+        for name, seconds in e.timing_s.items():
+            parts[name].values.append(seconds)
+        errors.append(e.checks.get("integrated_gradients_completeness_error"))
+        sum_error = e.checks["sum_error"]
+    return {"positions": trace.prompt_len + 1, "parts": parts, "ig_error": errors[0], "sum_error": sum_error}
+
+
+def varentropy_cost(vocab: int, rounds: int = 2000) -> float:
+    """Microseconds for the one extra elementwise op and reduction the step loop does for varentropy."""
+    p = torch.softmax(torch.randn(2, vocab), -1)
+    entr = torch.special.entr(p)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        (-torch.special.xlogy(entr[0], p[0]).sum()).item()
+    return (time.perf_counter() - start) / rounds * 1e6
+
+
+def main() -> None:
+    lengths = [int(x) for x in os.environ.get("BENCH_LENGTHS", "50,200,500").split(",")]
+    lm = models.load()
+    print(machine())
+    print(f"default model, one explained step, integrated gradients with {explain.IG_STEPS} steps\n")
+    print("| prompt tokens | part | min s | median s | max s | rounds |")
+    print("|---|---|---|---|---|---|")
+    for n in lengths:
+        res = one_length(lm, n, ROUNDS)
+        for name, series in res["parts"].items():
+            lo, mid, hi = min(series.values), series.median, max(series.values)
+            label = explain.METHOD_NAMES.get(name, "component breakdown (one hooked forward)")
+            print(f"| {n} | {label} | {lo:.2f} | {mid:.2f} | {hi:.2f} | {len(series.values)} |")
+        print(
+            f"| {n} | checks | IG completeness error {res['ig_error']:.1%} | parts-sum error {res['sum_error']:.1e} "
+            "| | |"
+        )
+    print(f"\nvarentropy's extra reduction in the step loop: {varentropy_cost(lm.vocab_size):.0f} µs per step")
+
+
+if __name__ == "__main__":
+    main()
