@@ -170,3 +170,13 @@ def render_uncertainty(view: Trace, step: int) -> None:
         f"{frames.TORN_MARGIN:g} of each other): {', '.join(map(str, torn)) or 'none'}. Varentropy is the "
         "variance of the raw distribution's surprisal (missing in traces made before it was recorded)."
     )
+
+
+def render_heads_breakdown(trace: Trace, step: int, branch: int = 0) -> None:
+    """For the Heads page: the layers x heads (+ MLP) breakdown of this step, once it has been explained."""
+    result = current(trace, branch, step)
+    if result is None:
+        st.caption(f"Step {step} has not been explained yet: press Explain in the step inspector's 'Why this token?'.")
+        return
+    title = f"Step {step}: each head's and MLP's share of logit({result.target.label}) - logit({result.contrast.label})"
+    st.altair_chart(charts.components_chart(frames.components_frame(result), title), width="content")
