@@ -265,12 +265,13 @@ class Run:
         both = torch.stack([torch.softmax(raw, -1), proc_p])  # (2, vocab): raw, processed
         raw_p = both[0]
         top = torch.topk(both, k)  # one kernel for both lists
-        entr = torch.special.entr(both)  # (2, vocab): -p log p
-        entropy = entr.sum(-1)  # (2,) in nats
-        second = -torch.special.xlogy(entr[0], raw_p).sum()  # sum p (log p)^2 of the raw distribution
+        entropy = torch.special.entr(both).sum(-1)  # (2,) in nats
+        # varentropy, Var[-log p]: log p and the raw logits differ by a constant, so two dot products do it
+        centred = raw - torch.dot(raw_p, raw)  # (vocab,)
+        varent = torch.dot(raw_p, centred * centred)  # nats^2
         rank = (raw > raw[token]).sum() + 1
-        scalars = torch.cat([both[:, token], entropy, rank.float()[None], second[None]]).tolist()  # one host copy
-        p_raw, p_proc, h_raw, h_proc, rank_f, m2_raw = scalars
+        scalars = torch.cat([both[:, token], entropy, rank.float()[None], varent[None]]).tolist()  # one host copy
+        p_raw, p_proc, h_raw, h_proc, rank_f, var_raw = scalars
         top_raw, top_proc = _Top(top.values[0], top.indices[0]), _Top(top.values[1], top.indices[1])
         snapshot = None
         if self.config.capture_attention and s % self.config.attn_every == 0:
@@ -292,7 +293,7 @@ class Run:
             attn_snapshot=snapshot,
             stages=self._stage_track(staged, raw_p, proc_p, top_raw.indices, top_proc.indices, token),
             lens=self._lens(token) if self.config.logit_lens else None,
-            varentropy=max(m2_raw - h_raw * h_raw, 0.0) / (LN2 * LN2),  # Var[-log p] = E[log^2 p] - H^2
+            varentropy=var_raw / (LN2 * LN2) if math.isfinite(var_raw) else None,  # in bits^2
             forced=s in self.forced,
         )
 

@@ -257,7 +257,7 @@ def test_default_model_breakdown(default_model):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="on the default model f oscillates along the straight path from the baseline; at 24-32 steps the "
+    reason="on the default model f oscillates along the straight path from the baseline: the "
     "completeness error measured 58-171 % at 24-128 steps and does not shrink with more (bench/explain.py)",
     strict=False,
 )
