@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .frames import METHOD_NAMES
 from .models import LoadedModel
 from .tokens import vocab_for
 from .trace import Components, Explanation, InputScores, StepRecord, TokenRef, Trace
 
 METHODS = ("grad_x_input", "integrated_gradients")
-METHOD_NAMES = {"grad_x_input": "gradient × input", "integrated_gradients": "integrated gradients"}
 IG_STEPS = 32  # Gauss-Legendre nodes; see bench/explain.py for the completeness error at this count
 IG_TOKENS_PER_BATCH = 2048  # interpolation points x positions per backward pass: bounds memory at long prompts
 # IG's baseline: zero token embeddings at every position but the first. Models park attention on the first

@@ -277,6 +277,7 @@ def lens_step_frame(step: StepRecord) -> pd.DataFrame:
 # sampler faced a near tie (the two best processed candidates within TORN_MARGIN of each other).
 TORN_ENTROPY = 1.0
 TORN_MARGIN = 0.10
+METHOD_NAMES = {"grad_x_input": "gradient × input", "integrated_gradients": "integrated gradients"}
 
 
 def margin(step: StepRecord) -> float:
@@ -315,6 +316,7 @@ def attribution_frame(expl: Explanation) -> pd.DataFrame:
         frame = pd.DataFrame(
             {
                 "method": method,
+                "method_name": METHOD_NAMES.get(method, method),
                 "position": expl.inputs.positions,
                 "label": expl.inputs.labels,
                 "score": scores,
