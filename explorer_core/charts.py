@@ -262,3 +262,69 @@ def replay_chart(frame: pd.DataFrame) -> alt.Chart:
         )
         .properties(width=640, height=200, title="Replay check: recorded against recomputed probabilities")
     )
+
+
+def uncertainty_chart(frame: pd.DataFrame, selected: int | None = None, width: int = 640) -> alt.VConcatChart:
+    """Entropy, varentropy, surprisal and top-two margin per step; torn steps are red points."""
+    panels = []
+    for field, title in (
+        ("entropy", "entropy (bits)"),
+        ("varentropy", "varentropy (bits²)"),
+        ("surprisal", "surprisal (bits)"),
+        ("margin", "top-two margin"),
+    ):
+        base = alt.Chart(frame).encode(
+            x=alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1)),
+            y=alt.Y(f"{field}:Q", title=title),
+            tooltip=["step:Q", "label:N", alt.Tooltip(f"{field}:Q", format=".3f"), "torn:N"],
+        )
+        layers = [
+            base.mark_line(color=OTHER),
+            base.mark_point(filled=True, size=40).encode(
+                color=alt.condition("datum.torn", alt.value(CHOSEN), alt.value(OTHER))
+            ),
+        ]
+        if selected is not None:
+            rule = alt.Chart(pd.DataFrame({"step": [selected]})).mark_rule(color="gray", strokeDash=[4, 3])
+            layers.append(rule.encode(x="step:Q"))
+        panels.append(alt.layer(*layers).properties(width=width, height=80))
+    return alt.vconcat(*panels).properties(title="Uncertainty per step (red: torn)")
+
+
+def components_chart(frame: pd.DataFrame, title: str) -> alt.Chart:
+    """Layers x heads heatmap with an MLP column: each part's direct share of the logit difference."""
+    limit = float(frame["value"].abs().max()) if len(frame) else 1.0
+    return (
+        alt.Chart(frame)
+        .mark_rect()
+        .encode(
+            x=alt.X("column:O", sort=alt.EncodingSortField("order", op="min", order="ascending"), title=None),
+            y=alt.Y("layer:O", title="layer", sort="descending"),
+            color=alt.Color(
+                "value:Q",
+                scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit]),
+                title="logit diff",
+            ),
+            tooltip=["layer:Q", "column:N", alt.Tooltip("value:Q", format=".4f")],
+        )
+        .properties(width=alt.Step(22), height=alt.Step(12), title=title)
+    )
+
+
+def attribution_chart(frame: pd.DataFrame, top: int = 15, title: str = "Top positions") -> alt.FacetChart:
+    """Per method, the `top` positions with the largest absolute score; red pushes for the chosen token."""
+    sub = frame[frame["rank"] <= top]
+    return (
+        alt.Chart(sub)
+        .mark_bar()
+        .encode(
+            y=alt.Y("name:N", sort=alt.EncodingSortField("rank", op="min", order="ascending"), title=None),
+            x=alt.X("score:Q", title="score"),
+            color=alt.condition("datum.score > 0", alt.value(CHOSEN), alt.value(OTHER)),
+            tooltip=["method:N", "position:Q", "label:N", alt.Tooltip("score:Q", format=".4f")],
+        )
+        .properties(width=260, height=alt.Step(14))
+        .facet(column=alt.Column("method_name:N", title=None))
+        .resolve_scale(y="independent", x="independent")
+        .properties(title=title)
+    )

@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
         args = replay_parser().parse_args(argv[1:])
         return run_replay(args.trace, args.model, args.dtype, args.device)
+    if argv[:1] == ["explain"]:
+        from .explain import cli_main
+
+        return cli_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig)}

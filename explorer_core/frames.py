@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .trace import Candidates, StepRecord, Trace
+from .trace import Candidates, Explanation, StepRecord, Trace
 
 DIST_NAMES = {"raw": "raw model", "proc": "after processing"}
 
@@ -204,3 +204,72 @@ def lens_step_frame(step: StepRecord) -> pd.DataFrame:
             "p_top": lens.top_probs,
         }
     )
+
+
+# -- uncertainty lane and explanations ---------------------------------------------------------------
+# Torn: the model's own distribution was spread out (raw entropy at least TORN_ENTROPY bits) and the
+# sampler faced a near tie (the two best processed candidates within TORN_MARGIN of each other).
+TORN_ENTROPY = 1.0
+TORN_MARGIN = 0.10
+METHOD_NAMES = {"grad_x_input": "gradient × input", "integrated_gradients": "integrated gradients"}
+
+
+def margin(step: StepRecord) -> float:
+    """Probability gap between the two best processed candidates (the best one's probability if it stood alone)."""
+    probs = step.top_proc.probs
+    return probs[0] - (probs[1] if len(probs) > 1 else 0.0) if probs else 0.0
+
+
+def is_torn(step: StepRecord) -> bool:
+    return step.entropy_raw >= TORN_ENTROPY and margin(step) <= TORN_MARGIN
+
+
+def uncertainty_frame(trace: Trace) -> pd.DataFrame:
+    """Per step: entropy, varentropy (None for older traces), surprisal of the chosen token, top-two margin, torn."""
+    rows = []
+    for s in trace.steps:
+        rows.append(
+            {
+                "step": s.step,
+                "label": s.label,
+                "entropy": s.entropy_raw,
+                "varentropy": s.varentropy,
+                "surprisal": -np.log2(max(s.p_raw, 1e-45)),
+                "margin": margin(s),
+                "torn": is_torn(s),
+            }
+        )
+    cols = ["step", "label", "entropy", "varentropy", "surprisal", "margin", "torn"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def attribution_frame(expl: Explanation) -> pd.DataFrame:
+    """One row per (method, position): score, its rank by size within the method, and 'position: label'."""
+    parts = []
+    for method, scores in expl.inputs.methods.items():
+        frame = pd.DataFrame(
+            {
+                "method": method,
+                "method_name": METHOD_NAMES.get(method, method),
+                "position": expl.inputs.positions,
+                "label": expl.inputs.labels,
+                "score": scores,
+            }
+        )
+        frame["name"] = [f"{p}: {lab}" for p, lab in zip(frame["position"], frame["label"])]
+        frame["rank"] = frame["score"].abs().rank(ascending=False, method="first").astype(int)
+        parts.append(frame)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["method", "position", "score"])
+
+
+def components_frame(expl: Explanation) -> pd.DataFrame:
+    """Layers x (heads, then an MLP column), long form: layer, column, order, value."""
+    c = expl.components
+    rows = [
+        {"layer": layer, "column": f"H{head}", "order": head, "value": v}
+        for layer, row in enumerate(c.heads)
+        for head, v in enumerate(row)
+    ]
+    width = len(c.heads[0]) if c.heads else 0
+    rows += [{"layer": layer, "column": "MLP", "order": width + 1, "value": v} for layer, v in enumerate(c.mlps)]
+    return pd.DataFrame(rows, columns=["layer", "column", "order", "value"])

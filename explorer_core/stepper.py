@@ -303,9 +303,12 @@ class Run:
         raw_p = both[0]
         top = torch.topk(both, k)  # one kernel for both lists
         entropy = torch.special.entr(both).sum(-1)  # (2,) in nats
+        # varentropy, Var[-log p]: log p and the raw logits differ by a constant, so two dot products do it
+        centred = raw - torch.dot(raw_p, raw)  # (vocab,)
+        varent = torch.dot(raw_p, centred * centred)  # nats^2
         rank = (raw > raw[token]).sum() + 1
-        scalars = torch.cat([both[:, token], entropy, rank.float()[None]]).tolist()  # one copy to the host
-        p_raw, p_proc, h_raw, h_proc, rank_f = scalars
+        scalars = torch.cat([both[:, token], entropy, rank.float()[None], varent[None]]).tolist()  # one host copy
+        p_raw, p_proc, h_raw, h_proc, rank_f, var_raw = scalars
         top_raw, top_proc = _Top(top.values[0], top.indices[0]), _Top(top.values[1], top.indices[1])
         snapshot = None
         if self.config.capture_attention and s % self.config.attn_every == 0:
@@ -327,6 +330,7 @@ class Run:
             attn_snapshot=snapshot,
             stages=self._stage_track(staged, raw_p, proc_p, top_raw.indices, top_proc.indices, token),
             lens=self._lens(token) if self.config.logit_lens else None,
+            varentropy=var_raw / (LN2 * LN2) if math.isfinite(var_raw) else None,  # in bits^2
             forced=s in self.forced,
         )
 

@@ -118,6 +118,9 @@ class StepRecord(_Strict):
     )
     stages: StageTrack | None = None
     lens: LensRecord | None = None
+    varentropy: float | None = Field(
+        default=None, ge=0.0, le=16384.0, description="Variance of the raw distribution's surprisal, in bits²."
+    )
     forced: bool = Field(default=False, description="True when the user chose this token (a branch point).")
 
 
@@ -165,6 +168,55 @@ class AttentionInfo(_Strict):
     snapshot_every: int = Field(ge=1)
 
 
+class TokenRef(_Strict):
+    id: TokenId
+    label: TokenText
+
+
+MAX_POSITIONS = MAX_PROMPT_TOKENS + MAX_STEPS
+Score = Annotated[float, Field(ge=-1e9, le=1e9)]
+
+
+class InputScores(_Strict):
+    """Input attribution: per method, one score per earlier position (prompt, then generated tokens)."""
+
+    positions: list[int] = Field(max_length=MAX_POSITIONS)
+    labels: list[TokenText] = Field(max_length=MAX_POSITIONS)
+    methods: dict[Name, list[Score]] = Field(max_length=8)
+    baseline: Name = Field(description="Integrated gradients' baseline.")
+    ig_steps: int = Field(ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _aligned(self) -> InputScores:
+        if len(self.labels) != len(self.positions) or any(len(v) != len(self.positions) for v in self.methods.values()):
+            raise ValueError("input attribution: labels and every method's scores need one value per position")
+        return self
+
+
+class Components(_Strict):
+    """The logit difference split into direct contributions (final norm scale frozen); they sum to it."""
+
+    embed: Score
+    heads: list[list[Score]] = Field(max_length=1024, description="heads[layer][head]")
+    mlps: list[Score] = Field(max_length=1024)
+    attn_bias: list[Score] = Field(max_length=1024, description="Each attention output projection's bias.")
+    bias: Score = Field(description="Final norm's and output head's biases (0 for llama-like models).")
+
+
+class Explanation(_Strict):
+    """Why a step chose `target` over `contrast`: input attribution and component breakdown."""
+
+    step: int = Field(ge=0, lt=MAX_STEPS)
+    branch: int = Field(default=0, ge=0, le=1000)
+    target: TokenRef
+    contrast: TokenRef
+    logit_diff: Score
+    inputs: InputScores
+    components: Components
+    checks: dict[Name, Score] = Field(max_length=16)
+    timing_s: dict[Name, Annotated[float, Field(ge=0.0)]] = Field(max_length=16)
+
+
 class Trace(_Strict):
     """A whole run. Everything here is plain data: it round-trips through JSON unchanged."""
 
@@ -184,6 +236,7 @@ class Trace(_Strict):
     timing: Timing
     attention: AttentionInfo | None = None
     branches: list[Branch] = Field(default_factory=list, max_length=64)
+    explanations: list[Explanation] = Field(default_factory=list, max_length=64, description="Saved 'Explain' results.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Trace:

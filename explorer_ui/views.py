@@ -182,7 +182,7 @@ def render_trace(
 
     `state_key` names the session entry holding (trace, attention), so branches can be added to it.
     """
-    from . import insight
+    from . import explain_view, insight
 
     if state_key is not None:
         insight.settle_branch(state_key)  # a branch cut short by Stop joins the trace as a partial branch
@@ -198,7 +198,7 @@ def render_trace(
     st.subheader("Inspect a step")
     step = pick_step(view, key + "_step")
     token_table(view, key + "_step")
-    tabs = st.tabs(["Candidates", "Attention", "Which rule?", "Logit lens", "Branch from here"])
+    tabs = st.tabs(["Candidates", "Attention", "Which rule?", "Logit lens", "Branch from here", "Why this token?"])
     with tabs[0]:
         render_step(view, step)
     with tabs[1]:
@@ -217,6 +217,8 @@ def render_trace(
             st.caption("Branching works on the Generate and Trace viewer pages.")
         else:
             insight.render_branch_form(trace, branch_id, step, state_key, live_run)
+    with tabs[5]:
+        explain_view.render_explain(trace, branch_id, step, key, state_key)
     render_timeline(view, step)
     insight.render_branches(trace)
     with st.expander("Replay check: re-score these tokens with the model"):

@@ -1,0 +1,421 @@
+"""Why this token: input attribution and an exact component breakdown of one step's logit difference.
+
+For step N of a trace the explained quantity is f = logit[target] - logit[contrast] at the last position
+of the sequence prompt + tokens 0..N-1, recomputed on request with one uncached (teacher-forced) forward;
+nothing here runs during generation.
+
+- Input attribution: gradient x input (Captum), and integrated gradients along a straight path from a
+  baseline (see BASELINE); position information, norms and weights are unchanged. Scores are summed over
+  the embedding dimension, one per position; IG's completeness error is reported with them. IG is written
+  here, not taken from Captum, because its nodes must be packed near the baseline (see IG_WARP) and
+  Captum's IntegratedGradients offers only its fixed node rules publicly.
+- Component breakdown: the final residual at the last position is the embedding plus every attention
+  block's output plus every MLP's output (pre-norm transformers). With the final norm's scale frozen at
+  its actual value the logit difference is linear in that residual, so it splits exactly into the
+  embedding, each head (its slice of the output projection's input times that slice of the projection),
+  each MLP, and the constant biases. Read from the same forward by hooks on each output projection and MLP.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .frames import METHOD_NAMES
+from .models import LoadedModel
+from .tokens import vocab_for
+from .trace import Components, Explanation, InputScores, StepRecord, TokenRef, Trace
+
+METHODS = ("grad_x_input", "integrated_gradients")
+IG_STEPS = 32  # Gauss-Legendre nodes; see bench/explain.py for the completeness error at this count
+IG_TOKENS_PER_BATCH = 2048  # interpolation points x positions per backward pass: bounds memory at long prompts
+# IG's baseline: zero token embeddings at every position but the first. Models park attention on the first
+# token, and moving it made the path too rough to integrate; a filler token (EOS) instead of zeros gave a
+# rough path too (measured on the default model). RMSNorm turns the start of the zero path into a steep
+# step, so the path is integrated in t with alpha = t**IG_WARP, which packs the nodes near zero.
+BASELINE = "zero embeddings at every position but the first, which keeps its own token"
+IG_WARP = 3.0
+SUM_TOLERANCE = 1e-2  # the parts must rebuild the logit difference this closely, or the model is refused
+
+
+class ExplainError(ValueError):
+    """A step cannot be explained; the message names the problem and what to do."""
+
+
+@dataclass
+class Parts:
+    """The modules the breakdown hooks, found by name on llama-like and GPT-2 models."""
+
+    blocks: list
+    out_proj: list  # per block: the attention's output projection (nn.Linear or GPT-2's Conv1D)
+    mlps: list
+    final_norm: torch.nn.Module
+    n_heads: int
+    transposed: bool  # Conv1D stores (in, out); nn.Linear stores (out, in)
+
+
+def find_parts(model) -> Parts:
+    """Locate blocks, output projections, MLPs and the final norm, or say what is missing."""
+    base = getattr(model, "base_model", model)
+    blocks = getattr(base, "layers", None) or getattr(base, "h", None)
+    norm = getattr(base, "norm", None) or getattr(base, "ln_f", None)
+    name = type(model).__name__
+    expected = (
+        "explanations need a llama-like model (model.layers[i].self_attn.o_proj, .mlp, model.norm) "
+        "or GPT-2 (transformer.h[i].attn.c_proj, .mlp, transformer.ln_f)"
+    )
+    if blocks is None or norm is None:
+        raise ExplainError(f"{name} has no list of decoder blocks or no final norm where expected: {expected}")
+    out_proj, mlps = [], []
+    for i, block in enumerate(blocks):
+        attn = getattr(block, "self_attn", None) or getattr(block, "attn", None)
+        proj = getattr(attn, "o_proj", None) or getattr(attn, "c_proj", None)
+        mlp = getattr(block, "mlp", None)
+        if proj is None or mlp is None:
+            raise ExplainError(f"{name} block {i} has no separate attention output projection or MLP: {expected}")
+        out_proj.append(proj)
+        mlps.append(mlp)
+    n_heads = int(model.config.num_attention_heads)
+    transposed = type(out_proj[0]).__name__ == "Conv1D"
+    width = out_proj[0].weight.shape[0 if transposed else 1]
+    if width % n_heads:
+        raise ExplainError(f"{name}: output projection input width {width} is not a multiple of {n_heads} heads")
+    return Parts(list(blocks), out_proj, mlps, norm, n_heads, transposed)
+
+
+def resolve_contrast(lm: LoadedModel, step: StepRecord, contrast: int | str | None) -> int:
+    """The contrast token id: the best other processed candidate by default, else an id or one typed token."""
+    if contrast is None:
+        others = [i for i in step.top_proc.ids + step.top_raw.ids if i != step.token_id]
+        if not others:
+            raise ExplainError(f"step {step.step} recorded no candidate besides the chosen one: give a contrast token")
+        return others[0]
+    if isinstance(contrast, int) or (isinstance(contrast, str) and contrast.strip().isdigit()):
+        token = int(contrast)
+    else:
+        ids = lm.tokenizer(contrast, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ExplainError(
+                f"contrast {contrast!r} is {len(ids)} tokens for this tokenizer: type exactly one token or give its id"
+            )
+        token = int(ids[0])
+    if not 0 <= token < lm.vocab_size:
+        raise ExplainError(f"contrast id {token} is outside the vocabulary (0..{lm.vocab_size - 1})")
+    if token == step.token_id:
+        raise ExplainError(f"contrast {contrast!r} is the chosen token itself: pick a different token")
+    return token
+
+
+def sequence_for(lm: LoadedModel, trace: Trace, step: int, branch: int = 0) -> tuple[list[int], StepRecord]:
+    """Token ids the model saw before step `step` (prompt + earlier tokens) and that step's record."""
+    steps = trace.path_steps(branch)
+    if not 0 <= step < len(steps):
+        raise ExplainError(f"step {step} is out of range: this path has steps 0..{len(steps) - 1}")
+    if lm.vocab_size != trace.model.vocab_size:
+        raise ExplainError(
+            f"the loaded model's vocabulary has {lm.vocab_size} tokens but the trace's has "
+            f"{trace.model.vocab_size}: explain with the model that made it ({trace.model.name})"
+        )
+    ids = list(trace.prompt_ids) + [s.token_id for s in steps[:step]]
+    lm.check_fits(len(ids), f"explaining step {step}")
+    return ids, steps[step]
+
+
+def explain(
+    lm: LoadedModel,
+    trace: Trace,
+    step: int,
+    contrast: int | str | None = None,
+    branch: int = 0,
+    methods: Sequence[str] = METHODS,
+    ig_steps: int = IG_STEPS,
+) -> Explanation:
+    """Explain why step `step` chose its token over `contrast` (default: the best other processed candidate)."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ExplainError(f"unknown attribution method {bad[0]!r}: choose from {', '.join(METHODS)}")
+    parts = find_parts(lm.model)
+    ids, record = sequence_for(lm, trace, step, branch)
+    target, other = record.token_id, resolve_contrast(lm, record, contrast)
+    input_ids = torch.tensor([ids], device=lm.device)  # (1, T)
+    timing: dict[str, float] = {}
+    vocab = vocab_for(lm.tokenizer)
+    start = time.perf_counter()
+    comps, logit_diff, checks = breakdown(lm.model, parts, input_ids, target, other)
+    timing["components"] = time.perf_counter() - start
+    scores: dict[str, list[float]] = {}
+    for method in methods:
+        start = time.perf_counter()
+        values, error = attribute(lm.model, input_ids, target, other, method, ig_steps)
+        timing[method] = time.perf_counter() - start
+        scores[method] = values
+        if error is not None:
+            checks[f"{method}_completeness_error"] = error
+    labels = list(trace.prompt_labels) + [s.label for s in trace.path_steps(branch)[:step]]
+    return Explanation(
+        step=step,
+        branch=branch,
+        target=TokenRef(id=target, label=vocab.label(target)),
+        contrast=TokenRef(id=other, label=vocab.label(other)),
+        logit_diff=logit_diff,
+        inputs=InputScores(
+            positions=list(range(len(ids))),
+            labels=labels,
+            methods=scores,
+            baseline=BASELINE,
+            ig_steps=ig_steps,
+        ),
+        components=comps,
+        checks=checks,
+        timing_s=timing,
+    )
+
+
+def _unembed_direction(model, target: int, other: int) -> tuple[torch.Tensor, float]:
+    """(d,) difference of the two tokens' output rows, and the output head's bias difference (0 if none)."""
+    head = model.get_output_embeddings()
+    w = head.weight.detach().float()
+    bias = getattr(head, "bias", None)
+    b = float(bias[target] - bias[other]) if bias is not None else 0.0
+    return w[target] - w[other], b
+
+
+def _frozen_norm(norm: torch.nn.Module, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Direction u with component·u = that component's share of the logit difference, and the norm bias's share.
+
+    x: (d,) the residual entering the final norm; d: (d,) unembedding difference. The norm's scale is
+    frozen at its value for x, which makes the map from residual to logit difference linear.
+    """
+    weight = norm.weight.detach().float()
+    if isinstance(norm, torch.nn.LayerNorm):
+        std = torch.sqrt(x.var(unbiased=False) + norm.eps)
+        v = weight * d
+        bias = float(norm.bias.detach().float() @ d) if norm.bias is not None else 0.0
+        return (v - v.mean()) / std, bias  # centring folded into the direction: (c - mean c)·v = c·(v - mean v)
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
+    if "RMSNorm" not in type(norm).__name__ or eps is None:
+        raise ExplainError(f"final norm {type(norm).__name__} is neither LayerNorm nor RMSNorm: not supported")
+    scale = torch.rsqrt(x.pow(2).mean() + eps)
+    return weight * d * scale, 0.0
+
+
+@torch.inference_mode()
+def breakdown(
+    model, parts: Parts, input_ids: torch.Tensor, target: int, other: int
+) -> tuple[Components, float, dict[str, float]]:
+    """One hooked forward: the logit difference at the last position and its exact split."""
+    last = _capture(model, parts, input_ids)
+    logits = last["logits"]  # (vocab,)
+    logit_diff = float(logits[target] - logits[other])
+    d, head_bias = _unembed_direction(model, target, other)
+    u, norm_bias = _frozen_norm(parts.final_norm, last["norm_in"], d)
+    embed = float(last["embed"] @ u)
+    heads, mlps, attn_bias = [], [], []
+    for layer, proj in enumerate(parts.out_proj):
+        w = proj.weight.detach().float()
+        w_in_out = w if parts.transposed else w.T  # (H*dh, d)
+        z = last["z"][layer]  # (H*dh,) the projection's input at the last position
+        per_head = (z.view(parts.n_heads, -1) * (w_in_out @ u).view(parts.n_heads, -1)).sum(-1)  # (H,)
+        heads.append(per_head.tolist())
+        attn_bias.append(float(proj.bias.detach().float() @ u) if proj.bias is not None else 0.0)
+        mlps.append(float(last["mlp"][layer] @ u))
+    bias = norm_bias + head_bias
+    total = embed + sum(map(sum, heads)) + sum(mlps) + sum(attn_bias) + bias
+    rebuilt = last["embed"] + sum(last["attn"]) + sum(last["mlp"])  # (d,) residual from the hooked parts
+    resid_error = float((rebuilt - last["norm_in"]).abs().max() / last["norm_in"].abs().max().clamp_min(1e-12))
+    if abs(total - logit_diff) > SUM_TOLERANCE * max(1.0, abs(logit_diff)) or resid_error > 1e-3:
+        raise ExplainError(
+            f"{type(model).__name__}: the hooked parts do not rebuild the logit difference ({total:.4f} vs "
+            f"{logit_diff:.4f}; residual error {resid_error:.1e}); this architecture adds something between "
+            "the blocks' outputs and the residual stream (e.g. extra norms), so an exact breakdown is not available"
+        )
+    comps = Components(embed=embed, heads=heads, mlps=mlps, attn_bias=attn_bias, bias=bias)
+    return comps, logit_diff, {"sum_of_parts": total, "sum_error": abs(total - logit_diff)}
+
+
+def _capture(model, parts: Parts, input_ids: torch.Tensor) -> dict:
+    """Forward with hooks that keep the last position of each projection input/output, MLP output and norm input.
+
+    The model is shared: the hooks record only calls from this thread, so another session's generation
+    running at the same moment is neither recorded nor changed.
+    """
+    owner = threading.get_ident()
+    got: dict = {"z": {}, "attn": {}, "mlp": {}}
+
+    def mine() -> bool:
+        return threading.get_ident() == owner
+
+    def on_proj(layer):
+        def hook(_module, args, output):
+            if mine():
+                got["z"][layer] = args[0][0, -1].float()
+                got["attn"][layer] = output[0, -1].float()
+
+        return hook
+
+    def on_mlp(layer):
+        def hook(_module, _args, output):
+            if mine():
+                got["mlp"][layer] = output[0, -1].float()
+
+        return hook
+
+    def on_norm(_module, args):
+        if mine():
+            got["norm_in"] = args[0][0, -1].float()
+
+    handles = [parts.final_norm.register_forward_pre_hook(on_norm)]
+    handles += [p.register_forward_hook(on_proj(i)) for i, p in enumerate(parts.out_proj)]
+    handles += [m.register_forward_hook(on_mlp(i)) for i, m in enumerate(parts.mlps)]
+    try:
+        out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    n = len(parts.blocks)
+    if len(got["z"]) != n or len(got["mlp"]) != n or "norm_in" not in got:
+        raise ExplainError(f"{type(model).__name__}: not every block's projection and MLP ran; cannot break it down")
+    return {
+        "logits": out.logits[0, -1].float(),
+        "embed": out.hidden_states[0][0, -1].float(),  # the first block's input: token (+ position) embedding
+        "norm_in": got["norm_in"],
+        "z": [got["z"][i] for i in range(n)],
+        "attn": [got["attn"][i] for i in range(n)],
+        "mlp": [got["mlp"][i] for i in range(n)],
+    }
+
+
+def logit_diff_fn(model, target: int, other: int):
+    """f(embeddings (B, T, d)) -> (B,) logit difference at the last position, for Captum."""
+
+    def f(embeds: torch.Tensor) -> torch.Tensor:
+        logits = model(inputs_embeds=embeds, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # (B, vocab)
+        return logits[:, target] - logits[:, other]
+
+    return f
+
+
+def baseline_embeds(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """IG's baseline (1, T, d): zero embeddings everywhere but position 0, which keeps its own (see BASELINE)."""
+    with torch.no_grad():
+        first = model.get_input_embeddings()(input_ids[:, :1]).float()  # (1, 1, d)
+        base = torch.zeros(input_ids.shape + first.shape[-1:], dtype=first.dtype, device=first.device)
+        base[:, :1] = first
+    return base
+
+
+def ig_nodes(n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points alpha in (0, 1) and weights: Gauss-Legendre in t, mapped by alpha = t**IG_WARP (denser near 0)."""
+    import numpy as np
+
+    t, w = np.polynomial.legendre.leggauss(n_steps)
+    t, w = (t + 1) / 2, w / 2
+    alpha, weight = t**IG_WARP, w * IG_WARP * t ** (IG_WARP - 1)  # d alpha = IG_WARP t^(IG_WARP-1) dt
+    return torch.tensor(alpha, dtype=torch.float32), torch.tensor(weight, dtype=torch.float32)
+
+
+def integrated_gradients(f, x: torch.Tensor, base: torch.Tensor, n_steps: int) -> tuple[torch.Tensor, float]:
+    """(1, T, d) attributions along the straight path from `base` to `x`, and the relative completeness error."""
+    alphas, weights = ig_nodes(n_steps)
+    batch = max(1, IG_TOKENS_PER_BATCH // x.shape[1])
+    total = torch.zeros_like(x)
+    for i in range(0, n_steps, batch):
+        a = alphas[i : i + batch].view(-1, 1, 1).to(x.device)  # (b, 1, 1)
+        points = (base + a * (x - base)).requires_grad_(True)  # (b, T, d)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(f(points).sum(), points)
+        total += (grad * weights[i : i + batch].view(-1, 1, 1).to(x.device)).sum(0, keepdim=True)
+    attr = total * (x - base)
+    with torch.no_grad():
+        gap = float(f(x)[0] - f(base)[0])  # what the scores must add up to
+    return attr, abs(float(attr.sum()) - gap) / max(abs(gap), 1e-6)
+
+
+def attribute(
+    model, input_ids: torch.Tensor, target: int, other: int, method: str, ig_steps: int = IG_STEPS
+) -> tuple[list[float], float | None]:
+    """One score per position (summed over the embedding), and IG's relative completeness error."""
+    f = logit_diff_fn(model, target, other)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(input_ids).float()  # (1, T, d)
+    if method == "grad_x_input":
+        from captum.attr import InputXGradient
+
+        with torch.enable_grad():
+            attr = InputXGradient(f).attribute(embeds.clone().requires_grad_(True))  # (1, T, d)
+        return attr[0].sum(-1).tolist(), None
+    attr, error = integrated_gradients(f, embeds, baseline_embeds(model, input_ids), ig_steps)
+    return attr[0].sum(-1).tolist(), error
+
+
+def top_components(comps: Components, n: int = 10) -> list[tuple[str, float]]:
+    """The n parts with the largest absolute share, as (name, value), largest first."""
+    named = [("embedding", comps.embed), ("biases", comps.bias + sum(comps.attn_bias))]
+    named += [(f"L{layer} H{head}", v) for layer, row in enumerate(comps.heads) for head, v in enumerate(row)]
+    named += [(f"L{layer} MLP", v) for layer, v in enumerate(comps.mlps)]
+    return sorted(named, key=lambda kv: abs(kv[1]), reverse=True)[:n]
+
+
+def cli_main(argv: list[str]) -> int:
+    """`python -m explorer_core explain TRACE.json --step N ...`: exit 0 on success, 2 when it cannot run."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    from . import models
+    from . import trace as trace_io
+    from .limits import Limits
+
+    p = argparse.ArgumentParser(
+        prog="python -m explorer_core explain",
+        description="Explain why a step of a saved trace chose its token over a contrast token: input "
+        "attribution (gradient x input, integrated gradients) and the logit difference split into the "
+        "embedding, every attention head and every MLP. Recomputed with the model named in the trace.",
+    )
+    p.add_argument("trace", help="Path to trace.json.")
+    p.add_argument("--step", type=int, required=True, help="Step to explain (0 = first generated token).")
+    p.add_argument("--contrast", default=None, help="Contrast token: an id or one token's text (default: runner-up).")
+    p.add_argument("--branch", type=int, default=0, help="Path to explain: 0 = main run, else a branch id.")
+    p.add_argument("--ig_steps", type=int, default=IG_STEPS, help=f"Integrated gradients' steps (default {IG_STEPS}).")
+    p.add_argument("--model", default=None, help="Model to use (default: the one named in the trace).")
+    p.add_argument("--out", default=None, help="Write the JSON here (default: print it).")
+    args = p.parse_args(argv)
+    try:
+        if not 1 <= args.ig_steps <= 1024:
+            raise ExplainError(f"--ig_steps {args.ig_steps} is out of range: use 1..1024")
+        trace, _ = trace_io.load(args.trace)
+        if not 0 <= args.branch <= 1000 or (args.branch and trace.branch(args.branch) is None):
+            raise ExplainError(f"the trace has no branch {args.branch}")
+        lm = models.load(args.model or trace.model.name, limits=Limits.from_env())
+        result = explain(lm, trace, args.step, args.contrast, branch=args.branch, ig_steps=args.ig_steps)
+    except (trace_io.TraceError, models.ModelLoadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(result.model_dump(), indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    else:
+        print(text)
+    print(summary(result), file=sys.stderr)
+    return 0
+
+
+def summary(e: Explanation) -> str:
+    """A few lines for people: the difference, its check, each method's top positions, the top components."""
+    lines = [
+        f"step {e.step}: {e.target.label!r} over {e.contrast.label!r}, logit difference {e.logit_diff:.4f} "
+        f"(parts sum to {e.checks['sum_of_parts']:.4f})"
+    ]
+    for method, scores in e.inputs.methods.items():
+        order = sorted(range(len(scores)), key=lambda i: abs(scores[i]), reverse=True)[:5]
+        err = e.checks.get(f"{method}_completeness_error")
+        extra = f" (completeness error {err:.1%})" if err is not None else ""
+        tops = ", ".join(f"{i}:{e.inputs.labels[i]!r} {scores[i]:+.3f}" for i in order)
+        lines.append(f"{METHOD_NAMES[method]}{extra}: {tops}")
+    lines.append("top components: " + ", ".join(f"{n} {v:+.3f}" for n, v in top_components(e.components, 5)))
+    return "\n".join(lines)

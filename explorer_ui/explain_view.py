@@ -1,0 +1,182 @@
+"""'Why this token?': explain one step on request (input attribution, component breakdown) and the uncertainty lane.
+
+Nothing here runs while generating: the model is asked only when the user presses Explain. Results live in
+the session (per trace, path and step) and can be kept in the trace, so they come back when it is reloaded.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from explorer_core import charts, frames
+from explorer_core.config import GenerationConfig
+from explorer_core.explain import IG_STEPS, METHOD_NAMES, ExplainError, explain, top_components
+from explorer_core.trace import Explanation, Trace
+
+from . import resources
+from .views import escape_text
+
+RESULTS = "explain_results"  # session entry: {(trace id, branch, step): Explanation}, newest last
+
+
+def _trace_id(trace: Trace) -> tuple:
+    return (trace.created, trace.input_text, trace.output_text)
+
+
+def current(trace: Trace, branch: int, step: int) -> Explanation | None:
+    """The newest explanation of this step: made in this session, else kept in the trace."""
+    made = st.session_state.get(RESULTS, {}).get((_trace_id(trace), branch, step))
+    if made is not None:
+        return made
+    kept = [e for e in trace.explanations if e.branch == branch and e.step == step]
+    return kept[-1] if kept else None
+
+
+def render_explain(trace: Trace, branch: int, step: int, key: str, state_key: str | None = None) -> None:
+    """The step inspector's 'Why this token?' tab: controls, then the explanation of this step if there is one."""
+    s = trace.path_steps(branch)[step]
+    labels = {**dict(zip(s.top_raw.ids, s.top_raw.labels)), **dict(zip(s.top_proc.ids, s.top_proc.labels))}
+    options = [i for i in dict.fromkeys(s.top_proc.ids + s.top_raw.ids) if i != s.token_id]
+    st.caption(
+        f"Why {s.label!r} and not another token? Explain recomputes step {step} with the trace's model: which "
+        "earlier positions pushed the chosen token's logit against the contrast, and how the embedding, each "
+        "head and each MLP add up to the logit difference."
+    )
+    with st.form(key=f"{key}_explain_form"):
+        pick = st.selectbox(
+            "Contrast token",
+            options or [None],
+            format_func=lambda i: "(no other candidate recorded)" if i is None else f"{labels.get(i, '?')}  (id {i})",
+            key=f"{key}_explain_pick",
+        )
+        typed = st.text_input("…or type one token (or its id)", key=f"{key}_explain_typed")
+        ig_steps = st.number_input(
+            "Integrated gradients: steps",
+            4,
+            512,
+            IG_STEPS,
+            step=4,
+            key=f"{key}_explain_ig_steps",
+            help="More steps cost proportionally more time and bring the completeness error down.",
+        )
+        go = st.form_submit_button("Explain")
+    if go:
+        _run(trace, branch, step, typed.strip() or pick, int(ig_steps))
+    result = current(trace, branch, step)
+    if result is not None:
+        render_result(result, key)
+        _keep_button(trace, result, key, state_key)
+    render_uncertainty(trace.model_copy(update={"steps": trace.path_steps(branch)}), step)
+
+
+def _run(trace: Trace, branch: int, step: int, contrast, ig_steps: int) -> None:
+    if contrast is None:
+        st.text("Type a contrast token: this step recorded no other candidate.")
+        return
+    try:
+        config = GenerationConfig.from_dict(trace.config)
+    except ValueError as exc:
+        st.text(f"This trace's settings are not valid here: {exc}")
+        return
+    lm = resources.get_model(config.model, config.dtype, config.device)
+    if lm is None:
+        return
+    try:
+        with st.spinner("Explaining: one forward for the breakdown, then the gradients…"):
+            result = explain(lm, trace, step, contrast, branch=branch, ig_steps=ig_steps)
+    except (ExplainError, ValueError, RuntimeError) as exc:  # a model that does not fit, a bad token
+        st.text(f"Cannot explain this step: {exc}")
+        return
+    st.session_state.setdefault(RESULTS, {})[(_trace_id(trace), branch, step)] = result
+
+
+def _keep_button(trace: Trace, result: Explanation, key: str, state_key: str | None) -> None:
+    if state_key is None or result in trace.explanations:
+        return
+    if st.button("Keep this explanation in the trace (saved with it)", key=f"{key}_explain_keep"):
+        full, attn = st.session_state[state_key]
+        st.session_state[state_key] = (full.model_copy(update={"explanations": full.explanations + [result]}), attn)
+        st.rerun()
+
+
+def score_stream_html(labels: list[str], scores: list[float]) -> str:
+    """Tokens shaded by score: red pushes towards the chosen token, blue towards the contrast."""
+    top = max((abs(v) for v in scores), default=0.0) or 1.0
+    spans = []
+    for i, (label, v) in enumerate(zip(labels, scores)):
+        alpha = 0.05 + 0.75 * abs(v) / top
+        rgb = "214,39,40" if v > 0 else "31,119,180"
+        tip = escape_text(f"position {i}: {label}  score {v:+.4f}")
+        spans.append(
+            f'<span title="{tip}" style="background: rgba({rgb},{alpha:.2f}); border-radius: 3px; '
+            f'padding: 1px 2px; margin: 1px; display: inline-block; font-family: monospace;">'
+            f"{escape_text(label)}</span>"
+        )
+    return '<div style="line-height: 1.9;">' + "".join(spans) + "</div>"
+
+
+def render_result(e: Explanation, key: str) -> None:
+    checks = e.checks
+    st.text(
+        f"Step {e.step}: {e.target.label!r} over {e.contrast.label!r}: logit difference {e.logit_diff:.4f}; "
+        f"embedding + heads + MLPs + biases = {checks.get('sum_of_parts', float('nan')):.4f}"
+    )
+    errors = [
+        f"{METHOD_NAMES.get(m, m)} completeness error {checks[f'{m}_completeness_error']:.1%}"
+        for m in e.inputs.methods
+        if f"{m}_completeness_error" in checks
+    ]
+    st.caption(
+        f"Integrated gradients: {e.inputs.ig_steps} steps from {e.inputs.baseline}. "
+        + "; ".join(errors)
+        + f". Took {sum(e.timing_s.values()):.1f} s."
+    )
+    worst = max((checks.get(f"{m}_completeness_error", 0.0) for m in e.inputs.methods), default=0.0)
+    if worst > 0.05:
+        st.warning(
+            f"Integrated gradients' scores add up to f(input) - f(baseline) only within {worst:.0%} (aim: 5 %): "
+            "treat them as rough and raise the steps."
+        )
+    methods = list(e.inputs.methods)
+    if methods:
+        method = st.radio(
+            "Shade the tokens by",
+            methods,
+            format_func=lambda m: METHOD_NAMES.get(m, m),
+            horizontal=True,
+            key=f"{key}_explain_method",
+        )
+        st.html(score_stream_html(e.inputs.labels, e.inputs.methods[method]))
+        st.altair_chart(charts.attribution_chart(frames.attribution_frame(e)), width="content")
+    left, right = st.columns([1, 2])
+    left.caption("Top 10 components (share of the logit difference)")
+    left.dataframe(
+        [{"component": n, "share": v} for n, v in top_components(e.components, 10)],
+        hide_index=True,
+        column_config={"share": st.column_config.NumberColumn(format="%+.4f")},
+    )
+    right.altair_chart(
+        charts.components_chart(frames.components_frame(e), "Each head's and MLP's share of the logit difference"),
+        width="content",
+    )
+
+
+def render_uncertainty(view: Trace, step: int) -> None:
+    frame = frames.uncertainty_frame(view)
+    st.altair_chart(charts.uncertainty_chart(frame, selected=step), width="content")
+    torn = frame.loc[frame["torn"], "step"].tolist()
+    st.caption(
+        f"Torn steps (raw entropy ≥ {frames.TORN_ENTROPY:g} bit and the two best processed candidates within "
+        f"{frames.TORN_MARGIN:g} of each other): {', '.join(map(str, torn)) or 'none'}. Varentropy is the "
+        "variance of the raw distribution's surprisal (missing in traces made before it was recorded)."
+    )
+
+
+def render_heads_breakdown(trace: Trace, step: int, branch: int = 0) -> None:
+    """For the Heads page: the layers x heads (+ MLP) breakdown of this step, once it has been explained."""
+    result = current(trace, branch, step)
+    if result is None:
+        st.caption(f"Step {step} has not been explained yet: press Explain in the step inspector's 'Why this token?'.")
+        return
+    title = f"Step {step}: each head's and MLP's share of logit({result.target.label}) - logit({result.contrast.label})"
+    st.altair_chart(charts.components_chart(frames.components_frame(result), title), width="content")
