@@ -8,6 +8,7 @@ never imports streamlit.
 from __future__ import annotations
 
 import importlib.util
+import signal
 import subprocess
 import sys
 import tomllib
@@ -79,7 +80,10 @@ def run_app(options: list[str]) -> int:
         return 2
     command = [sys.executable, "-m", "streamlit", "run", str(app), *config_flags(app), *options]
     child = subprocess.Popen(command)
-    try:
-        return child.wait()
-    except KeyboardInterrupt:  # Ctrl-C reaches the child too; wait for it to shut down cleanly
-        return child.wait()
+    # Ctrl-C reaches the child by itself (same process group); a plain `kill` of this process is passed on.
+    signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:  # wait for the child to shut down cleanly
+            continue
