@@ -21,7 +21,8 @@ $(STAMP): requirements.txt | $(PY)
 	touch $@
 
 $(DEV_STAMP): $(STAMP) requirements-dev.txt
-	$(PIP) install -q pytest==9.2.0 hypothesis==6.170.17 playwright==1.65.2 ruff==0.17.6
+	$(PIP) install -q pytest==9.2.0 hypothesis==6.170.17 playwright==1.65.2 ruff==0.17.6 \
+		nbclient==0.11.0 nbformat==5.11.1 ipykernel==7.4.0 nbconvert==7.17.2
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium not installed: the browser test will be skipped"
 	touch $@

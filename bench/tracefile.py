@@ -8,6 +8,7 @@ from pathlib import Path
 
 from explorer_core import charts, frames
 from explorer_core import trace as trace_io
+from explorer_core import tracefile
 from explorer_core.config import GenerationConfig
 from explorer_core.models import LoadedModel
 from explorer_core.stepper import Run
@@ -30,8 +31,8 @@ def size_and_io(lm: LoadedModel, rounds: int = 5) -> tuple[dict, list[Series]]:
         save = Series("save trace.json + companion (256 steps)")
         load = Series("load and validate both (256 steps)")
         for _ in range(rounds):
-            save.values.append(timed(lambda: trace_io.save(trace, attn, path)))
-            load.values.append(timed(lambda: trace_io.load(path)))
+            save.values.append(timed(lambda: tracefile.save(trace, attn, path)))
+            load.values.append(timed(lambda: tracefile.load(path)))
         sizes = {"trace.json": path.stat().st_size, "trace.attn.npz": (Path(tmp) / "trace.attn.npz").stat().st_size}
     sizes["prompt tokens"] = trace.prompt_len
     return sizes, [save, load]
@@ -55,8 +56,8 @@ def render_all(trace, attn) -> None:
 def viewer_render(lm: LoadedModel, rounds: int = 5) -> list[Series]:
     trace, attn = make(lm, 512)
     with tempfile.TemporaryDirectory() as tmp:
-        path = trace_io.save(trace, attn, Path(tmp) / "trace.json")
-        trace, attn = trace_io.load(path)  # as the viewer sees it: float16 from disk
+        path = tracefile.save(trace, attn, Path(tmp) / "trace.json")
+        trace, attn = tracefile.load(path)  # as the viewer sees it: float16 from disk
     fn = Series("render every chart of a 512-step trace (rendering functions)")
     app = Series("viewer page run with a 512-step trace loaded (AppTest)")
     for _ in range(rounds):

@@ -4,3 +4,16 @@ Pure Python: nothing here imports streamlit. The app and the CLI render what thi
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`explorer_core.watch` and `explorer_core.Trace`, imported on first use (torch loads only then)."""
+    if name == "watch":
+        from .notebook import watch
+
+        return watch
+    if name == "Trace":
+        from .trace import Trace
+
+        return Trace
+    raise AttributeError(f"module 'explorer_core' has no attribute {name!r}")

@@ -369,6 +369,7 @@ def cli_main(argv: list[str]) -> int:
 
     from . import models
     from . import trace as trace_io
+    from . import tracefile
     from .limits import Limits
 
     p = argparse.ArgumentParser(
@@ -388,7 +389,7 @@ def cli_main(argv: list[str]) -> int:
     try:
         if not 1 <= args.ig_steps <= 1024:
             raise ExplainError(f"--ig_steps {args.ig_steps} is out of range: use 1..1024")
-        trace, _ = trace_io.load(args.trace)
+        trace, _ = tracefile.load(args.trace)
         if not 0 <= args.branch <= 1000 or (args.branch and trace.branch(args.branch) is None):
             raise ExplainError(f"the trace has no branch {args.branch}")
         lm = models.load(args.model or trace.model.name, limits=Limits.from_env())

@@ -76,8 +76,8 @@ def _stream(trace: Trace) -> str:
     return "".join(spans)
 
 
-def build(trace: Trace, attention: AttentionStore | None) -> str:
-    """The whole page as a string."""
+def build(trace: Trace, attention: AttentionStore | None, vega_js: str | None = None) -> str:
+    """The whole page as a string. vega_js replaces the bundled Vega script (a notebook shares one copy)."""
     data = {
         "timeline": charts.timeline_chart(frames.timeline_frame(trace)).to_dict(),
         "topk": [
@@ -105,7 +105,7 @@ def build(trace: Trace, attention: AttentionStore | None) -> str:
         f"top-p {trace.config.get('top_p')} · top-k {trace.config.get('top_k')} · seed {trace.config.get('seed')}"
     )
     return _PAGE.format(
-        bundle=vlc.javascript_bundle(),
+        bundle=vlc.javascript_bundle() if vega_js is None else vega_js,
         meta=html.escape(meta),
         prompt=html.escape(trace.input_text),
         stream=_stream(trace),

@@ -76,6 +76,21 @@ class LoadedModel:
         value = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         return int(value) if value else None
 
+    @classmethod
+    def wrap(cls, model: Any, tokenizer: Any, name: str | None = None) -> LoadedModel:
+        """A model and tokenizer the caller already loaded, used as they are: no copy, no move, no mode change."""
+        if tokenizer is None:
+            raise ValueError("a model object needs its tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...)")
+        if not callable(getattr(model, "get_output_embeddings", None)) or not hasattr(model, "generation_config"):
+            raise ValueError(
+                f"{type(model).__name__} is not a transformers causal language model: load one with "
+                "AutoModelForCausalLM.from_pretrained(...) or pass a model name"
+            )
+        name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        weight = next(model.parameters())
+        dtype = str(weight.dtype).removeprefix("torch.")
+        return cls(model, tokenizer, ModelSource(str(name), str(name)), str(weight.device), dtype, 0.0)
+
     def check_fits(self, positions: int, what: str) -> None:
         ctx = self.context_length
         if ctx is not None and positions > ctx:

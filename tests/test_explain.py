@@ -10,6 +10,7 @@ import torch
 
 from explorer_core import charts, explain, frames, models
 from explorer_core import trace as trace_io
+from explorer_core import tracefile
 from explorer_core.cli import main as cli_main
 from explorer_core.config import GenerationConfig
 from explorer_core.stepper import generate
@@ -216,7 +217,7 @@ def test_uncertainty_frame_and_charts(tiny_llama, llama_trace):
 
 
 def test_cli_writes_the_listed_fields(tiny_llama_dir, llama_trace, tmp_path, capsys):
-    path = trace_io.save(llama_trace, None, tmp_path / "trace.json")
+    path = tracefile.save(llama_trace, None, tmp_path / "trace.json")
     out = tmp_path / "why.json"
     assert cli_main(["explain", str(path), "--step", "2", "--out", str(out), "--ig_steps", "8"]) == 0
     data = json.loads(out.read_text())
@@ -227,7 +228,7 @@ def test_cli_writes_the_listed_fields(tiny_llama_dir, llama_trace, tmp_path, cap
     assert cli_main(["explain", str(path), "--step", "99"]) == 2
     assert "step 99 is out of range" in capsys.readouterr().err
     missing = llama_trace.model_copy(update={"model": llama_trace.model.model_copy(update={"name": "/nope/model"})})
-    bad = trace_io.save(missing, None, tmp_path / "other.json")
+    bad = tracefile.save(missing, None, tmp_path / "other.json")
     assert cli_main(["explain", str(bad), "--step", "0"]) == 2
     assert "/nope/model" in capsys.readouterr().err
 
