@@ -7,7 +7,7 @@ from pathlib import Path
 
 from explorer_core import models
 
-from . import growth, overhead, processes, tracefile
+from . import growth, longctx, overhead, processes, tracefile
 from .common import TABLE_HEAD, machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ def verdict(ok: bool) -> str:
 def main() -> None:
     sections = [
         f"# Benchmarks\n\nOne run of `make bench`. {machine()}. Default model: SmolLM2-135M-Instruct, "
-        "float32 on CPU, eager attention. Contenders are interleaved (A B C D, A B C D, ...) in one "
+        "float32 on CPU, sdpa attention (recorded rows come from the capture function). Contenders are interleaved (A B C D, A B C D, ...) in one "
         "process; min / median / max over the rounds.\n"
     ]
     lm = models.load()
@@ -40,6 +40,8 @@ def main() -> None:
     )
     log("trace file")
     sections.append(trace_section(lm))
+    log("long prompts")
+    sections.append(long_prompt_section())
     log("processes")
     sections.append(process_section())
     sections.append(
@@ -48,6 +50,27 @@ def main() -> None:
     )
     OUT.write_text("\n".join(sections), encoding="utf-8")
     log(f"wrote {OUT}")
+
+
+def long_prompt_section() -> str:
+    text, rows = longctx.run()
+    on = {r["size"]: r for r in rows if r["capture"]}
+    off = {r["size"]: r for r in rows if not r["capture"]}
+    ratio = {t: on[t]["generate_s"] / off[t]["generate_s"] for t in on}
+    checks = [
+        (f"generate with attention ≤ 1.3 × without at 1,000 tokens: {ratio[1000]:.2f}", ratio[1000] <= 1.3),
+        (f"… ≤ 1.5 × at 4,000 tokens: {ratio[4000]:.2f}", ratio[4000] <= 1.5),
+        (f"peak RSS ≤ 2.5 GB at 4,000 tokens (CLI path): {on[4000]['peak_rss_mb']:.0f} MB", on[4000]["peak_rss_mb"] <= 2560),
+        (f"viewer first screen ≤ 5 s at 4,000 tokens: {on[4000]['first_screen_s']:.1f} s", on[4000]["first_screen_s"] <= 5),
+        (f"layer/head heatmap ≤ 2 s at 4,000 tokens: {on[4000]['layer_head_s']:.1f} s", on[4000]["layer_head_s"] <= 2),
+        (f"viewer RSS ≤ 2.5 GB: {on[4000]['viewer_peak_rss_mb']:.0f} MB", on[4000]["viewer_peak_rss_mb"] <= 2560),
+    ]
+    lines = [f"- {text_} — {verdict(ok)}" for text_, ok in checks]
+    return (
+        "## Long prompts\n\n128 new tokens, `--chat false`, English text; each row is one child process "
+        "(load excluded; peak RSS includes the loaded model). The viewer columns are the Trace viewer "
+        "page (AppTest, server side) on the saved run.\n\n" + text + "\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def targets_overhead(ratios: dict) -> str:

@@ -6,9 +6,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from explorer_core import charts, frames
-from explorer_core import trace as trace_io
-from explorer_core import tracefile
+from explorer_core import attnview, charts, frames, tracefile
 from explorer_core.config import GenerationConfig
 from explorer_core.models import LoadedModel
 from explorer_core.stepper import Run
@@ -33,7 +31,8 @@ def size_and_io(lm: LoadedModel, rounds: int = 5) -> tuple[dict, list[Series]]:
         for _ in range(rounds):
             save.values.append(timed(lambda: tracefile.save(trace, attn, path)))
             load.values.append(timed(lambda: tracefile.load(path)))
-        sizes = {"trace.json": path.stat().st_size, "trace.attn.npz": (Path(tmp) / "trace.attn.npz").stat().st_size}
+        companion = next(Path(tmp).glob("*.attn.safetensors"))
+        sizes = {"trace.json": path.stat().st_size, "companion (.attn.safetensors)": companion.stat().st_size}
     sizes["prompt tokens"] = trace.prompt_len
     return sizes, [save, load]
 
@@ -41,13 +40,13 @@ def size_and_io(lm: LoadedModel, rounds: int = 5) -> tuple[dict, list[Series]]:
 def render_all(trace, attn) -> None:
     """Every chart the viewer shows for a step, turned into its Vega-Lite spec (what Streamlit sends)."""
     last = len(trace.steps) - 1
-    layer = attn.prompt.shape[0] - 1
+    layer = attn.layers - 1
     specs = [
         charts.topk_chart(frames.topk_frame(trace.steps[last])),
         charts.timeline_chart(frames.timeline_frame(trace), selected=last),
-        charts.heatmap_chart(frames.attention_frame(trace, attn, last, layer, None, window=160), "a"),
-        charts.heatmap_chart(frames.prompt_frame(trace, attn, layer, None), "p"),
-        charts.heads_grid_chart(frames.heads_frame(trace, attn, last, layer), "h"),
+        charts.row_chart(attnview.row_frame(trace, attn, last, layer, None), "r"),
+        charts.heatmap_chart(attnview.heatmap_frame(trace, attn, last, layer, None), "a"),
+        charts.heads_grid_chart(attnview.heads_frame(trace, attn, last, layer), "h"),
     ]
     for c in specs:
         c.to_dict()
@@ -55,9 +54,9 @@ def render_all(trace, attn) -> None:
 
 def viewer_render(lm: LoadedModel, rounds: int = 5) -> list[Series]:
     trace, attn = make(lm, 512)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = tracefile.save(trace, attn, Path(tmp) / "trace.json")
-        trace, attn = tracefile.load(path)  # as the viewer sees it: float16 from disk
+    tmp = tempfile.TemporaryDirectory()
+    path = tracefile.save(trace, attn, Path(tmp.name) / "trace.json")
+    trace, attn = tracefile.load(path)  # as the viewer sees it: mapped from disk
     fn = Series("render every chart of a 512-step trace (rendering functions)")
     app = Series("viewer page run with a 512-step trace loaded (AppTest)")
     for _ in range(rounds):
