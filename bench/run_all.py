@@ -60,8 +60,14 @@ def long_prompt_section() -> str:
     checks = [
         (f"generate with attention ≤ 1.3 × without at 1,000 tokens: {ratio[1000]:.2f}", ratio[1000] <= 1.3),
         (f"… ≤ 1.5 × at 4,000 tokens: {ratio[4000]:.2f}", ratio[4000] <= 1.5),
-        (f"peak RSS ≤ 2.5 GB at 4,000 tokens (CLI path): {on[4000]['peak_rss_mb']:.0f} MB", on[4000]["peak_rss_mb"] <= 2560),
-        (f"viewer first screen ≤ 5 s at 4,000 tokens: {on[4000]['first_screen_s']:.1f} s", on[4000]["first_screen_s"] <= 5),
+        (
+            f"peak RSS ≤ 2.5 GB at 4,000 tokens (CLI path): {on[4000]['peak_rss_mb']:.0f} MB",
+            on[4000]["peak_rss_mb"] <= 2560,
+        ),
+        (
+            f"viewer first screen ≤ 5 s at 4,000 tokens: {on[4000]['first_screen_s']:.1f} s",
+            on[4000]["first_screen_s"] <= 5,
+        ),
         (f"layer/head heatmap ≤ 2 s at 4,000 tokens: {on[4000]['layer_head_s']:.1f} s", on[4000]["layer_head_s"] <= 2),
         (f"viewer RSS ≤ 2.5 GB: {on[4000]['viewer_peak_rss_mb']:.0f} MB", on[4000]["viewer_peak_rss_mb"] <= 2560),
     ]

@@ -367,9 +367,8 @@ def cli_main(argv: list[str]) -> int:
     import sys
     from pathlib import Path
 
-    from . import models
+    from . import models, tracefile
     from . import trace as trace_io
-    from . import tracefile
     from .limits import Limits
 
     p = argparse.ArgumentParser(

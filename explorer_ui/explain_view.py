@@ -38,10 +38,11 @@ def render_explain(trace: Trace, branch: int, step: int, key: str, state_key: st
     labels = {**dict(zip(s.top_raw.ids, s.top_raw.labels)), **dict(zip(s.top_proc.ids, s.top_proc.labels))}
     options = [i for i in dict.fromkeys(s.top_proc.ids + s.top_raw.ids) if i != s.token_id]
     st.caption(
-        f"Why {s.label!r} and not another token? Explain recomputes step {step} with the trace's model: which "
-        "earlier positions pushed the chosen token's logit against the contrast, and how the embedding, each "
-        "head and each MLP add up to the logit difference."
+        f"Why this token (step {step}, shown below) and not another? Explain recomputes the step with the trace's "
+        "model: which earlier positions pushed the chosen token's logit against the contrast, and how the "
+        "embedding, each head and each MLP add up to the logit difference."
     )
+    st.code(s.label, language=None)  # token text is untrusted: never through Markdown
     with st.form(key=f"{key}_explain_form"):
         pick = st.selectbox(
             "Contrast token",

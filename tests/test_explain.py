@@ -8,9 +8,8 @@ import json
 import pytest
 import torch
 
-from explorer_core import charts, explain, frames, models
+from explorer_core import charts, explain, frames, models, tracefile
 from explorer_core import trace as trace_io
-from explorer_core import tracefile
 from explorer_core.cli import main as cli_main
 from explorer_core.config import GenerationConfig
 from explorer_core.stepper import generate
