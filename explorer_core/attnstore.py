@@ -30,6 +30,7 @@ FORMAT = "explorer-attention/2"
 DTYPES = {"float16": ("F16", np.float16), "float32": ("F32", np.float32)}
 HEADER_LIMIT = 8 * 1024 * 1024  # a header bigger than this is refused before parsing
 ROW_ENTRY_BYTES = 128  # header room reserved per step
+MAX_CELLS = 1024  # prompt cells per axis: one head's cells are at most 4 MiB as float32 in a view
 
 
 class AttentionFileError(ValueError):
@@ -47,9 +48,9 @@ def pooling_edges(length: int, width: int) -> np.ndarray:
 
 
 def prompt_bins_for(budget_bytes: int, layers: int, heads: int, prompt_len: int, itemsize: int = 2) -> int:
-    """Largest B with layers × heads × B × B values inside the byte budget (at least 16, at most T)."""
+    """Largest B with layers × heads × B × B values inside the byte budget (at least 16, at most T and MAX_CELLS)."""
     b = int((budget_bytes / (layers * heads * itemsize)) ** 0.5)
-    return max(1, min(prompt_len, max(16, b)))
+    return max(1, min(prompt_len, MAX_CELLS, max(16, b)))
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,7 @@ def _check_header(header: dict, name: str) -> tuple[Shape, int, dict]:
         raise AttentionFileError(f"{name}: bad metadata ({exc})") from None
     if shape.dtype not in DTYPES or min(ints.values()) < 0 or min(shape.layers, shape.heads, shape.prompt_len) < 1:
         raise AttentionFileError(f"{name}: metadata out of range {meta}")
-    if not 1 <= shape.bins <= shape.prompt_len:
+    if not 1 <= shape.bins <= min(shape.prompt_len, MAX_CELLS):
         raise AttentionFileError(f"{name}: {shape.bins} prompt cells for a {shape.prompt_len}-token prompt")
     want = {"prompt_bins": ([shape.layers, shape.heads, shape.bins, shape.bins], DTYPES[shape.dtype][0])}
     want["prompt_edges"] = ([shape.bins + 1], "I64")

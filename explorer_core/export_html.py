@@ -88,7 +88,8 @@ def build(trace: Trace, attention: AttentionStore | None, vega_js: str | None = 
     }
     if attention is not None:
         layer = attention.layers - 1
-        rows = [attnview.row_frame(trace, attention, s.step, layer, None, max_bins=200) for s in trace.steps]
+        bins = max(20, min(200, 200_000 // max(len(trace.steps), 1)))  # the page stays under ~10 MB at 4,096 steps
+        rows = [attnview.row_frame(trace, attention, s.step, layer, None, max_bins=bins) for s in trace.steps]
         data["rows"] = [r.round({"weight": 5}).to_dict(orient="records") for r in rows]
         data["row_spec"] = charts.row_chart(
             rows[0] if rows else attnview.row_frame(trace, attention, 0, layer, None), ""
