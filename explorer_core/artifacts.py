@@ -53,7 +53,7 @@ def write_pngs(trace: Trace, attention: AttentionData | None, out: Path) -> list
         )
     )
     every = trace.attention.snapshot_every if trace.attention else 10
-    for s in range(0, len(trace.steps), every):
+    for s in range(0, len(trace.steps), every) if every > 0 else ():  # 0: no snapshots
         chart = charts.heatmap_chart(
             frames.attention_frame(trace, attention, s, layer, None),
             f"Attention at step {s}, last layer ({layer}), mean over heads",

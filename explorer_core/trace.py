@@ -167,7 +167,7 @@ class AttentionInfo(_Strict):
     heads: int = Field(ge=1, le=1024)
     dtype: Literal["float16"] = "float16"
     snapshot_layer: int = Field(ge=0)
-    snapshot_every: int = Field(ge=1)
+    snapshot_every: int = Field(ge=0, description="0: no snapshots.")
 
 
 class Trace(_Strict):

@@ -7,15 +7,23 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import streamlit as st
+
 from explorer_core import trace as trace_io
-from explorer_core.limits import Limits
 from explorer_core.trace import AttentionData, Trace, TraceError
 
 MAX_TRACE_BYTES = trace_io.MAX_TRACE_BYTES  # trace.json; a 512-step run is about 1 MB
+KINDS = ("zip", "json", "npz")
+
+
+def upload_cap_mb() -> int:
+    """The one upload cap: Streamlit's `server.maxUploadSize` (MB), which the server enforces. Set it in
+    .streamlit/config.toml or with STREAMLIT_SERVER_MAX_UPLOAD_SIZE; the uploader shows the same value."""
+    return int(st.get_option("server.maxUploadSize"))
 
 
 def upload_cap() -> int:
-    return Limits.from_env().max_upload_mb * 1024 * 1024
+    return upload_cap_mb() * 1024 * 1024
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -26,16 +34,22 @@ def _check_size(name: str, size: int, cap: int) -> None:
         raise TraceError(f"{name} is {size / 1e6:.1f} MB, over the {cap / 1e6:.0f} MB limit for uploads")
 
 
+def unusable(files: list) -> list[str]:
+    """Names of uploaded files the viewer cannot use (they are left out, and the page says so)."""
+    return [f.name for f in files if Path(f.name).suffix.lower().lstrip(".") not in KINDS]
+
+
 def from_uploads(files: list) -> tuple[Trace, AttentionData | None]:
-    """Uploaded files: a trace.zip, or a trace.json with an optional .npz companion."""
-    if not files:
-        raise TraceError("no file uploaded")
-    by_kind = {"zip": [], "json": [], "npz": []}
+    """Uploaded files: a trace.zip, or a trace.json with an optional .npz companion; other files are skipped."""
+    by_kind = {kind: [] for kind in KINDS}
     for f in files:
         kind = Path(f.name).suffix.lower().lstrip(".")
-        if kind not in by_kind:
-            raise TraceError(f"{f.name}: expected trace.json, its .attn.npz companion, or a .zip archive")
-        by_kind[kind].append(f)
+        if kind in by_kind:
+            by_kind[kind].append(f)
+    if not any(by_kind.values()):
+        raise TraceError(
+            f"{', '.join(unusable(files)) or 'no file'}: expected trace.json, its .attn.npz companion, or a .zip archive"
+        )
     if by_kind["zip"]:
         z = by_kind["zip"][0]
         _check_size(z.name, z.size, upload_cap())

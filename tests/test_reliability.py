@@ -114,7 +114,7 @@ def test_hostile_tokens_show_verbatim_and_only_as_chart_data(hostile_trace, tmp_
     trace, attn = hostile_trace
     path = trace_io.save(trace, attn, tmp_path / "trace.json")
     at = start()
-    at.switch_page("app_pages/viewer.py").run()
+    at.switch_page("pages/viewer.py").run()
     at.radio(key="viewer_source").set_value("Upload").run()
     at.file_uploader(key="viewer_upload").set_value(
         [
@@ -143,7 +143,7 @@ def test_hostile_tokens_show_verbatim_and_only_as_chart_data(hostile_trace, tmp_
 
 def test_hostile_file_name_is_plain_text():
     at = start()
-    at.switch_page("app_pages/viewer.py").run()
+    at.switch_page("pages/viewer.py").run()
     at.radio(key="viewer_source").set_value("Upload").run()
     at.file_uploader(key="viewer_upload").set_value(("<img src=x onerror=alert(1)>.txt", b"x", "text/plain")).run()
     assert not at.exception

@@ -3,8 +3,9 @@
 import streamlit as st
 
 from explorer_core import charts, frames
-from explorer_ui import views
+from explorer_ui import frame, views
 
+frame.page("Heads")
 st.title("Attention heads")
 sources = {"Generated run": "gen_trace", "Loaded trace": "viewer_trace"}
 have = [name for name, key in sources.items() if key in st.session_state]
@@ -22,7 +23,7 @@ window = st.slider("Positions shown (the last N)", 8, 256, 48, key="heads_window
 grid = frames.heads_frame(trace, attn, step, layer, window=window)
 st.altair_chart(charts.heads_grid_chart(grid, f"Layer {layer}: every head at step {step}"))
 shown = 0 if head is None else head
-frame = frames.attention_frame(trace, attn, step, layer, head, window=max(window, 64))
+heat = frames.attention_frame(trace, attn, step, layer, head, window=max(window, 64))
 st.altair_chart(
-    charts.heatmap_chart(frame, f"Layer {layer}, {'mean over heads' if head is None else f'head {shown}'}", size=560)
+    charts.heatmap_chart(heat, f"Layer {layer}, {'mean over heads' if head is None else f'head {shown}'}", size=560)
 )
