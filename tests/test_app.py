@@ -248,3 +248,59 @@ def test_tab_stays_open_after_a_branch(tiny_llama_dir):
     assert not at.exception, at.exception
     assert at.session_state["gen_trace"][0].branches
     assert at.session_state["gen_tabs"] == "Branch from here"
+
+
+def test_viewer_keeps_an_upload_across_pages(generated, tmp_path):
+    at = generated
+    trace, attn = at.session_state["gen_trace"]
+    from explorer_ui.views import archive_bytes
+
+    at.switch_page("pages/viewer.py").run()
+    at.radio(key="viewer_source").set_value("Upload").run()
+    at.file_uploader(key="viewer_upload").set_value(("trace.zip", archive_bytes(trace, attn), "application/zip")).run()
+    assert at.session_state["viewer_trace"][0].created == trace.created
+    at.switch_page("pages/heads.py").run()
+    at.switch_page("pages/viewer.py").run()
+    assert not at.exception
+    assert at.radio(key="viewer_source").value == "Upload"
+    assert at.session_state["viewer_trace"][0].created == trace.created  # no example swapped in
+
+
+def test_viewer_good_file_after_a_bad_one(generated, tmp_path):
+    at = generated
+    trace, attn = at.session_state["gen_trace"]
+    path = trace_io.save(trace, attn, tmp_path / "trace.json")
+    at.switch_page("pages/viewer.py").run()
+    at.radio(key="viewer_source").set_value("Upload").run()
+    notes = ("notes.txt", b"my notes", "text/plain")
+    at.file_uploader(key="viewer_upload").set_value(notes).run()
+    assert "notes.txt" in at.text[0].value and "expected trace.json" in at.text[0].value
+    at.file_uploader(key="viewer_upload").set_value(
+        [notes, ("trace.json", path.read_bytes(), "application/json")]
+    ).run()
+    assert not at.exception
+    assert not at.error  # the good file is loaded; the other is named as left out
+    assert any("Left out" in w.value and "notes.txt" in w.value for w in at.warning)
+    assert at.session_state["viewer_trace"][0].created == trace.created
+    # a trace whose companion did not arrive says why it may be missing
+    assert any("No attention companion" in w.value for w in at.warning)
+
+
+def test_uploader_cap_is_the_server_cap():
+    """One setting governs the uploader and the server: server.maxUploadSize, shown in words."""
+    at = start()
+    at.switch_page("pages/viewer.py").run()
+    at.radio(key="viewer_source").set_value("Upload").run()
+    uploader = at.get("file_uploader")[0]
+    from streamlit import config as st_config
+
+    cap = st_config.get_option("server.maxUploadSize")
+    assert uploader.proto.max_upload_size_mb == cap
+    assert any(f"Files over {cap} MB are refused" in c.value for c in at.caption)
+
+
+def test_downloads_do_not_rerun(generated):
+    """A rerun per download click replaced the files behind the other buttons mid-fetch."""
+    buttons = generated.get("download_button")
+    assert len(buttons) == 4
+    assert all(b.proto.ignore_rerun for b in buttons)
