@@ -24,8 +24,11 @@ def render_stages(trace: Trace, step: int) -> None:
         hide_index=True,
         height=240,
         column_config={
-            "p raw": st.column_config.NumberColumn(format="%.4f"),
-            "p final": st.column_config.NumberColumn(format="%.4f"),
+            "p raw": st.column_config.NumberColumn(format="%.4f", width=70),
+            "p final": st.column_config.NumberColumn(format="%.4f", width=70),
+            "token_id": st.column_config.NumberColumn(width=70),
+            # wide enough for the longest verdict (a removal and a larger change, about 85 characters)
+            "verdict": st.column_config.TextColumn(width=620),
         },
     )
 

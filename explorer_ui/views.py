@@ -51,8 +51,8 @@ def render_summary(trace: Trace) -> None:
     cols[1].metric("Tokens/s", f"{trace.timing.tokens_per_s:.1f}", help=TOKENS_PER_S_HELP)
     cols[2].metric("Prompt tokens", trace.prompt_len)
     # plain text, not a metric: a narrow metric cuts "max new tokens" to "max new to..."
+    st.text(f"Stopped by: {trace.stop_reason.replace('_', ' ')}")
     st.text(
-        f"Stopped by: {trace.stop_reason.replace('_', ' ')}\n"
         f"{trace.model.name} · {trace.model.dtype} on {trace.model.device} · "
         f"{trace.model.n_layers} layers × {trace.model.n_heads} heads"
     )
