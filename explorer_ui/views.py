@@ -107,24 +107,29 @@ def head_choice(n_layers: int, n_heads: int, key: str) -> tuple[int, int | None]
     return int(layer), None if pick == options[0] else int(pick.split()[1])
 
 
-def render_attention(trace: Trace, attn: AttentionData | None, step: int, key: str) -> None:
+def render_attention(trace: Trace, attn: AttentionData | None, step: int, key: str, narrow: bool = False) -> None:
+    """Attention heatmaps; `narrow` (half-width columns) draws them smaller so they are not cut off."""
     if attn is None:
         render_missing_attention(trace)
         return
     layer, head = head_choice(attn.prompt.shape[0], attn.prompt.shape[1], key)
     who = "mean over heads" if head is None else f"head {head}"
     frame = frames.attention_frame(trace, attn, step, layer, head, window=160)
-    st.altair_chart(charts.heatmap_chart(frame, f"Attention when choosing step {step} (layer {layer}, {who})"))
+    size = 260 if narrow else 420
+    title = f"Attention when choosing step {step} (layer {layer}, {who})"
+    st.altair_chart(charts.heatmap_chart(frame, title, size=size))
     if trace.prompt_len + step > 160:
         st.caption("Showing the last 160 positions; the trace holds them all.")
-    st.altair_chart(
-        charts.heatmap_chart(frames.prompt_frame(trace, attn, layer, head), f"Prompt attention (layer {layer}, {who})")
-    )
+    prompt = frames.prompt_frame(trace, attn, layer, head)
+    st.altair_chart(charts.heatmap_chart(prompt, f"Prompt attention (layer {layer}, {who})", size=size))
 
 
 def render_missing_attention(trace: Trace) -> None:
     if trace.attention is None:
         st.info("This run did not record attention (attention capture was off).")
+        return
+    if not trace.steps:
+        st.info("This run was stopped before its first token, so it has no attention to show.")
         return
     st.info(
         "Full attention is not available for this trace (its companion file was not loaded). "

@@ -93,5 +93,5 @@ if "compare_a_trace" in st.session_state and "compare_b_trace" in st.session_sta
             if trace.steps:
                 step = views.pick_step(trace, f"compare_{name}_step")
                 views.render_step(trace, step, narrow=True)
-                views.render_attention(trace, attn, step, f"compare_{name}_attn")
+                views.render_attention(trace, attn, step, f"compare_{name}_attn", narrow=True)
                 views.render_timeline(trace, step, narrow=True)

@@ -168,6 +168,7 @@ def test_generate_renders_tokens_and_charts(page, tmp_path):
     assert page.locator("[data-testid='stVegaLiteChart']").count() >= 3
     assert page.locator("span[title^='step 0:']").count() == 1  # the token stream
     charts_fit(page)
+    page.screenshot(path=str(DOCS / "generate.png"), full_page=True)
     # three quick downloads in a row all arrive (a rerun per click once lost the later files)
     paths = [download(page, k, tmp_path) for k in ("gen_dl_json", "gen_dl_txt", "gen_dl_zip")]
     assert [p.name for p in paths] == ["trace.json", "output.txt", "trace.zip"]
@@ -175,7 +176,6 @@ def test_generate_renders_tokens_and_charts(page, tmp_path):
     import json
 
     topk_labels_complete(page, json.loads(paths[0].read_text())["steps"][0])
-    page.screenshot(path=str(DOCS / "generate.png"), full_page=True)
 
 
 def test_out_of_range_number_is_refused_in_words(page):
@@ -191,7 +191,7 @@ def test_stop_keeps_partial_trace(page):
     set_number(page, "max new tokens", 400)
     set_number(page, "min new tokens", 400)
     page.locator(".st-key-gen_generate button").first.click()
-    page.get_by_text("tokens/s").first.wait_for(timeout=60_000)
+    page.get_by_text("/ 400 tokens").first.wait_for(timeout=60_000)  # the live progress: tokens are coming
     # the toolbar's own Stop (which left a frozen page) is hidden; the app's Stop is the one to use
     status = page.locator("[data-testid='stStatusWidget']")
     if status.count():
@@ -214,9 +214,11 @@ def test_viewer_heads_and_compare_pages(page, server):
     page.screenshot(path=str(DOCS / "viewer.png"), full_page=True)
     page.get_by_role("link", name="Heads").click()
     page.get_by_text("Attention heads").first.wait_for()
+    page.locator("[data-testid='stVegaLiteChart']").nth(1).wait_for(timeout=60_000)
     wait_idle(page)
     no_exception(page)
     assert page.locator("[data-testid='stVegaLiteChart']").count() == 2
+    charts_fit(page)
     page.screenshot(path=str(DOCS / "heads.png"), full_page=True)
     page.get_by_role("link", name="Compare models").click()
     page.get_by_text("Compare two runs").first.wait_for()
