@@ -76,6 +76,8 @@ def render_divergence(div) -> None:
         title = "How far model B is from model A, per step"
     what = "most likely processed tokens" if kind == "processed" else "greedy choices"
     st.text(f"The {what} agree at every step." if first is None else f"First step where the {what} differ: {first}")
+    if frame_["value"].max() == 0.0:
+        st.text("The two distributions are identical at every step: nothing to plot but zeros.")
     st.altair_chart(charts.divergence_chart(frame_, first, title=title))
 
 

@@ -126,7 +126,7 @@ CHART_BOXES = """() => Array.from(document.querySelectorAll("[data-testid='stVeg
     const titles = Array.from(e.querySelectorAll('.role-title-text, .role-axis-title')).map(t => t.textContent);
     const labels = Array.from(e.querySelectorAll('.role-axis-label text'))
       .filter(t => getComputedStyle(t).opacity !== '0' && t.getAttribute('opacity') !== '0').map(t => t.textContent);
-    return {titles, w: r.width, h: r.height,
+    return {titles, w: r.width, h: r.height, canvas: !!g && g.tagName === 'CANVAS',
             room: block.getBoundingClientRect().width, marks: e.querySelectorAll('.mark-rect path, .mark-line path, .mark-symbol path, .mark-text text, .mark-rule line, .mark-rect rect').length, labels};
   })"""
 
@@ -137,7 +137,7 @@ def charts_fit(pg) -> list[dict]:
     assert boxes
     for box in boxes:
         assert 0 < box["w"] < 5000 and 0 < box["h"] < 5000, box
-        assert box["marks"] > 0, box
+        assert box["marks"] > 0 or box["canvas"], box  # Streamlit draws big charts on a canvas: no marks in the DOM
         assert box["w"] <= box["room"] + 1, f"chart {box['titles']!r} is {box['w']:.0f} px in {box['room']:.0f} px"
     return boxes
 
@@ -231,8 +231,8 @@ def test_viewer_heads_and_compare_pages(page, server):
     page.screenshot(path=str(DOCS / "compare.png"), full_page=True)
     page.goto(server + "/heads")  # a deep link keeps the frame: page links and the sidebar
     page.get_by_text("Attention heads").first.wait_for()
-    assert page.get_by_role("link", name="Trace viewer").count() == 1
-    assert page.get_by_text("Sampling").count() >= 1
+    page.get_by_role("link", name="Trace viewer").wait_for()
+    page.get_by_text("Sampling").first.wait_for()
 
 
 def test_beyond_the_basics_screenshots(page, tmp_path):

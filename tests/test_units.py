@@ -187,3 +187,15 @@ def test_export_keeps_its_data_under_a_foreign_data_transformer():
     assert names and names <= set(timeline["datasets"])  # every named dataset is in the page
     assert sum(len(rows) for rows in timeline["datasets"].values()) >= 5 * len(trace.steps)
     assert len(data["topk"]["0"]) == len(trace.steps)
+
+
+def test_identical_distributions_diverge_by_exactly_zero():
+    """Float32 rounding once plotted about 4e-8 bits between identical runs as if it were signal."""
+    from types import SimpleNamespace
+
+    from explorer_core.compare import _frame
+
+    trace = SimpleNamespace(steps=[SimpleNamespace(label=str(i)) for i in range(3)])
+    lp = torch.log_softmax(torch.randn(3, 49152, generator=torch.Generator().manual_seed(0)), -1)
+    frame, first = _frame(trace, lp, lp.clone(), with_kl=True)
+    assert frame["value"].max() == 0.0 and first is None
