@@ -14,6 +14,9 @@ alt.data_transformers.disable_max_rows()
 
 CHOSEN = "#d62728"
 OTHER = "#4c78a8"
+# The plot keeps its own size and axes, titles and legend go around it. Streamlit's theme fits the
+# whole chart into width × height instead, which squashed a plot with a long axis title to a strip.
+_PAD = alt.AutoSizeParams(type="pad")
 
 
 def topk_chart(frame: pd.DataFrame, title: str = "Top candidates", columns: int = 2) -> alt.FacetChart:
@@ -167,13 +170,15 @@ def stage_chart(frame: pd.DataFrame, title: str = "Each candidate through the pr
                 "label:N",
                 title="candidate",
                 sort=alt.EncodingSortField("prob", op="max", order="descending"),
-                legend=alt.Legend(orient="bottom", columns=4, labelLimit=0, symbolLimit=0),
+                # at the side, one entry a row, nothing cut: a legend below takes its rows out of the
+                # plot's own height when Streamlit fits the chart (the plot was squashed to a strip)
+                legend=alt.Legend(labelLimit=0, symbolLimit=0),
             ),
             strokeWidth=alt.condition("datum.chosen", alt.value(4), alt.value(1.5)),
             tooltip=["stage:N", "label:N", "token_id:Q", alt.Tooltip("prob:Q", format=".4f")],
         )
     )
-    return lines.properties(width=520, height=260, title=title)
+    return lines.properties(width=520, height=260, title=title, autosize=_PAD)
 
 
 def lens_grid_chart(frame: pd.DataFrame, title: str = "Logit lens: each layer's top token") -> alt.LayerChart:
@@ -231,5 +236,7 @@ def replay_chart(frame: pd.DataFrame) -> alt.Chart:
             color=alt.Color("distribution:N", title=None),
             tooltip=["step:Q", "label:N", "distribution:N", alt.Tooltip("difference:Q", format=".2e")],
         )
-        .properties(width=640, height=200, title="Replay check: recorded against recomputed probabilities")
+        .properties(
+            width=640, height=200, title="Replay check: recorded against recomputed probabilities", autosize=_PAD
+        )
     )

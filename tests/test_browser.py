@@ -246,7 +246,8 @@ def test_beyond_the_basics_screenshots(page, tmp_path):
     page.get_by_role("tab", name="Which rule?").click()
     page.get_by_text("what each rule did to it").wait_for()
     wait_idle(page)
-    charts_fit(page)  # the stage chart's legend included
+    stage = [b for b in charts_fit(page) if "after stage" in b["titles"]]  # the stage chart's legend included
+    assert stage and {"0.0", "0.5", "1.0"} <= set(stage[0]["labels"]), stage  # a plot, not a squashed strip
     tabs.screenshot(path=str(DOCS / "rules.png"))
     page.get_by_role("tab", name="Logit lens").click()
     wait_idle(page)
@@ -269,7 +270,7 @@ def test_beyond_the_basics_screenshots(page, tmp_path):
     no_exception(page)
     replay = page.locator("[data-testid='stExpander']").filter(has_text="Replay check: re-score")
     boxes = [b for b in charts_fit(page) if "largest |recorded - recomputed|" in b["titles"]]
-    assert boxes and boxes[0]["h"] > 150, boxes  # not squashed
+    assert boxes and boxes[0]["h"] > 250, boxes  # the 200 px plot plus its axis: not squashed to a strip
     replay.screenshot(path=str(DOCS / "replay.png"))
     check_html_export(page, tmp_path)
 
