@@ -19,6 +19,7 @@ from .tokens import vocab_for
 from .trace import Trace
 
 LN2 = math.log(2.0)
+NOISE_BITS = 1e-9
 
 
 def same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
@@ -72,14 +73,17 @@ def _frame(trace_a: Trace, lp_a: torch.Tensor, lp_b: torch.Tensor, with_kl: bool
         measures = {"KL(A‖B)": _xlogy_diff(p_a, lp_a, lp_b) / LN2} | measures
     frame = pd.concat(
         [
-            pd.DataFrame(
-                {"step": range(len(labels)), "label": labels, "measure": name, "value": v.clamp_min(0).tolist()}
-            )
+            pd.DataFrame({"step": range(len(labels)), "label": labels, "measure": name, "value": _floor(v)})
             for name, v in measures.items()
         ],
         ignore_index=True,
     )
     return frame, first
+
+
+def _floor(v: torch.Tensor) -> list[float]:
+    """Values under 1e-9 bits are rounding, not signal (float64 leaves about 1e-16 between equal inputs)."""
+    return torch.where(v > NOISE_BITS, v, torch.zeros_like(v)).tolist()
 
 
 def _xlogy_diff(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:

@@ -228,6 +228,7 @@ def test_viewer_heads_and_compare_pages(page, server):
     wait_idle(page)
     no_exception(page)
     charts_fit(page)  # half-width columns: top-k panels stacked, timelines narrow
+    page.get_by_text("identical at every step").wait_for()  # same model, same settings: no noise plotted
     page.screenshot(path=str(DOCS / "compare.png"), full_page=True)
     page.goto(server + "/heads")  # a deep link keeps the frame: page links and the sidebar
     page.get_by_text("Attention heads").first.wait_for()
@@ -247,7 +248,7 @@ def test_beyond_the_basics_screenshots(page, tmp_path):
     page.get_by_text("what each rule did to it").wait_for()
     wait_idle(page)
     stage = [b for b in charts_fit(page) if "after stage" in b["titles"]]  # the stage chart's legend included
-    assert stage and {"0.0", "0.5", "1.0"} <= set(stage[0]["labels"]), stage  # a plot, not a squashed strip
+    assert stage and {"0.0", "0.2", "0.4", "0.6", "0.8", "1.0"} <= set(stage[0]["labels"]), stage  # a plot, not a strip
     tabs.screenshot(path=str(DOCS / "rules.png"))
     page.get_by_role("tab", name="Logit lens").click()
     wait_idle(page)
