@@ -228,7 +228,7 @@ def test_viewer_heads_and_compare_pages(page, server):
     wait_idle(page)
     no_exception(page)
     charts_fit(page)  # half-width columns: top-k panels stacked, timelines narrow
-    page.get_by_text("identical at every step").wait_for()  # same model, same settings: no noise plotted
+    page.get_by_text("The two distributions are identical at every step").wait_for()  # same settings: no noise
     page.screenshot(path=str(DOCS / "compare.png"), full_page=True)
     page.goto(server + "/heads")  # a deep link keeps the frame: page links and the sidebar
     page.get_by_text("Attention heads").first.wait_for()
