@@ -1,24 +1,42 @@
-"""Model Interpret Explorer: the app's frame. Navigation, the shared sidebar, then the chosen page."""
+"""Model Interpret Explorer, first page (Generate): type a prompt, watch tokens arrive, then inspect any step.
 
-from pathlib import Path
+Run with `streamlit run app.py`; the other pages are the files in pages/ (Streamlit's classic layout).
+"""
 
 import streamlit as st
 
-from explorer_ui import sidebar
+from explorer_ui import frame, live, resources, views
 
-# Pages live in app_pages/, not pages/: Streamlit treats a pages/ folder beside the entry point as its
-# legacy multipage mode on a process's first run (and AppTest on every rerun), which would run a
-# deep-linked page without this frame and its sidebar.
-PAGES = Path(__file__).resolve().parent / "app_pages"
+RUN, TRACE = "gen_run", "gen_trace"
 
-st.set_page_config(page_title="Model Interpret Explorer", page_icon="🔎", layout="wide")
+config = frame.page("Generate")
+st.title("Watch a model write")
+live.settle(RUN, TRACE, keep_live=True)  # a run cut short by Stop or a widget change becomes a partial trace
+c1, c2, _ = st.columns([1, 1, 4])
+go = c1.button("Generate", type="primary", key="gen_generate", disabled=config is None)
+c2.button("Stop", key="gen_stop", help="Ends the run now and keeps what was generated.")
 
-pages = [
-    st.Page(PAGES / "generate.py", title="Generate", icon="✍️", default=True),
-    st.Page(PAGES / "viewer.py", title="Trace viewer", icon="📂"),
-    st.Page(PAGES / "compare.py", title="Compare models", icon="⚖️"),
-    st.Page(PAGES / "heads.py", title="Heads", icon="🧩"),
-]
-st.session_state["config"] = sidebar.render()
-pg = st.navigation(pages)
-pg.run()
+if config is None:
+    st.error("The settings in the sidebar are not valid (the reason is shown there); Generate is off until they are.")
+else:
+    if not config.prompt.strip():
+        st.info(views.empty_prompt_note(config))
+    views.render_cost_estimate(
+        config, resources.loaded_already(config.model, config.dtype, config.device), resources.limits()
+    )
+
+if go and config is not None:
+    lm = resources.get_model(config.model, config.dtype, config.device)
+    if lm is not None:
+        try:
+            live.generate_live(lm, config, RUN, TRACE, keep_live=True)
+        except ValueError as exc:
+            st.error("Could not start the run")
+            st.text(str(exc))
+
+if TRACE in st.session_state:
+    if st.session_state[TRACE][0].stop_reason == "interrupted":
+        st.warning("Run stopped early: showing the partial trace.")
+    views.render_trace(TRACE, "gen", live_run=st.session_state.get(TRACE + "_live"))
+elif not go and config is not None:
+    st.info("Set the prompt and sampling controls in the sidebar, then press Generate.")

@@ -94,7 +94,7 @@ def child_viewer(out: Path) -> dict:
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
     at.run()
     at.switch_page(_viewer_page())
-    at.session_state["viewer_source"] = "Saved runs"
+    at.session_state["viewer_source_kept"] = "Saved runs"
     at.session_state["viewer_folder"] = str(out)
     start = time.perf_counter()
     at.run()

@@ -71,7 +71,7 @@ def apptest_render(trace, attn) -> float:
     root = Path(__file__).resolve().parents[1]
     at = AppTest.from_file(str(root / "app.py"), default_timeout=120)
     at.run()
-    at.switch_page("app_pages/viewer.py")
+    at.switch_page("pages/viewer.py")
     at.session_state["viewer_trace"] = (trace, attn)
     at.session_state["viewer_loaded"] = "bench"
     at.session_state["viewer_source"] = "Upload"

@@ -14,16 +14,22 @@ alt.data_transformers.disable_max_rows()
 
 CHOSEN = "#d62728"
 OTHER = "#4c78a8"
+# The plot keeps its own size and axes, titles and legend go around it. Streamlit's theme fits the
+# whole chart into width × height instead, which squashed a plot with a long axis title to a strip.
+_PAD = alt.AutoSizeParams(type="pad")
 
 
-def topk_chart(frame: pd.DataFrame, title: str = "Top candidates") -> alt.FacetChart:
-    """Raw beside processed top-k bars; the chosen token's bar is red."""
+def topk_chart(frame: pd.DataFrame, title: str = "Top candidates", columns: int = 2) -> alt.FacetChart:
+    """Raw beside processed top-k bars (or above, with `columns=1`); the chosen token's bar is red.
+
+    Every candidate keeps its axis label: overlap pruning is off and each bar gets a 20 px row.
+    """
     base = alt.Chart(frame).encode(
         y=alt.Y(
             "label:N",
             sort=alt.EncodingSortField("rank", op="min", order="ascending"),
             title=None,
-            axis=alt.Axis(labelLimit=140),
+            axis=alt.Axis(labelLimit=140, labelOverlap=False, labelFontSize=11),
         ),
         x=alt.X("prob:Q", title="probability", scale=alt.Scale(domain=[0, 1])),
         tooltip=["distribution:N", "rank:O", "label:N", "token_id:Q", alt.Tooltip("prob:Q", format=".4f")],
@@ -34,8 +40,8 @@ def topk_chart(frame: pd.DataFrame, title: str = "Top candidates") -> alt.FacetC
     text = base.mark_text(align="left", dx=3, fontSize=10).encode(text=alt.Text("prob:Q", format=".3f"))
     return (
         alt.layer(bars, text)
-        .properties(width=260, height=alt.Step(16))
-        .facet(column=alt.Column("distribution:N", title=None, sort=["raw model", "after processing"]))
+        .properties(width=240, height=alt.Step(20))
+        .facet(facet=alt.Facet("distribution:N", title=None, sort=["raw model", "after processing"]), columns=columns)
         .resolve_scale(y="independent")
         .properties(title=title)
     )
@@ -56,7 +62,7 @@ def timeline_chart(frame: pd.DataFrame, selected: int | None = None, width: int 
             .encode(
                 x=alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1)),
                 y=alt.Y("value:Q", title=panel, scale=scale),
-                color=alt.Color("series:N", title=None),
+                color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom", columns=2, labelLimit=0)),
                 tooltip=["step:Q", "label:N", "series:N", alt.Tooltip("value:Q", format=".4f")],
             )
         )
@@ -162,8 +168,10 @@ def snapshot_chart(frame: pd.DataFrame, title: str = "Last-layer attention snaps
     )
 
 
-def divergence_chart(frame: pd.DataFrame, first_diff: int | None = None) -> alt.LayerChart:
-    """KL and JS divergence per step between two models' next-token distributions."""
+def divergence_chart(
+    frame: pd.DataFrame, first_diff: int | None = None, title: str = "How far model B is from model A, per step"
+) -> alt.LayerChart:
+    """Divergences (KL, JS) per step between two runs' next-token distributions."""
     line = (
         alt.Chart(frame)
         .mark_line(point=True)
@@ -178,7 +186,7 @@ def divergence_chart(frame: pd.DataFrame, first_diff: int | None = None) -> alt.
     if first_diff is not None:
         rule = alt.Chart(pd.DataFrame({"step": [first_diff]})).mark_rule(color=CHOSEN, strokeDash=[4, 3])
         layers.append(rule.encode(x="step:Q"))
-    return alt.layer(*layers).properties(width=640, height=220, title="How far model B is from model A, per step")
+    return alt.layer(*layers).properties(width=640, height=220, title=title)
 
 
 def stage_chart(frame: pd.DataFrame, title: str = "Each candidate through the processing chain") -> alt.LayerChart:
@@ -196,13 +204,18 @@ def stage_chart(frame: pd.DataFrame, title: str = "Each candidate through the pr
             x=x,
             y=alt.Y("prob:Q", title="probability", scale=alt.Scale(domain=[0, 1])),
             color=alt.Color(
-                "label:N", title="candidate", sort=alt.EncodingSortField("prob", op="max", order="descending")
+                "label:N",
+                title="candidate",
+                sort=alt.EncodingSortField("prob", op="max", order="descending"),
+                # at the side, one entry a row, nothing cut: a legend below takes its rows out of the
+                # plot's own height when Streamlit fits the chart (the plot was squashed to a strip)
+                legend=alt.Legend(labelLimit=0, symbolLimit=0),
             ),
             strokeWidth=alt.condition("datum.chosen", alt.value(4), alt.value(1.5)),
             tooltip=["stage:N", "label:N", "token_id:Q", alt.Tooltip("prob:Q", format=".4f")],
         )
     )
-    return lines.properties(width=520, height=260, title=title)
+    return lines.properties(width=520, height=260, title=title, autosize=_PAD)
 
 
 def lens_grid_chart(frame: pd.DataFrame, title: str = "Logit lens: each layer's top token") -> alt.LayerChart:
@@ -260,7 +273,9 @@ def replay_chart(frame: pd.DataFrame) -> alt.Chart:
             color=alt.Color("distribution:N", title=None),
             tooltip=["step:Q", "label:N", "distribution:N", alt.Tooltip("difference:Q", format=".2e")],
         )
-        .properties(width=640, height=200, title="Replay check: recorded against recomputed probabilities")
+        .properties(
+            width=640, height=200, title="Replay check: recorded against recomputed probabilities", autosize=_PAD
+        )
     )
 
 

@@ -1,4 +1,8 @@
-"""Compare two models on the same tokens: teacher-forced scoring and per-step KL / JS divergence."""
+"""Compare two runs on the same tokens: teacher-forced scoring and per-step KL / JS divergence.
+
+Two models are compared on their raw distributions. One model with two settings has identical raw
+distributions (only the rules differ), so its runs are compared after processing.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,15 @@ import math
 import pandas as pd
 import torch
 
+from .config import GenerationConfig
 from .models import LoadedModel
+from .processors import apply_chain, build_chain
+from .stepper import eos_ids
+from .tokens import vocab_for
 from .trace import Trace
 
 LN2 = math.log(2.0)
+NOISE_BITS = 1e-9
 
 
 def same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
@@ -20,15 +29,20 @@ def same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
 
 
 @torch.inference_mode()
+def next_token_logits(lm: LoadedModel, ids: list[int], prompt_len: int) -> torch.Tensor:
+    """Teacher forcing: raw logits (steps, vocab) for each generated position of `ids`."""
+    lm.check_fits(len(ids), "scoring run A's tokens")
+    x = torch.tensor([ids], dtype=torch.long, device=lm.device)
+    return lm.model(input_ids=x).logits[0, prompt_len - 1 : len(ids) - 1].float()
+
+
+@torch.inference_mode()
 def next_token_logprobs(lm: LoadedModel, ids: list[int], prompt_len: int) -> torch.Tensor:
     """Teacher forcing: one uncached forward over `ids`; log-probs for each generated position.
 
     Returns (steps, vocab): row s is the distribution that chose ids[prompt_len + s].
     """
-    lm.check_fits(len(ids), "scoring run A's tokens")
-    x = torch.tensor([ids], dtype=torch.long, device=lm.device)
-    logits = lm.model(input_ids=x).logits[0, prompt_len - 1 : len(ids) - 1].float()
-    return torch.log_softmax(logits, dim=-1)
+    return torch.log_softmax(next_token_logits(lm, ids, prompt_len), dim=-1)
 
 
 def divergence_frame(trace_a: Trace, lm_a: LoadedModel, lm_b: LoadedModel) -> tuple[pd.DataFrame, int | None]:
@@ -39,22 +53,60 @@ def divergence_frame(trace_a: Trace, lm_a: LoadedModel, lm_b: LoadedModel) -> tu
     lp_b = next_token_logprobs(lm_b, ids, t)
     vocab = min(lp_a.shape[-1], lp_b.shape[-1])  # heads may be padded past the tokenizer's size
     lp_a, lp_b = torch.log_softmax(lp_a[:, :vocab], -1), torch.log_softmax(lp_b[:, :vocab], -1)
+    return _frame(trace_a, lp_a, lp_b, with_kl=True)
+
+
+def _frame(trace_a: Trace, lp_a: torch.Tensor, lp_b: torch.Tensor, with_kl: bool) -> tuple[pd.DataFrame, int | None]:
+    """KL(A‖B) (when asked) and JS(A,B) in bits per step, and the first step whose argmax differs.
+
+    In float64: float32 rounding alone leaves about 1e-8 bits between identical distributions."""
+    lp_a, lp_b = lp_a.double(), lp_b.double()
     p_a, p_b = lp_a.exp(), lp_b.exp()
-    kl = (p_a * (lp_a - lp_b)).sum(-1) / LN2
     lp_m = torch.log(0.5 * (p_a + p_b))
-    js = 0.5 * ((p_a * (lp_a - lp_m)).sum(-1) + (p_b * (lp_b - lp_m)).sum(-1)) / LN2
+    # 0 · log 0 counts as 0: tokens a rule removed have p = 0 and log p = -inf
+    js = 0.5 * (_xlogy_diff(p_a, lp_a, lp_m) + _xlogy_diff(p_b, lp_b, lp_m)) / LN2
     differ = (lp_a.argmax(-1) != lp_b.argmax(-1)).nonzero()
     first = int(differ[0, 0]) if len(differ) else None
     labels = [s.label for s in trace_a.steps]
+    measures = {"JS(A,B)": js}
+    if with_kl:
+        measures = {"KL(A‖B)": _xlogy_diff(p_a, lp_a, lp_b) / LN2} | measures
     frame = pd.concat(
         [
-            pd.DataFrame(
-                {"step": range(len(labels)), "label": labels, "measure": "KL(A‖B)", "value": kl.clamp_min(0).tolist()}
-            ),
-            pd.DataFrame(
-                {"step": range(len(labels)), "label": labels, "measure": "JS(A,B)", "value": js.clamp_min(0).tolist()}
-            ),
+            pd.DataFrame({"step": range(len(labels)), "label": labels, "measure": name, "value": _floor(v)})
+            for name, v in measures.items()
         ],
         ignore_index=True,
     )
     return frame, first
+
+
+def _floor(v: torch.Tensor) -> list[float]:
+    """Values under 1e-9 bits are rounding, not signal (float64 leaves about 1e-16 between equal inputs)."""
+    return torch.where(v > NOISE_BITS, v, torch.zeros_like(v)).tolist()
+
+
+def _xlogy_diff(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Sum over the vocabulary of p · (log p - log q), with 0 where p is 0."""
+    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+
+
+@torch.inference_mode()
+def processed_divergence_frame(
+    trace_a: Trace, lm: LoadedModel, config_a: GenerationConfig, config_b: GenerationConfig
+) -> tuple[pd.DataFrame, int | None]:
+    """One model, two settings: JS(A,B) in bits between the distributions each run's rules produce
+    from the same raw scores on A's tokens, and the first step whose most likely processed token differs.
+    (KL is left out: after top-k or top-p one side can give 0 to a token the other keeps.)"""
+    ids = trace_a.prompt_ids + [s.token_id for s in trace_a.steps]
+    t = trace_a.prompt_len
+    logits = next_token_logits(lm, ids, t)  # (steps, vocab)
+    x = torch.tensor([ids], dtype=torch.long, device=lm.device)
+    eos = eos_ids(lm)
+    lps = []
+    for cfg in (config_a, config_b):
+        ws = vocab_for(lm.tokenizer).whitespace_ids() if cfg.block_ws_steps > 0 else []
+        chain = build_chain(cfg, t, eos, ws, device=lm.device)
+        rows = [apply_chain(chain, x[:, : t + s], logits[s : s + 1]) for s in range(len(trace_a.steps))]
+        lps.append(torch.log_softmax(torch.cat(rows), dim=-1))
+    return _frame(trace_a, lps[0], lps[1], with_kl=False)

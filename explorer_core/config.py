@@ -32,7 +32,7 @@ class GenerationConfig:
     no_repeat_ngram_size: int = _f(0, "Forbid repeating any n-gram of this size (0 disables).", 0, 20)
     block_eos_steps: int = _f(0, "Mask EOS for the first N new tokens.", 0, 2048)
     block_ws_steps: int = _f(0, "Mask whitespace-only tokens for the first N new tokens.", 0, 2048)
-    attn_every: int = _f(10, "Store a head-averaged last-layer attention snapshot every N steps.", 1, 2048)
+    attn_every: int = _f(10, "Store a head-averaged last-layer attention snapshot every N steps (0: none).", 0, 2048)
     seed: int = _f(42, "Seed of this run's own random generator.", 0, 2**32 - 1)
     stop_on: str = _f("", "Stop once the generated text contains this text (empty: off).", max_chars=1000)
     clean_stop: bool = _f(True, "After min_new_tokens, stop at the end of a sentence.")

@@ -1,26 +1,36 @@
 """One-file sharing: a run as a single self-contained HTML page (charts inline, no network needed).
 
-Vega, Vega-Lite and Vega-Embed are bundled into the page by vl-convert. Token text enters the page
-only HTML-escaped (the stream) or inside a JSON data block whose `<` are escaped, so no token can
-close the script tag or add markup.
+Vega, Vega-Lite and Vega-Embed are bundled into the page by vl-convert. Each chart's spec is built
+once; the page swaps in the data of the clicked step. Token text enters the page only escaped
+(`markup.escape_text`) or inside a JSON data block whose `<`, `>` and `&` are escaped, so no token can
+close the script tag or add markup. Branches are included: click any of their tokens too.
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import json
+import logging
+import os
 
+import altair as alt
+import pandas as pd
 import vl_convert as vlc
 
 from . import attnview, charts, frames
 from .attnstore import AttentionStore
+from .markup import escape_text, stream_html
+from .models import cache_dir
 from .trace import Trace
+
+log = logging.getLogger(__name__)
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Model Interpret Explorer trace</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
-.tok {{ display: inline-block; margin: 1px; padding: 1px 3px; border-radius: 3px; font-family: monospace; cursor: pointer; }}
+.tok {{ cursor: pointer; }}
 .tok.sel {{ outline: 2px solid #222; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 24px; }}
 pre {{ background: #f4f4f4; padding: 8px; white-space: pre-wrap; }}
@@ -31,7 +41,8 @@ pre {{ background: #f4f4f4; padding: 8px; white-space: pre-wrap; }}
 <p>{meta}</p>
 <h2>Prompt</h2><pre>{prompt}</pre>
 <h2>Output</h2><div id="stream">{stream}</div>
-<p>Click a token to inspect its step. Selected: <b id="sel">step 0</b></p>
+{branches}
+<p>Click a token to inspect its step. Selected: <b id="sel">main run, step 0</b></p>
 <div class="grid"><div id="topk"></div><div id="attn"></div></div>
 <div id="timeline"></div><div id="prompt"></div>
 <script type="application/json" id="data">{data}</script>
@@ -39,76 +50,134 @@ pre {{ background: #f4f4f4; padding: 8px; white-space: pre-wrap; }}
 (() => {{  // a scope of its own: the bundled libraries define short global names too
 const D = JSON.parse(document.getElementById('data').textContent);
 const opts = {{actions: false, renderer: 'svg'}};
+function withData(template, values) {{
+  const spec = JSON.parse(JSON.stringify(template)); delete spec.datasets; spec.data = {{values: values}}; return spec;
+}}
 vegaEmbed('#timeline', D.timeline, opts);
-if (D.prompt) vegaEmbed('#prompt', D.prompt, opts);
-function heat(step) {{
-  if (!D.rows) {{ document.getElementById('attn').textContent = 'No attention recorded in this trace.'; return; }}
-  const spec = JSON.parse(JSON.stringify(D.row_spec)); spec.data = {{values: D.rows[step]}}; delete spec.datasets;
-  spec.title = 'Where step ' + step + ' looked: last layer, mean over heads';
+function heat(path, step) {{
+  const box = document.getElementById('attn');
+  if (!D.rows) {{ box.textContent = 'No attention recorded in this trace.'; return; }}
+  if (path !== 0) {{ box.textContent = 'Branches record no attention; pick a token of the main run to see it.'; return; }}
+  const spec = withData(D.row_spec, D.rows[step]);
+  spec.title = 'Where step ' + step + "'s query looked: last layer, mean over heads";
   vegaEmbed('#attn', spec, opts);
 }}
-function show(step) {{
-  document.querySelectorAll('.tok').forEach(e => e.classList.toggle('sel', Number(e.dataset.step) === step));
-  document.getElementById('sel').textContent = 'step ' + step;
-  vegaEmbed('#topk', D.topk[step], opts); heat(step);
+if (D.prompt_spec) vegaEmbed('#prompt', D.prompt_spec, opts);
+function show(path, step) {{
+  document.querySelectorAll('.tok').forEach(e => e.classList.toggle('sel',
+    Number(e.dataset.path) === path && Number(e.dataset.step) === step));
+  document.getElementById('sel').textContent = (path ? 'branch ' + path : 'main run') + ', step ' + step;
+  vegaEmbed('#topk', withData(D.topk_spec, D.topk[path][step]), opts); heat(path, step);
 }}
-document.querySelectorAll('.tok').forEach(e => e.addEventListener('click', () => show(Number(e.dataset.step))));
-show(0);
+document.querySelectorAll('.tok').forEach(e => e.addEventListener('click',
+  () => show(Number(e.dataset.path), Number(e.dataset.step))));
+show(0, 0);
 }})();
 </script>
 </body></html>
 """
 
 
+@functools.cache
+def _bundle() -> str:
+    """Vega, Vega-Lite and Vega-Embed as one script. vl-convert takes about 7 s to bundle them, so the
+    result is kept in the per-user cache folder (and in memory) and reused by every later export."""
+    path = cache_dir() / f"vega-bundle-{vlc.__version__}.js"
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        pass
+    bundle = vlc.javascript_bundle()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(bundle, encoding="utf-8")
+        tmp.replace(path)  # atomic: a second process never reads half a file
+    except OSError as exc:
+        log.warning("could not cache the Vega bundle in %s: %s", path.parent, exc)
+    return bundle
+
+
+def warm() -> None:
+    """Prepare the bundle ahead of the first export (the app calls this in the background)."""
+    _bundle()
+
+
 def _json_for_script(value) -> str:
     return json.dumps(value, allow_nan=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _stream(trace: Trace) -> str:
-    spans = []
-    for s in trace.steps:
-        alpha = frames.shade(s.p_raw)
-        tip = html.escape(f"step {s.step}: p_raw={s.p_raw:.3f} p_proc={s.p_proc:.3f} rank {s.rank_raw}")
-        spans.append(
-            f'<span class="tok" data-step="{s.step}" title="{tip}" '
-            f'style="background: rgba(214,39,40,{alpha:.2f})">{html.escape(s.label)}</span>'
-        )
-    return "".join(spans)
+def _records(frame: pd.DataFrame) -> list[dict]:
+    return json.loads(frame.to_json(orient="records"))
+
+
+def _spec(chart: alt.TopLevelMixin) -> dict:
+    """The chart as a dict with its data inline. The data is inlined by hand, not by Altair's data
+    transformer: that is process-global, and Streamlit switches it (for any thread) while a page draws
+    a chart, which once left the page named datasets it could not resolve (an empty timeline)."""
+    # the builders' specs are validated by the tests; skipping it here saves most of a second
+    return _inline(chart.copy(deep=True)).to_dict(validate=False)
+
+
+def _inline(chart):
+    """Replace every DataFrame in a chart and its sub-charts with inline values, in place."""
+    if isinstance(getattr(chart, "data", None), pd.DataFrame):
+        chart.data = alt.InlineData(values=_records(chart.data))
+    for part in ("layer", "vconcat", "hconcat", "concat"):
+        for sub in getattr(chart, part, None) or []:
+            _inline(sub)
+    if getattr(chart, "spec", None) is not None and not isinstance(chart.spec, (dict, type(alt.Undefined))):
+        _inline(chart.spec)
+    return chart
+
+
+def _branches_html(trace: Trace) -> str:
+    parts = []
+    for b in trace.branches:
+        origin = "the main run" if b.parent == 0 else f"branch {b.parent}"
+        parts.append(f"<h3>Branch {b.id}: from {origin} at step {b.at_step}</h3>" + stream_html(b.steps, path=b.id))
+    return ("<h2>Branches</h2>" + "".join(parts)) if parts else ""
+
+
+def _attention(trace: Trace, attention: AttentionStore) -> dict:
+    """Each step's row (binned: the page stays bounded however long the run) and the prompt's heatmap."""
+    layer = attention.layers - 1
+    bins = max(20, min(200, 200_000 // max(len(trace.steps), 1)))  # under ~10 MB of rows at 4,096 steps
+    rows = [attnview.row_frame(trace, attention, s.step, layer, None, max_bins=bins) for s in trace.steps]
+    window = attnview.Window.clamp(None, None, trace.prompt_len, 96)
+    prompt = attnview.heatmap_frame(trace, attention, 0, layer, None, window)
+    return {
+        "rows": [_records(r.round({"weight": 5})) for r in rows],
+        "row_spec": _spec(charts.row_chart(rows[0], "Where the step's query looked")),
+        "prompt_spec": _spec(
+            charts.heatmap_chart(prompt, f"Prompt attention, last layer ({layer}), mean over heads", 360)
+        ),
+    }
 
 
 def build(trace: Trace, attention: AttentionStore | None, vega_js: str | None = None) -> str:
     """The whole page as a string. vega_js replaces the bundled Vega script (a notebook shares one copy)."""
+    paths = {0: trace.steps} | {b.id: trace.path_steps(b.id) for b in trace.branches}
+    first = frames.topk_frame(trace.steps[0]) if trace.steps else pd.DataFrame(columns=["label", "prob"])
     data = {
-        "timeline": charts.timeline_chart(frames.timeline_frame(trace)).to_dict(),
-        "topk": [
-            charts.topk_chart(frames.topk_frame(s), f"Top candidates at step {s.step}").to_dict() for s in trace.steps
-        ],
+        "timeline": _spec(charts.timeline_chart(frames.timeline_frame(trace))),
+        "topk_spec": _spec(charts.topk_chart(first, "Top candidates")),
+        "topk": {pid: [frames.topk_rows(s) for s in steps] for pid, steps in paths.items()},
         "labels": trace.labels_upto(len(trace.steps)),
         "rows": None,
     }
-    if attention is not None:
-        layer = attention.layers - 1
-        bins = max(20, min(200, 200_000 // max(len(trace.steps), 1)))  # the page stays under ~10 MB at 4,096 steps
-        rows = [attnview.row_frame(trace, attention, s.step, layer, None, max_bins=bins) for s in trace.steps]
-        data["rows"] = [r.round({"weight": 5}).to_dict(orient="records") for r in rows]
-        data["row_spec"] = charts.row_chart(
-            rows[0] if rows else attnview.row_frame(trace, attention, 0, layer, None), ""
-        ).to_dict()
-        prompt = attnview.heatmap_frame(
-            trace, attention, 0, layer, None, attnview.Window.clamp(None, None, trace.prompt_len, 96)
-        )
-        data["prompt"] = charts.heatmap_chart(
-            prompt, f"Prompt attention, last layer ({layer}), mean over heads", 360
-        ).to_dict()
+    if attention is not None and trace.steps:
+        data |= _attention(trace, attention)
     meta = (
         f"{trace.model.name} · {trace.model.dtype} on {trace.model.device} · {len(trace.steps)} tokens · "
         f"stopped by {trace.stop_reason} · temperature {trace.config.get('temperature')} · "
         f"top-p {trace.config.get('top_p')} · top-k {trace.config.get('top_k')} · seed {trace.config.get('seed')}"
     )
     return _PAGE.format(
-        bundle=vlc.javascript_bundle() if vega_js is None else vega_js,
+        bundle=_bundle() if vega_js is None else vega_js,
         meta=html.escape(meta),
-        prompt=html.escape(trace.input_text),
-        stream=_stream(trace),
+        prompt=escape_text(trace.input_text),
+        stream=stream_html(trace.steps),
+        branches=_branches_html(trace),
         data=_json_for_script(data),
     )

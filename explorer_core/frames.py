@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .trace import Candidates, Explanation, StepRecord, Trace
+from .trace import Explanation, StepRecord, Trace
 
 DIST_NAMES = {"raw": "raw model", "proc": "after processing"}
 
@@ -23,39 +23,42 @@ def _names(labels: list[str], ids: list[int]) -> list[str]:
 
 
 def topk_frame(step: StepRecord) -> pd.DataFrame:
-    """One row per (distribution, candidate): rank, token, probability, chosen or not.
+    """One row per (distribution, candidate): rank, token, probability, chosen or not (see `topk_rows`)."""
+    return pd.DataFrame(topk_rows(step), columns=["distribution", "rank", "token_id", "label", "prob", "chosen"])
+
+
+def topk_rows(step: StepRecord) -> list[dict]:
+    """The rows of `topk_frame` as plain dicts (the HTML export writes one list per step).
 
     When the chosen token is outside a distribution's logged top candidates it is added as one more
     row at the bottom, so the chart always shows what was picked.
     """
-    parts = []
-    for key, cands, p in (("raw", step.top_raw, step.p_raw), ("proc", step.top_proc, step.p_proc)):
-        frame = _cand_frame(cands, DIST_NAMES[key], step.token_id)
-        if step.token_id not in cands.ids:
-            extra = {
-                "distribution": DIST_NAMES[key],
-                "rank": len(cands.ids) + 1,
-                "token_id": step.token_id,
-                "label": step.label + " (chosen)",
-                "prob": p,
-                "chosen": True,
-            }
-            frame = pd.concat([frame, pd.DataFrame([extra])], ignore_index=True)
-        parts.append(frame)
-    return pd.concat(parts, ignore_index=True)
-
-
-def _cand_frame(c: Candidates, dist: str, chosen: int) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "distribution": dist,
-            "rank": np.arange(1, len(c.ids) + 1),
-            "token_id": c.ids,
-            "label": _names(list(c.labels), list(c.ids)),
-            "prob": c.probs,
-            "chosen": [i == chosen for i in c.ids],
-        }
-    )
+    rows = []
+    for key, c, p in (("raw", step.top_raw, step.p_raw), ("proc", step.top_proc, step.p_proc)):
+        dist = DIST_NAMES[key]
+        for rank, (tid, label, prob) in enumerate(zip(c.ids, _names(list(c.labels), list(c.ids)), c.probs), 1):
+            rows.append(
+                {
+                    "distribution": dist,
+                    "rank": rank,
+                    "token_id": tid,
+                    "label": label,
+                    "prob": prob,
+                    "chosen": tid == step.token_id,
+                }
+            )
+        if step.token_id not in c.ids:
+            rows.append(
+                {
+                    "distribution": dist,
+                    "rank": len(c.ids) + 1,
+                    "token_id": step.token_id,
+                    "label": step.label + " (chosen)",
+                    "prob": p,
+                    "chosen": True,
+                }
+            )
+    return rows
 
 
 def step_columns(trace: Trace) -> pd.DataFrame:
@@ -167,17 +170,23 @@ def stage_summary(step: StepRecord) -> pd.DataFrame:
 
 
 def _stage_verdict(stages: list[str], col: list[float], chosen: bool) -> str:
+    """The rule that removed the candidate, and the rule that moved it most when that is another one
+    (a penalty can cut 0.44 to 0.03 before top-p removes the rest: both are named)."""
     prefix = "chosen; " if chosen else ""
-    for s in range(1, len(col)):
-        if col[s - 1] > 0 and col[s] == 0:
-            return f"{prefix}removed by {STAGE_NAMES.get(stages[s], stages[s])}"
     if col[0] == 0:
         return f"{prefix}impossible under the raw model"
     if len(col) == 1:
         return f"{prefix}no rules active"
+    name = [STAGE_NAMES.get(st, st) for st in stages]
     moves = [col[s] - col[s - 1] for s in range(1, len(col))]
-    s = max(range(len(moves)), key=lambda j: abs(moves[j]))
-    return f"{prefix}changed most by {STAGE_NAMES.get(stages[s + 1], stages[s + 1])} ({moves[s]:+.3f})"
+    big = max(range(len(moves)), key=lambda j: abs(moves[j])) + 1  # stage with the largest change
+    removed = next((s for s in range(1, len(col)) if col[s - 1] > 0 and col[s] == 0), None)
+    most = f"changed most by {name[big]} ({col[big - 1]:.3f} → {col[big]:.3f})"
+    if removed is None:
+        return prefix + most
+    if removed == big:
+        return f"{prefix}removed by {name[removed]} ({col[removed - 1]:.3f} → 0)"
+    return f"{prefix}removed by {name[removed]} ({col[removed - 1]:.3f} → 0); {most}"
 
 
 def lens_frame(trace: Trace, center: int, window: int = 24) -> pd.DataFrame:

@@ -311,7 +311,7 @@ class Run:
         p_raw, p_proc, h_raw, h_proc, rank_f, var_raw = scalars
         top_raw, top_proc = _Top(top.values[0], top.indices[0]), _Top(top.values[1], top.indices[1])
         snapshot = None
-        if self.config.capture_attention and s % self.config.attn_every == 0:
+        if self.config.capture_attention and self.config.attn_every > 0 and s % self.config.attn_every == 0:
             snapshot = [round(v, 6) for v in self._pending_row[-1].float().mean(0).tolist()]
         return StepRecord.model_construct(
             step=s,

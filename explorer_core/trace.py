@@ -166,7 +166,7 @@ class AttentionInfo(_Strict):
         description="Cells per axis of the prompt's pooled T×T attention in the companion (= prompt length when exact).",
     )
     snapshot_layer: int = Field(ge=0)
-    snapshot_every: int = Field(ge=1)
+    snapshot_every: int = Field(ge=0, description="0: no snapshots.")
 
 
 class TokenRef(_Strict):

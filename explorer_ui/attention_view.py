@@ -36,8 +36,12 @@ def window_choice(length: int, key: str, default_bins: int = attnview.DEFAULT_BI
     return attnview.Window.clamp(lo, hi, length, bins)
 
 
-def render_attention(trace: Trace, store: AttentionStore | None, step: int, key: str, lm=None) -> None:
-    """Step `step`'s row, then the heatmap of the sequence it saw, for a chosen layer and head."""
+def render_attention(
+    trace: Trace, store: AttentionStore | None, step: int, key: str, lm=None, narrow: bool = False
+) -> None:
+    """Step `step`'s row, then the heatmap of the sequence it saw, for a chosen layer and head.
+
+    `narrow` (half-width columns, as on Compare) draws the heatmap smaller so it is not cut off."""
     if store is None:
         render_missing_attention(trace)
         return
@@ -56,7 +60,7 @@ def render_attention(trace: Trace, store: AttentionStore | None, step: int, key:
     frame = attnview.heatmap_frame(trace, store, step, layer, head, window, exact)
     title = [f"Attention of the sequence seen at step {step} (layer {layer}, {who})"]
     title.append("red outline: the row of the query that chose step's token; rows above: earlier positions")
-    st.altair_chart(charts.heatmap_chart(frame, title))
+    st.altair_chart(charts.heatmap_chart(frame, title, size=260 if narrow else 420))
     _caption(trace, store, window, exact)
 
 

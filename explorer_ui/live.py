@@ -17,7 +17,7 @@ from explorer_core.models import LoadedModel
 from explorer_core.stepper import Run
 
 from . import resources
-from .views import stream_html
+from .base import stream_html
 
 # The browser shares the CPU with the model (2 cores): redraws start at 4 a second, so a run feels
 # live, and slow down to one every REDRAW_MAX_S as it goes on; only the newest tokens are redrawn while
@@ -46,22 +46,20 @@ def settle(run_key: str, trace_key: str, keep_live: bool = False) -> None:
 def generate_live(
     lm: LoadedModel, config: GenerationConfig, run_key: str, trace_key: str, keep_live: bool = False
 ) -> None:
-    """Generate with a live stream and tokens/s; stores the result under trace_key."""
+    """Generate with a live stream; stores the result under trace_key."""
     notice = st.empty()
     lock = resources.acquire_generation_slot(notice)
     try:
         run = Run(lm, config, resources.limits())
         st.session_state[run_key] = run
-        start = time.perf_counter()
-        _stream(run, config)
-        wall = time.perf_counter() - start
+        stream_run(run, config)
     finally:
         lock.release()  # no Streamlit calls here: this also runs when the script is interrupted
     settle(run_key, trace_key, keep_live)
-    st.session_state[trace_key + "_wall"] = (run.n, wall)
 
 
-def _stream(run: Run, config: GenerationConfig) -> None:
+def stream_run(run: Run, config: GenerationConfig) -> None:
+    """Iterate the run, redrawing progress, tokens/s and the newest tokens now and then."""
     rate, box = st.empty(), st.empty()
     progress = st.progress(0.0, text="prefill…")
     start = last = time.perf_counter()
@@ -71,18 +69,13 @@ def _stream(run: Run, config: GenerationConfig) -> None:
             last = now
             done = step.step + 1
             progress.progress(min(done / config.max_new_tokens, 1.0), text=f"{done} / {config.max_new_tokens} tokens")
-            rate.caption(f"{done / (now - start):.1f} tokens/s")
+            rate.caption(f"{done / max(run_seconds(run), 1e-9):.1f} tokens/s")
             box.html(stream_html(run.steps[-LIVE_TOKENS:]))
     progress.empty()
     rate.empty()
     box.empty()
 
 
-def stream_branch(run: Run) -> None:
-    """Generate a branch under the lock, with the same live stream as the main run."""
-    notice = st.empty()
-    lock = resources.acquire_generation_slot(notice)
-    try:
-        _stream(run, run.config)
-    finally:
-        lock.release()
+def run_seconds(run: Run) -> float:
+    """Model time so far, as the trace's tokens/s counts it: prefill plus every step (display excluded)."""
+    return run.prefill_s + sum(s.time_s for s in run.steps)

@@ -14,10 +14,11 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import streamlit as st
+
 from explorer_core import trace as trace_io
 from explorer_core import tracefile
 from explorer_core.attnstore import AttentionStore
-from explorer_core.limits import Limits
 from explorer_core.trace import Trace, TraceError
 
 MAX_TRACE_BYTES = trace_io.MAX_TRACE_BYTES  # trace.json; a 512-step run is about 1 MB
@@ -25,8 +26,14 @@ COMPANION_SUFFIXES = (".attn.safetensors", ".safetensors", ".attn.npz", ".npz")
 PIECE = 1024 * 1024
 
 
+def upload_cap_mb() -> int:
+    """The one upload cap: Streamlit's `server.maxUploadSize` (MB), which the server enforces. Set it in
+    .streamlit/config.toml or with STREAMLIT_SERVER_MAX_UPLOAD_SIZE; the uploader shows the same value."""
+    return int(st.get_option("server.maxUploadSize"))
+
+
 def upload_cap() -> int:
-    return Limits.from_env().max_upload_mb * 2**20
+    return upload_cap_mb() * 2**20
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -60,16 +67,23 @@ def forget(store: AttentionStore | None) -> None:
         shutil.rmtree(store.path.parent, ignore_errors=True)
 
 
+def unusable(files: list) -> list[str]:
+    """Names of uploaded files the viewer cannot use (they are left out, and the page says so)."""
+    return [f.name for f in files if _kind(f.name) is None]
+
+
 def from_uploads(files: list) -> tuple[Trace, AttentionStore | None]:
-    """Uploaded files: a trace.zip, or a trace.json with an optional companion."""
-    if not files:
-        raise TraceError("no file uploaded")
+    """Uploaded files: a trace.zip, or a trace.json with an optional companion; other files are skipped."""
     by_kind: dict[str, list] = {"zip": [], "json": [], "companion": []}
     for f in files:
         kind = _kind(f.name)
-        if kind is None:
-            raise TraceError(f"{f.name}: expected trace.json, its .attn.safetensors companion, or a .zip archive")
-        by_kind[kind].append(f)
+        if kind is not None:
+            by_kind[kind].append(f)
+    if not any(by_kind.values()):
+        raise TraceError(
+            f"{', '.join(unusable(files)) or 'no file'}: expected trace.json, its .attn.safetensors companion, "
+            "or a .zip archive"
+        )
     if by_kind["zip"]:
         z = by_kind["zip"][0]
         _check_size(z.name, z.size, upload_cap())

@@ -8,7 +8,7 @@ import weakref
 
 import streamlit as st
 
-from explorer_core import models
+from explorer_core import export_html, models
 from explorer_core.limits import Limits
 from explorer_core.models import LoadedModel, ModelLoadError
 
@@ -66,3 +66,11 @@ def acquire_generation_slot(placeholder) -> threading.Lock:
         placeholder.info("Another session is generating right now; yours starts as soon as it finishes…")
     placeholder.empty()
     return lock
+
+
+@st.cache_resource(show_spinner=False)
+def warm_export() -> threading.Thread:
+    """Once per process, in the background: the Vega bundle the HTML export inlines (seconds to build)."""
+    thread = threading.Thread(target=export_html.warm, name="vega-bundle", daemon=True)
+    thread.start()
+    return thread

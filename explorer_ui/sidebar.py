@@ -23,21 +23,21 @@ HOST_CAPS: dict[str, int] = {}
 
 
 def _host_caps() -> None:
-    """A public host's limits shrink the widgets' ranges, so users cannot ask for more."""
+    """A public host's limits shrink the ranges the sidebar accepts."""
     lim = Limits.from_env()
     HOST_CAPS.update(max_new_tokens=lim.max_new_tokens, min_new_tokens=lim.max_new_tokens, top_n=lim.max_top_n)
-    for name, cap in HOST_CAPS.items():
-        if st.session_state.get(P + name, 0) > cap:
-            st.session_state[P + name] = cap
 
 
 def _init_state() -> None:
-    """Defaults go into session_state once and widgets read them from there (no `value=`), so a
-    value the user changed is kept across pages and reruns without Streamlit's double-default warning."""
-    st.session_state.setdefault(P + "model_choice", PRESETS[0])
-    st.session_state.setdefault(P + "model_custom", "")
-    for f in field_specs():
-        st.session_state.setdefault(P + f.name, f.default)
+    """Defaults go into session_state once and widgets read them from there (no `value=`).
+
+    Each page gives its widgets their own ids, and a widget first drawn on a page starts from its
+    default unless its key was set in code: so every value is set again here, before the widgets,
+    which keeps what the user chose across pages.
+    """
+    defaults = {P + "model_choice": PRESETS[0], P + "model_custom": ""} | {P + f.name: f.default for f in field_specs()}
+    for key, default in defaults.items():
+        st.session_state[key] = st.session_state.get(key, default)
 
 
 def render() -> GenerationConfig | None:
@@ -67,11 +67,19 @@ def render() -> GenerationConfig | None:
         st.sidebar.warning("Type a hub id or a local folder for the model.")
         return None
     try:
-        return GenerationConfig(**values)
+        config = GenerationConfig(**values)
+        _check_host_caps(values)
+        return config
     except ValueError as exc:
         st.sidebar.error("Settings are not valid")
-        st.sidebar.text(str(exc))
+        st.sidebar.text(str(exc))  # plain text: the message may quote what was typed
         return None
+
+
+def _check_host_caps(values: dict) -> None:
+    for name, cap in HOST_CAPS.items():
+        if isinstance(values.get(name), int) and values[name] > cap:
+            raise ValueError(f"{name}={values[name]} is over this host's limit of {cap}: use a value up to {cap}")
 
 
 def _widget(f: dataclasses.Field):
@@ -87,4 +95,6 @@ def _widget(f: dataclasses.Field):
     hi = min(hi, HOST_CAPS.get(f.name, hi))
     if f.type == "float":
         return st.slider(label, float(lo), float(hi), step=STEPS.get(f.name, 0.01), key=key, help=help_text)
-    return st.number_input(label, int(lo), int(hi), step=1, key=key, help=help_text)
+    # No min/max on the box: the browser would keep an out-of-range entry to itself (a red box, the
+    # old value still used). The value comes through and the config's check refuses it in words.
+    return st.number_input(label, step=1, key=key, help=f"{help_text} ({lo} to {hi})")

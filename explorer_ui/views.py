@@ -1,7 +1,7 @@
-"""Shared views of a trace, used by every page: stream, step inspector, timeline, attention, downloads.
+"""Shared views of a trace, used by every page: summary, step inspector, timeline, attention, downloads.
 
 Token text is untrusted (it comes from models and uploaded files): it reaches the screen only as
-chart data, dataframe cells, st.text/st.code, or HTML with every special character escaped.
+chart data, dataframe cells, st.text/st.code, or HTML escaped by `base.escape_text`.
 """
 
 from __future__ import annotations
@@ -14,36 +14,11 @@ import streamlit as st
 from explorer_core import charts, frames
 from explorer_core import trace as trace_io
 from explorer_core.attnstore import AttentionStore
-from explorer_core.trace import StepRecord, Trace
+from explorer_core.trace import Trace
 
+from . import branching, explain_view, insight
 from .attention_view import head_choice, render_attention, render_missing_attention  # noqa: F401 - shared names
-
-_MARKUP = set("*_$[]()`~#|:\\{}!<>&\"'=")
-
-
-def escape_text(text: str) -> str:
-    """Escape every HTML and Markdown/LaTeX character in one pass (as numeric entities), so text shows
-    verbatim in st.html and nothing in it can start a tag, an attribute or a formatting run."""
-    return "".join(f"&#{ord(ch)};" if ch in _MARKUP else ch for ch in text)
-
-
-def stream_html(steps: list[StepRecord]) -> str:
-    """Tokens shaded by probability: the less likely under the raw model, the stronger the shade."""
-    spans = []
-    for s in steps:
-        alpha = frames.shade(s.p_raw)
-        tip = escape_text(f"step {s.step}: {s.label}  p_raw={s.p_raw:.3f}  p_proc={s.p_proc:.3f}  rank {s.rank_raw}")
-        spans.append(
-            f'<span title="{tip}" style="background: rgba(214,39,40,{alpha:.2f}); border-radius: 3px; '
-            f'padding: 1px 2px; margin: 1px; display: inline-block; font-family: monospace;">'
-            f"{escape_text(s.label)}</span>"
-        )
-    return '<div style="line-height: 1.9;">' + "".join(spans) + "</div>"
-
-
-def render_stream(trace: Trace, container=None) -> None:
-    target = container if container is not None else st
-    target.html(stream_html(trace.steps) if trace.steps else "<div><i>no tokens yet</i></div>")
+from .base import render_stream
 
 
 def render_cost_estimate(config, lm, limits) -> None:
@@ -71,13 +46,16 @@ def render_cost_estimate(config, lm, limits) -> None:
     )
 
 
+TOKENS_PER_S_HELP = "Generated tokens divided by model time: the prefill plus every step, display excluded."
+
+
 def render_summary(trace: Trace) -> None:
-    cols = st.columns(4)
+    cols = st.columns(3)
     cols[0].metric("Tokens", len(trace.steps))
-    cols[1].metric("Tokens/s", f"{trace.timing.tokens_per_s:.1f}")
-    cols[2].metric("Stopped by", trace.stop_reason.replace("_", " "))
-    cols[3].metric("Prompt tokens", trace.prompt_len)
-    st.caption("Model and settings")
+    cols[1].metric("Tokens/s", f"{trace.timing.tokens_per_s:.1f}", help=TOKENS_PER_S_HELP)
+    cols[2].metric("Prompt tokens", trace.prompt_len)
+    # plain text, not a metric: a narrow metric cuts "max new tokens" to "max new to..."
+    st.text(f"Stopped by: {trace.stop_reason.replace('_', ' ')}")
     st.text(
         f"{trace.model.name} · {trace.model.dtype} on {trace.model.device} · "
         f"{trace.model.n_layers} layers × {trace.model.n_heads} heads"
@@ -111,15 +89,18 @@ def token_table(trace: Trace, key: str) -> None:
     )
 
 
-def render_step(trace: Trace, step: int) -> None:
+def render_step(trace: Trace, step: int, narrow: bool = False) -> None:
+    """The chosen token and the top-k bars; `narrow` (half-width columns) stacks raw above processed."""
     s = trace.steps[step]
     st.caption(f"Step {step} chose this token (raw rank {s.rank_raw}, p_raw {s.p_raw:.4f}, p_proc {s.p_proc:.4f}):")
     st.code(s.label, language=None)
-    st.altair_chart(charts.topk_chart(frames.topk_frame(s), "Top candidates"), width="content")
+    chart = charts.topk_chart(frames.topk_frame(s), "Top candidates", columns=1 if narrow else 2)
+    st.altair_chart(chart, width="content")
 
 
-def render_timeline(trace: Trace, step: int) -> None:
-    st.altair_chart(charts.timeline_chart(frames.timeline_frame(trace), selected=step), width="content")
+def render_timeline(trace: Trace, step: int, narrow: bool = False) -> None:
+    chart = charts.timeline_chart(frames.timeline_frame(trace), selected=step, width=300 if narrow else 640)
+    st.altair_chart(chart, width="content")
 
 
 ZIP_MAX_BYTES = 512 * 2**20  # a download is built in the server's memory: bigger companions stay on disk
@@ -133,7 +114,7 @@ def archive_bytes(trace: Trace, attn: AttentionStore | None) -> bytes:
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("trace.json", trace_io.dumps(trace.model_copy(update={"attention": info})))
         if attn is not None:
-            with zf.open(zipfile.ZipInfo(name), "w", force_zip64=True) as fh:  # stored: float16 does not deflate
+            with zf.open(zipfile.ZipInfo(name), "w", force_zip64=True) as fh:
                 attn.write_to(fh)
         zf.writestr("output.txt", trace.output_text + "\n")
     return buf.getvalue()
@@ -142,6 +123,8 @@ def archive_bytes(trace: Trace, attn: AttentionStore | None) -> bytes:
 def render_downloads(trace: Trace, attn: AttentionStore | None, key: str) -> None:
     from explorer_core.export_html import build
 
+    # on_click="ignore": a rerun per click would drop the files behind the other buttons while the
+    # browser still fetches them (quick clicks then fetched nothing: "Deferred file ... not found")
     c1, c2, c3, c4 = st.columns(4)
     c1.download_button(
         "trace.json",
@@ -149,9 +132,15 @@ def render_downloads(trace: Trace, attn: AttentionStore | None, key: str) -> Non
         file_name="trace.json",
         mime="application/json",
         key=key + "_dl_json",
+        on_click="ignore",
     )
     c2.download_button(
-        "output.txt", trace.output_text + "\n", file_name="output.txt", mime="text/plain", key=key + "_dl_txt"
+        "output.txt",
+        trace.output_text + "\n",
+        file_name="output.txt",
+        mime="text/plain",
+        key=key + "_dl_txt",
+        on_click="ignore",
     )
     if attn is not None and attn.nbytes() > ZIP_MAX_BYTES:
         c3.caption(
@@ -165,9 +154,15 @@ def render_downloads(trace: Trace, attn: AttentionStore | None, key: str) -> Non
             file_name="trace.zip",
             mime="application/zip",
             key=key + "_dl_zip",
+            on_click="ignore",
         )
     c4.download_button(
-        "Single-file HTML", lambda: build(trace, attn), file_name="trace.html", mime="text/html", key=key + "_dl_html"
+        "Single-file HTML",
+        lambda: build(trace, attn),
+        file_name="trace.html",
+        mime="text/html",
+        key=key + "_dl_html",
+        on_click="ignore",
     )
 
 
@@ -175,30 +170,34 @@ def _no_file(trace: Trace):
     return trace.attention.model_copy(update={"file": None}) if trace.attention else None
 
 
-def render_trace(
-    trace: Trace, attn: AttentionStore | None, key: str, state_key: str | None = None, live_run=None
-) -> None:
+TABS = ["Candidates", "Attention", "Which rule?", "Logit lens", "Branch from here", "Why this token?"]
+
+
+def render_trace(source: str | tuple[Trace, AttentionStore | None], key: str, live_run=None) -> None:
     """Every view of a finished (or partial) trace, the same for live runs and loaded files.
 
-    `state_key` names the session entry holding (trace, attention), so branches can be added to it.
+    `source` is either the data itself, or the name of the session entry holding it; only a trace
+    kept in the session can grow branches.
     """
-    from . import explain_view, insight
-
+    state_key = source if isinstance(source, str) else None
     if state_key is not None:
-        insight.settle_branch(state_key)  # a branch cut short by Stop joins the trace as a partial branch
+        branching.settle_branch(state_key)  # a branch cut short by Stop joins the trace as a partial branch
         trace, attn = st.session_state[state_key]
+    else:
+        trace, attn = source
     if not trace.steps:
         st.warning("This trace has no generated tokens.")
         return
-    branch_id = insight.path_choice(trace, key + "_path")
-    view, view_attn = insight.path_view(trace, attn, branch_id)
+    branch_id = branching.path_choice(trace, key + "_path")
+    view, view_attn = branching.path_view(trace, attn, branch_id)
     render_summary(view)
     st.subheader("Output")
-    render_stream(view)
+    render_stream(view.steps)
     st.subheader("Inspect a step")
     step = pick_step(view, key + "_step")
     token_table(view, key + "_step")
-    tabs = st.tabs(["Candidates", "Attention", "Which rule?", "Logit lens", "Branch from here", "Why this token?"])
+    # keyed and tracked, so the open tab survives the rerun that follows a new branch
+    tabs = st.tabs(TABS, key=key + "_tabs", on_change="rerun")
     with tabs[0]:
         render_step(view, step)
     with tabs[1]:
@@ -206,7 +205,7 @@ def render_trace(
             st.caption("Branches record no attention; pick the main run to see it.")
         from .resources import loaded_already
 
-        lm = loaded_already(view.model.name, "auto", "auto")  # for exact recomputation, never loaded here
+        lm = loaded_already(view.model.name, "auto", "auto")  # for exact recomputation; never loaded here
         render_attention(view, view_attn, step, key + "_attn", lm)
     with tabs[2]:
         insight.render_stages(view, step)
@@ -216,12 +215,22 @@ def render_trace(
         if state_key is None:
             st.caption("Branching works on the Generate and Trace viewer pages.")
         else:
-            insight.render_branch_form(trace, branch_id, step, state_key, live_run)
+            branching.render_branch_form(trace, branch_id, step, state_key, live_run)
     with tabs[5]:
         explain_view.render_explain(trace, branch_id, step, key, state_key)
     render_timeline(view, step)
-    insight.render_branches(trace)
+    branching.render_branches(trace)
     with st.expander("Replay check: re-score these tokens with the model"):
         insight.render_replay(view, key)
     st.subheader("Download")
     render_downloads(trace, attn, key)
+
+
+def empty_prompt_note(config) -> str:
+    """What the model starts from when the prompt box is empty."""
+    if config.chat:
+        return (
+            "The prompt is empty: the model starts from the chat template alone (an empty user turn), "
+            "or from the BOS token if the model has no chat template."
+        )
+    return "The prompt is empty: generation starts from the BOS token alone."

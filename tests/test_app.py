@@ -102,7 +102,7 @@ def test_stop_mid_run_keeps_partial_trace(tiny_llama, tiny_llama_dir):
 def test_viewer_example_and_upload(generated, tmp_path):
     at = generated
     trace, attn = at.session_state["gen_trace"]
-    at.switch_page("app_pages/viewer.py").run()
+    at.switch_page("pages/viewer.py").run()
     assert not at.exception
     assert at.selectbox(key="viewer_example").options  # shipped examples are listed
     assert "Top candidates" in chart_titles(at)
@@ -129,7 +129,7 @@ def test_viewer_zip_upload_and_bad_file_keeps_previous(generated):
     trace, attn = at.session_state["gen_trace"]
     from explorer_ui.views import archive_bytes
 
-    at.switch_page("app_pages/viewer.py").run()
+    at.switch_page("pages/viewer.py").run()
     at.radio(key="viewer_source").set_value("Upload").run()
     at.file_uploader(key="viewer_upload").set_value(("trace.zip", archive_bytes(trace, attn), "application/zip")).run()
     assert at.session_state["viewer_trace"][0].output_text == trace.output_text
@@ -141,7 +141,7 @@ def test_viewer_zip_upload_and_bad_file_keeps_previous(generated):
 
 def test_viewer_snapshot_only_trace_says_what_is_missing():
     at = start()
-    at.switch_page("app_pages/viewer.py").run()
+    at.switch_page("pages/viewer.py").run()
     at.selectbox(key="viewer_example").set_value("story-snapshots-only").run()
     assert not at.exception
     assert any("Full attention is not available" in i.value for i in at.info)
@@ -150,7 +150,7 @@ def test_viewer_snapshot_only_trace_says_what_is_missing():
 
 def test_heads_page_grid(generated):
     at = generated
-    at.switch_page("app_pages/heads.py").run()
+    at.switch_page("pages/heads.py").run()
     assert not at.exception
     grid_spec, grid_data = charts(at)[0]
     assert grid_spec["facet"]["field"] == "head"
@@ -159,7 +159,7 @@ def test_heads_page_grid(generated):
 
 def test_compare_two_tiny_models(tiny_llama_dir, tiny_gpt2_dir):
     at = use_model(start(), tiny_llama_dir, max_new_tokens=6, min_new_tokens=6)
-    at.switch_page("app_pages/compare.py").run()
+    at.switch_page("pages/compare.py").run()
     at.selectbox(key="compare_model_choice").set_value("Other (type a hub id or folder)").run()
     at.text_input(key="compare_model_custom").input(str(tiny_gpt2_dir)).run()
     at.button(key="compare_go").click().run()
@@ -176,11 +176,136 @@ def test_compare_two_tiny_models(tiny_llama_dir, tiny_gpt2_dir):
 
 
 def test_compare_same_model_two_temperatures(tiny_llama_dir):
-    at = use_model(start(), tiny_llama_dir, max_new_tokens=5, min_new_tokens=5)
-    at.switch_page("app_pages/compare.py").run()
+    """One model, only the temperature changed: the raw distributions are identical, so the page says so
+    and plots the processed distributions' divergence (not float noise of the raw ones)."""
+    at = use_model(start(), tiny_llama_dir, max_new_tokens=5, min_new_tokens=5, top_p=1.0, top_k=0)
+    at.switch_page("pages/compare.py").run()
     at.slider(key="compare_temperature").set_value(1.5).run()
     at.button(key="compare_go").click().run()
     assert not at.exception
-    frame, first = at.session_state["compare_div"]
-    assert frame[frame["measure"] == "KL(A‖B)"]["value"].iloc[0] == pytest.approx(0.0, abs=1e-6)  # same model
-    assert first is None
+    frame, first, kind = at.session_state["compare_div"]
+    assert kind == "processed" and set(frame["measure"]) == {"JS(A,B)"}
+    assert (frame["value"] > 1e-4).all()  # temperature 0.8 against 1.5 is a real difference at every step
+    assert any("raw distributions are identical" in t.value for t in at.text)
+    titles = chart_titles(at)
+    assert "How far run B's processed distribution is from run A's, per step" in titles
+    # half-width columns: the top-k panels are stacked and the timelines narrow, so nothing is cut off
+    tops = [spec for spec, _ in charts(at) if spec.get("title") == "Top candidates"]
+    assert tops and all(spec["columns"] == 1 for spec in tops)
+
+
+def test_sidebar_values_kept_across_pages(tiny_llama_dir):
+    at = use_model(start(), tiny_llama_dir, max_new_tokens=7, temperature=0.35)
+    for page in ("pages/compare.py", "pages/heads.py", "pages/viewer.py", "app.py"):
+        at.switch_page(page).run()
+        assert not at.exception
+        assert at.number_input(key="sidebar_max_new_tokens").value == 7
+        assert at.slider(key="sidebar_temperature").value == pytest.approx(0.35)
+        assert at.text_input(key="sidebar_model_custom").value == str(tiny_llama_dir)
+
+
+def test_page_links_use_material_icons():
+    at = start()
+    links = at.get("page_link")
+    assert [link.proto.label for link in links] == ["Generate", "Trace viewer", "Compare models", "Heads"]
+    assert all(link.proto.icon.startswith(":material/") for link in links)
+
+
+def test_out_of_range_number_refuses_to_generate():
+    at = start()
+    at.number_input(key="sidebar_max_new_tokens").set_value(100000).run()
+    assert not at.exception
+    assert "max_new_tokens=100000 is out of range" in at.sidebar.text[0].value
+    assert at.button(key="gen_generate").disabled
+    assert "not valid" in at.error[0].value
+
+
+def test_empty_prompt_says_where_generation_starts():
+    at = start()
+    at.text_area(key="sidebar_prompt").input("").run()
+    assert any("The prompt is empty" in i.value for i in at.info)
+    at.toggle(key="sidebar_chat").set_value(False).run()
+    assert any("starts from the BOS token" in i.value for i in at.info)
+
+
+def test_one_tokens_per_second_figure(generated):
+    """The metric is the only tokens/s on the page after a run (the README defines it)."""
+    page_text = " ".join(str(getattr(el, "value", "")) for el in generated.main)
+    assert page_text.count("tokens/s") == 0  # no second, differently measured figure in captions
+    assert [m.label for m in generated.metric] == ["Tokens", "Tokens/s", "Prompt tokens"]
+
+
+def test_attn_every_zero_records_no_snapshots(tiny_llama_dir):
+    at = use_model(start(), tiny_llama_dir, max_new_tokens=4, min_new_tokens=4, attn_every=0)
+    at.button(key="gen_generate").click().run()
+    assert not at.exception, at.exception
+    trace, attn = at.session_state["gen_trace"]
+    assert attn is not None and all(s.attn_snapshot is None for s in trace.steps)
+    assert trace.attention.snapshot_every == 0
+
+
+def test_tab_stays_open_after_a_branch(tiny_llama_dir):
+    at = use_model(start(), tiny_llama_dir, max_new_tokens=5, min_new_tokens=5)
+    at.button(key="gen_generate").click().run()
+    at.session_state["gen_tabs"] = "Branch from here"
+    at.run()
+    at.button(key="FormSubmitter:gen_trace_branch_form-Continue from here").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["gen_trace"][0].branches
+    assert at.session_state["gen_tabs"] == "Branch from here"
+
+
+def test_viewer_keeps_an_upload_across_pages(generated, tmp_path):
+    at = generated
+    trace, attn = at.session_state["gen_trace"]
+    from explorer_ui.views import archive_bytes
+
+    at.switch_page("pages/viewer.py").run()
+    at.radio(key="viewer_source").set_value("Upload").run()
+    at.file_uploader(key="viewer_upload").set_value(("trace.zip", archive_bytes(trace, attn), "application/zip")).run()
+    assert at.session_state["viewer_trace"][0].created == trace.created
+    at.switch_page("pages/heads.py").run()
+    at.switch_page("pages/viewer.py").run()
+    assert not at.exception
+    assert at.radio(key="viewer_source").value == "Upload"
+    assert at.session_state["viewer_trace"][0].created == trace.created  # no example swapped in
+
+
+def test_viewer_good_file_after_a_bad_one(generated, tmp_path):
+    at = generated
+    trace, attn = at.session_state["gen_trace"]
+    path = tracefile.save(trace, attn, tmp_path / "trace.json")
+    at.switch_page("pages/viewer.py").run()
+    at.radio(key="viewer_source").set_value("Upload").run()
+    notes = ("notes.txt", b"my notes", "text/plain")
+    at.file_uploader(key="viewer_upload").set_value(notes).run()
+    assert "notes.txt" in at.text[0].value and "expected trace.json" in at.text[0].value
+    at.file_uploader(key="viewer_upload").set_value(
+        [notes, ("trace.json", path.read_bytes(), "application/json")]
+    ).run()
+    assert not at.exception
+    assert not at.error  # the good file is loaded; the other is named as left out
+    assert any("Left out" in w.value and "notes.txt" in w.value for w in at.warning)
+    assert at.session_state["viewer_trace"][0].created == trace.created
+    # a trace whose companion did not arrive says why it may be missing
+    assert any("No attention companion" in w.value for w in at.warning)
+
+
+def test_uploader_cap_is_the_server_cap():
+    """One setting governs the uploader and the server: server.maxUploadSize, shown in words."""
+    at = start()
+    at.switch_page("pages/viewer.py").run()
+    at.radio(key="viewer_source").set_value("Upload").run()
+    uploader = at.get("file_uploader")[0]
+    from streamlit import config as st_config
+
+    cap = st_config.get_option("server.maxUploadSize")
+    assert uploader.proto.max_upload_size_mb == cap
+    assert any(f"Files over {cap} MB are refused" in c.value for c in at.caption)
+
+
+def test_downloads_do_not_rerun(generated):
+    """A rerun per download click replaced the files behind the other buttons mid-fetch."""
+    buttons = generated.get("download_button")
+    assert len(buttons) == 4
+    assert all(b.proto.ignore_rerun for b in buttons)

@@ -1,7 +1,9 @@
 """Real-browser check: `streamlit run app.py` headless, driven by Debian's Chromium through Playwright.
 
-Generates on the embedded default model, checks that tokens and charts render with no exception box,
-stops a long run mid-way, and saves a screenshot of each page under docs/ for the README.
+Generates on the embedded default model, checks that tokens and charts render with no exception box and
+no chart wider than its container, that the raw top-k axis labels every candidate, that downloads all
+arrive, that the HTML export downloaded from the app draws every chart; stops a long run mid-way, and
+saves a screenshot of each page under docs/ for the README.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -87,7 +90,8 @@ def page(server):
                 "--disable-sync",
             ],
         )
-        pg = browser.new_page(viewport={"width": 1500, "height": 2000})
+        # 1400 px wide like a common laptop; tall, so full-page screenshots hold the whole page
+        pg = browser.new_page(viewport={"width": 1400, "height": 2000}, accept_downloads=True)
         pg.set_default_timeout(120_000)
         pg.goto(server)
         pg.get_by_role("button", name="Generate").wait_for()
@@ -111,7 +115,51 @@ def set_number(pg, label: str, value: int) -> None:
     wait_idle(pg)
 
 
-def test_generate_renders_tokens_and_charts(page):
+# Each visible Vega chart: its title, drawn size, the width its container gives it, and the axis
+# labels Vega drew visibly (it hides overlapping ones with opacity 0).
+CHART_BOXES = """() => Array.from(document.querySelectorAll("[data-testid='stVegaLiteChart']"))
+  .filter(e => e.offsetParent !== null)
+  .map(e => {
+    const g = e.querySelector('svg, canvas'); const r = g ? g.getBoundingClientRect() : {width: 0, height: 0};
+    const block = e.closest("[data-testid='stVerticalBlock']") || e.parentElement;
+    // Streamlit draws a chart's own title outside the SVG: facet headers and axis titles identify it
+    const titles = Array.from(e.querySelectorAll('.role-title-text, .role-axis-title')).map(t => t.textContent);
+    const labels = Array.from(e.querySelectorAll('.role-axis-label text'))
+      .filter(t => getComputedStyle(t).opacity !== '0' && t.getAttribute('opacity') !== '0').map(t => t.textContent);
+    return {titles, w: r.width, h: r.height, canvas: !!g && g.tagName === 'CANVAS',
+            room: block.getBoundingClientRect().width, marks: e.querySelectorAll('.mark-rect path, .mark-line path, .mark-symbol path, .mark-text text, .mark-rule line, .mark-rect rect').length, labels};
+  })"""
+
+
+def charts_fit(pg) -> list[dict]:
+    """Every visible chart has a finite size, marks, and fits its container (nothing clipped)."""
+    boxes = pg.evaluate(CHART_BOXES)
+    assert boxes
+    for box in boxes:
+        assert 0 < box["w"] < 5000 and 0 < box["h"] < 5000, box
+        assert box["marks"] > 0 or box["canvas"], box  # Streamlit draws big charts on a canvas: no marks in the DOM
+        assert box["w"] <= box["room"] + 1, f"chart {box['titles']!r} is {box['w']:.0f} px in {box['room']:.0f} px"
+    return boxes
+
+
+def topk_labels_complete(pg, step) -> None:
+    """The top-k chart labels every candidate of both lists (the chosen token included)."""
+    expected = sum(len(c["ids"]) + (step["token_id"] not in c["ids"]) for c in (step["top_raw"], step["top_proc"]))
+    tops = [b for b in pg.evaluate(CHART_BOXES) if "raw model" in b["titles"]]
+    assert tops
+    ticks = [t for t in tops[0]["labels"] if not re.fullmatch(r"[01]\.\d", t)]  # the probability axes: 0.0 to 1.0
+    assert len(ticks) == expected, (ticks, expected)
+
+
+def download(pg, button_key: str, folder: Path) -> Path:
+    with pg.expect_download(timeout=60_000) as info:
+        pg.locator(f".st-key-{button_key} button").first.click()
+    path = folder / info.value.suggested_filename
+    info.value.save_as(path)
+    return path
+
+
+def test_generate_renders_tokens_and_charts(page, tmp_path):
     DOCS.mkdir(exist_ok=True)
     page.locator(".st-key-gen_generate button").first.click()
     page.get_by_text("Inspect a step").wait_for(timeout=180_000)
@@ -119,15 +167,35 @@ def test_generate_renders_tokens_and_charts(page):
     no_exception(page)
     assert page.locator("[data-testid='stVegaLiteChart']").count() >= 3
     assert page.locator("span[title^='step 0:']").count() == 1  # the token stream
+    charts_fit(page)
     page.screenshot(path=str(DOCS / "generate.png"), full_page=True)
+    # three quick downloads in a row all arrive (a rerun per click once lost the later files)
+    paths = [download(page, k, tmp_path) for k in ("gen_dl_json", "gen_dl_txt", "gen_dl_zip")]
+    assert [p.name for p in paths] == ["trace.json", "output.txt", "trace.zip"]
+    assert "trace.attn.safetensors" in zipfile.ZipFile(paths[2]).namelist()
+    import json
+
+    topk_labels_complete(page, json.loads(paths[0].read_text())["steps"][0])
+
+
+def test_out_of_range_number_is_refused_in_words(page):
+    page.get_by_text("Length and stopping").click()
+    set_number(page, "max new tokens", 100000)
+    page.get_by_text("max_new_tokens=100000 is out of range").wait_for()
+    assert page.locator(".st-key-gen_generate button").first.is_disabled()
+    set_number(page, "max new tokens", 60)
+    assert page.locator(".st-key-gen_generate button").first.is_enabled()
 
 
 def test_stop_keeps_partial_trace(page):
-    page.get_by_text("Length and stopping").click()
     set_number(page, "max new tokens", 400)
     set_number(page, "min new tokens", 400)
     page.locator(".st-key-gen_generate button").first.click()
-    page.get_by_text("tokens/s").first.wait_for(timeout=60_000)
+    page.get_by_text("/ 400 tokens").first.wait_for(timeout=60_000)  # the live progress: tokens are coming
+    # the toolbar's own Stop (which left a frozen page) is hidden; the app's Stop is the one to use
+    status = page.locator("[data-testid='stStatusWidget']")
+    if status.count():
+        assert status.locator("button:visible").count() == 0
     page.wait_for_timeout(1500)
     page.locator(".st-key-gen_stop button").first.click()
     page.get_by_text("Run stopped early").wait_for(timeout=60_000)
@@ -142,19 +210,30 @@ def test_viewer_heads_and_compare_pages(page, server):
     page.get_by_text("Inspect a step").wait_for()
     wait_idle(page)
     no_exception(page)
+    charts_fit(page)
     page.screenshot(path=str(DOCS / "viewer.png"), full_page=True)
     page.get_by_role("link", name="Heads").click()
     page.get_by_text("Attention heads").first.wait_for()
+    page.locator("[data-testid='stVegaLiteChart']").nth(1).wait_for(timeout=60_000)
     wait_idle(page)
     no_exception(page)
     assert page.locator("[data-testid='stVegaLiteChart']").count() == 2
+    charts_fit(page)
     page.screenshot(path=str(DOCS / "heads.png"), full_page=True)
     page.get_by_role("link", name="Compare models").click()
+    page.get_by_text("Compare two runs").first.wait_for()
+    wait_idle(page)
     page.locator(".st-key-compare_go button").first.click()
     page.get_by_text("Run B", exact=True).wait_for(timeout=180_000)
     wait_idle(page)
     no_exception(page)
+    charts_fit(page)  # half-width columns: top-k panels stacked, timelines narrow
+    page.get_by_text("The two distributions are identical at every step").wait_for()  # same settings: no noise
     page.screenshot(path=str(DOCS / "compare.png"), full_page=True)
+    page.goto(server + "/heads")  # a deep link keeps the frame: page links and the sidebar
+    page.get_by_text("Attention heads").first.wait_for()
+    page.get_by_role("link", name="Trace viewer").wait_for()
+    page.get_by_text("Sampling").first.wait_for()
 
 
 def test_beyond_the_basics_screenshots(page, tmp_path):
@@ -168,16 +247,21 @@ def test_beyond_the_basics_screenshots(page, tmp_path):
     page.get_by_role("tab", name="Which rule?").click()
     page.get_by_text("what each rule did to it").wait_for()
     wait_idle(page)
+    stage = [b for b in charts_fit(page) if "after stage" in b["titles"]]  # the stage chart's legend included
+    assert stage and {"0.0", "0.2", "0.4", "0.6", "0.8", "1.0"} <= set(stage[0]["labels"]), stage  # a plot, not a strip
     tabs.screenshot(path=str(DOCS / "rules.png"))
     page.get_by_role("tab", name="Logit lens").click()
     wait_idle(page)
     assert page.locator("[data-testid='stTabs'] [data-testid='stVegaLiteChart']").count() >= 2
     tabs.screenshot(path=str(DOCS / "lens.png"))
     page.get_by_role("tab", name="Branch from here").click()
+    wait_idle(page)
     page.get_by_role("button", name="Continue from here").click()
     page.get_by_text("Branch 1 splits from the main run").wait_for(timeout=180_000)
     wait_idle(page)
     no_exception(page)
+    # the tab the user was on stays open after the branch
+    assert page.get_by_role("tab", name="Branch from here").get_attribute("aria-selected") == "true"
     page.get_by_text("Branch 1 splits from the main run").scroll_into_view_if_needed()
     page.screenshot(path=str(DOCS / "branch.png"))
     page.get_by_text("Replay check: re-score these tokens").click()
@@ -185,18 +269,34 @@ def test_beyond_the_basics_screenshots(page, tmp_path):
     page.get_by_text(re.compile("^(faithful|close|different):")).wait_for(timeout=180_000)
     wait_idle(page)
     no_exception(page)
-    page.locator("[data-testid='stExpander']").last.screenshot(path=str(DOCS / "replay.png"))
-    from explorer_core import tracefile
-    from explorer_core.export_html import build
+    replay = page.locator("[data-testid='stExpander']").filter(has_text="Replay check: re-score")
+    boxes = [b for b in charts_fit(page) if "largest |recorded - recomputed|" in b["titles"]]
+    assert boxes and boxes[0]["h"] > 250, boxes  # the 200 px plot plus its axis: not squashed to a strip
+    replay.screenshot(path=str(DOCS / "replay.png"))
+    check_html_export(page, tmp_path)
 
-    trace, attn = tracefile.load(ROOT / "examples" / "sky-sampled" / "trace.json")
-    html_path = tmp_path / "trace.html"
-    html_path.write_text(build(trace, attn), encoding="utf-8")
-    other = page.context.browser.new_page(viewport={"width": 1300, "height": 1000})
+
+def check_html_export(page, tmp_path) -> None:
+    """The single-file HTML downloaded from the app (with its branch) draws every chart, with marks."""
+    html_path = download(page, "viewer_dl_html", tmp_path)
+    other = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
     other.goto(html_path.as_uri())
+    other.locator("#timeline svg").wait_for()
     other.locator("#topk svg").wait_for()
-    other.locator(".tok").nth(5).click()
     other.locator("#attn svg").wait_for()
+    assert other.locator(".tok[data-path='1']").count() > 0  # the branch is in the file
+    other.locator(".tok").nth(5).click()
     other.wait_for_timeout(500)
+    sizes = other.evaluate(
+        """() => ['#timeline', '#topk', '#attn'].map(id => {
+            const svg = document.querySelector(id + ' svg'); const r = svg.getBoundingClientRect();
+            return {id, w: r.width, h: r.height,
+                    marks: svg.querySelectorAll('.mark-line path, .mark-symbol path, .mark-rect path, .mark-text text').length};
+        })"""
+    )
+    for box in sizes:
+        assert 0 < box["w"] < 5000 and 0 < box["h"] < 5000 and box["marks"] > 0, box
     other.screenshot(path=str(DOCS / "html_export.png"), full_page=True)
+    other.locator(".tok[data-path='1']").first.click()
+    other.get_by_text("Branches record no attention").wait_for()
     other.close()

@@ -113,7 +113,7 @@ def test_hostile_tokens_show_verbatim_and_only_as_chart_data(hostile_trace, tmp_
     trace, attn = hostile_trace
     path = tracefile.save(trace, attn, tmp_path / "trace.json")
     at = start()
-    at.switch_page("app_pages/viewer.py").run()
+    at.switch_page("pages/viewer.py").run()
     at.radio(key="viewer_source").set_value("Upload").run()
     at.file_uploader(key="viewer_upload").set_value(
         [
@@ -133,7 +133,7 @@ def test_hostile_tokens_show_verbatim_and_only_as_chart_data(hostile_trace, tmp_
     markdownish = [*at.markdown, *at.caption, *at.info, *at.warning, *at.error, *at.subheader, *at.title]
     for el in markdownish:  # nothing untrusted goes through Markdown
         assert not any(h in el.value for h in HOSTILE), el.value
-    stream = at.get("html")[0].proto.body
+    stream = next(h.proto.body for h in at.get("html") if 'class="tok"' in h.proto.body)  # the token stream
     assert "<img" not in stream and "&#60;img src&#61;x onerror&#61;alert&#40;1&#41;&#62;" in stream
     assert "**" not in stream and "$x$" not in stream and ":red[x]" not in stream
     assert HOSTILE[0] in [t.value.split(" · ")[0] for t in at.text]  # model name, as plain text
@@ -146,7 +146,7 @@ def test_hostile_tokens_show_verbatim_and_only_as_chart_data(hostile_trace, tmp_
 
 def test_hostile_file_name_is_plain_text():
     at = start()
-    at.switch_page("app_pages/viewer.py").run()
+    at.switch_page("pages/viewer.py").run()
     at.radio(key="viewer_source").set_value("Upload").run()
     at.file_uploader(key="viewer_upload").set_value(("<img src=x onerror=alert(1)>.txt", b"x", "text/plain")).run()
     assert not at.exception

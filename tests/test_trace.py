@@ -139,3 +139,14 @@ def test_cli_unknown_model_is_one_sentence(capsys, tmp_path):
     assert cli_main(["--model", "no-such-org/no-such-model", "--out_dir", str(tmp_path), "-q"]) == 2
     err = capsys.readouterr().err
     assert "no-such-org/no-such-model" in err and "Traceback" not in err
+
+
+def test_cli_attn_every_zero_writes_no_snapshots(tiny_llama_dir, tmp_path):
+    """The seed's `--attn_every 0`: no attn_step_*.png and no snapshots in trace.json."""
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_llama_dir), "--prompt", "Hi", "--max_new_tokens", "4", "--min_new_tokens", "4"]
+    assert cli_main([*args, "--attn_every", "0", "--out_dir", str(out), "-q"]) == 0
+    assert not list(out.glob("attn_step_*.png"))
+    trace, attn = trace_io.load(out / "trace.json")
+    assert attn is not None and trace.attention.snapshot_every == 0
+    assert all(s.attn_snapshot is None for s in trace.steps)

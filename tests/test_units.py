@@ -103,3 +103,99 @@ def test_core_never_imports_streamlit():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_verdict_names_the_largest_change_and_the_removal():
+    """A penalty cut the candidate from 0.436 to 0.028, then top-p removed it: both are named."""
+    from explorer_core.frames import _stage_verdict
+
+    stages = ["raw", "repetition", "temperature", "top_p"]
+    verdict = _stage_verdict(stages, [0.436, 0.028, 0.031, 0.0], chosen=False)
+    assert verdict == "removed by top-p (0.031 → 0); changed most by repetition penalty (0.436 → 0.028)"
+    assert _stage_verdict(stages, [0.2, 0.19, 0.18, 0.0], chosen=False) == "removed by top-p (0.180 → 0)"
+    assert _stage_verdict(stages, [0.2, 0.1, 0.3, 0.4], chosen=True).startswith("chosen; changed most by temperature")
+
+
+def _project_imports() -> dict[str, set[str]]:
+    """Every project module and the project modules it imports, at top level or inside functions."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = {
+        ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+        for pkg in ("explorer_core", "explorer_ui")
+        for p in (root / pkg).rglob("*.py")
+    }
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                deps |= {base} | {f"{base}.{a.name}" for a in node.names}
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_no_import_circle_among_project_modules():
+    graph = _project_imports()
+    assert "explorer_ui.views" in graph and "explorer_ui.base" in graph["explorer_ui.views"]
+
+    def cycle_from(start, node, seen):
+        for nxt in graph[node]:
+            if nxt == start:
+                return [node, nxt]
+            if nxt not in seen:
+                seen.add(nxt)
+                found = cycle_from(start, nxt, seen)
+                if found:
+                    return [node, *found]
+        return None
+
+    for name in graph:
+        assert cycle_from(name, name, {name}) is None, f"import circle: {' -> '.join(cycle_from(name, name, {name}))}"
+    ui_base = {d for d in graph["explorer_ui.base"] if d.startswith("explorer_ui")}
+    assert ui_base == set(), f"explorer_ui.base imports {ui_base}"
+
+
+def test_export_keeps_its_data_under_a_foreign_data_transformer():
+    """Streamlit switches Altair's global data transformer while a page draws a chart; an export built
+    meanwhile must still carry every chart's data (an empty timeline was the symptom)."""
+    import json
+    import re
+    from pathlib import Path
+
+    import altair as alt
+
+    from explorer_core import trace as trace_io
+    from explorer_core.export_html import build
+
+    trace, attn = trace_io.load(Path(__file__).resolve().parents[1] / "examples" / "sky-sampled" / "trace.json")
+    alt.data_transformers.register("elsewhere", lambda data: {"name": "kept-elsewhere"})
+    with alt.data_transformers.enable("elsewhere"):
+        page = build(trace, attn)
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
+    timeline = data["timeline"]
+    names = set(re.findall(r'"name": "([^"]+)"', json.dumps({k: v for k, v in timeline.items() if k != "datasets"})))
+    assert names and names <= set(timeline["datasets"])  # every named dataset is in the page
+    assert sum(len(rows) for rows in timeline["datasets"].values()) >= 5 * len(trace.steps)
+    assert len(data["topk"]["0"]) == len(trace.steps)
+
+
+def test_identical_distributions_diverge_by_exactly_zero():
+    """Float32 rounding once plotted about 4e-8 bits between identical runs as if it were signal."""
+    from types import SimpleNamespace
+
+    from explorer_core.compare import _frame
+
+    trace = SimpleNamespace(steps=[SimpleNamespace(label=str(i)) for i in range(3)])
+    lp = torch.log_softmax(torch.randn(3, 49152, generator=torch.Generator().manual_seed(0)), -1)
+    frame, first = _frame(trace, lp, lp.clone(), with_kl=True)
+    assert frame["value"].max() == 0.0 and first is None

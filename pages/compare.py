@@ -3,11 +3,11 @@
 import streamlit as st
 
 from explorer_core import charts
-from explorer_core.compare import divergence_frame, same_tokenizer
-from explorer_ui import live, resources, sidebar, views
+from explorer_core.compare import divergence_frame, processed_divergence_frame, same_tokenizer
+from explorer_ui import frame, live, resources, sidebar, views
 
+config = frame.page("Compare models")
 st.title("Compare two runs")
-config = st.session_state.get("config")
 if config is None:
     st.info("Fix the settings in the sidebar first.")
     st.stop()
@@ -25,6 +25,17 @@ b_top_p = c3.slider("Top-p B", 0.01, 1.0, float(config.top_p), 0.01, key="compar
 for key in ("compare_a", "compare_b"):
     live.settle(key + "_run", key + "_trace")
 
+
+def divergence(lm_a, lm_b, config_b):
+    """(frame, first differing step, what was compared), or None when the steps cannot be aligned."""
+    trace_a = st.session_state["compare_a_trace"][0]
+    if lm_a is lm_b:  # one model: the raw distributions are the same, only the rules differ
+        return (*processed_divergence_frame(trace_a, lm_a, config, config_b), "processed")
+    if same_tokenizer(lm_a, lm_b):
+        return (*divergence_frame(trace_a, lm_a, lm_b), "raw")
+    return None
+
+
 if st.button("Run both", type="primary", key="compare_go"):
     try:
         config_b = config.replace(model=b_model or config.model, temperature=b_temp, top_p=b_top_p)
@@ -39,41 +50,50 @@ if st.button("Run both", type="primary", key="compare_go"):
         try:
             live.generate_live(lm_a, config, "compare_a_run", "compare_a_trace")
             live.generate_live(lm_b, config_b, "compare_b_run", "compare_b_trace")
-            if same_tokenizer(lm_a, lm_b):
-                st.session_state["compare_div"] = divergence_frame(st.session_state["compare_a_trace"][0], lm_a, lm_b)
-            else:
-                st.session_state["compare_div"] = None
+            st.session_state["compare_div"] = divergence(lm_a, lm_b, config_b)
         except ValueError as exc:
             st.error("Could not run both")
             st.text(str(exc))
 
+
+def render_divergence(div) -> None:
+    if div is None:
+        st.warning(
+            "The two models use different tokenizers, so their steps cannot be aligned; "
+            "showing both runs side by side only."
+        )
+        return
+    frame_, first, kind = div
+    if kind == "processed":
+        st.subheader("Step-aligned: run B's rules applied on run A's tokens")
+        st.text(
+            "Both runs use the same model, so their raw distributions are identical at every step.\n"
+            "Plotted: how far apart the distributions are after each run's rules (temperature, top-p, ...)."
+        )
+        title = "How far run B's processed distribution is from run A's, per step"
+    else:
+        st.subheader("Step-aligned: model B scored on model A's tokens")
+        title = "How far model B is from model A, per step"
+    what = "most likely processed tokens" if kind == "processed" else "greedy choices"
+    st.text(f"The {what} agree at every step." if first is None else f"First step where the {what} differ: {first}")
+    if frame_["value"].max() == 0.0:
+        st.text("The two distributions are identical at every step: nothing to plot but zeros.")
+    st.altair_chart(charts.divergence_chart(frame_, first, title=title))
+
+
 if "compare_a_trace" in st.session_state and "compare_b_trace" in st.session_state:
     (ta, aa), (tb, ab) = st.session_state["compare_a_trace"], st.session_state["compare_b_trace"]
     if "compare_div" in st.session_state:
-        div = st.session_state["compare_div"]
-        if div is None:
-            st.warning(
-                "The two models use different tokenizers, so their steps cannot be aligned; "
-                "showing both runs side by side only."
-            )
-        else:
-            frame, first = div
-            st.subheader("Step-aligned: model B scored on model A's tokens")
-            st.text(
-                "Greedy choices agree at every step."
-                if first is None
-                else f"First step where the greedy choices differ: {first}"
-            )
-            st.altair_chart(charts.divergence_chart(frame, first))
+        render_divergence(st.session_state["compare_div"])
     left, right = st.columns(2)
     for col, name, trace, attn in ((left, "A", ta, aa), (right, "B", tb, ab)):
         with col:
             st.subheader(f"Run {name}")
             st.text(f"{trace.model.name} · temperature {trace.config['temperature']} · top-p {trace.config['top_p']}")
             views.render_summary(trace)
-            views.render_stream(trace)
+            views.render_stream(trace.steps)
             if trace.steps:
                 step = views.pick_step(trace, f"compare_{name}_step")
-                views.render_step(trace, step)
-                views.render_attention(trace, attn, step, f"compare_{name}_attn")
-                views.render_timeline(trace, step)
+                views.render_step(trace, step, narrow=True)
+                views.render_attention(trace, attn, step, f"compare_{name}_attn", narrow=True)
+                views.render_timeline(trace, step, narrow=True)

@@ -2,8 +2,9 @@
 
 import streamlit as st
 
-from explorer_ui import attention_view, views
+from explorer_ui import attention_view, frame, views
 
+frame.page("Heads")
 st.title("Attention heads")
 sources = {"Generated run": "gen_trace", "Loaded trace": "viewer_trace"}
 have = [name for name, key in sources.items() if key in st.session_state]

@@ -1,0 +1,113 @@
+"""Trace viewer page: reload a saved trace (upload or example) and see every view of the Generate page."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from explorer_core import tracefile
+from explorer_core.trace import TraceError
+from explorer_ui import frame, loading, resources, views
+
+TRACE, SOURCE, KEPT = "viewer_trace", "viewer_source", "viewer_source_kept"
+
+frame.page("Trace viewer")
+st.title("Trace viewer")
+# Streamlit forgets a widget's value once its page is left; a plain key keeps the choice, so coming
+# back to an uploaded trace never swaps in an example.
+st.session_state[SOURCE] = st.session_state.get(KEPT, "Examples")
+# local only: a public host never reads the paths its visitors type
+SOURCES = ["Examples", "Upload"] if resources.limits().hosted else ["Examples", "Upload", "Saved runs"]
+if st.session_state[SOURCE] not in SOURCES:
+    st.session_state[SOURCE] = "Examples"
+src = st.radio(
+    "Source",
+    SOURCES,
+    horizontal=True,
+    key=SOURCE,
+    on_change=lambda: st.session_state.update({KEPT: st.session_state[SOURCE]}),
+)
+
+
+def keep(loaded) -> None:
+    """Show a newly loaded trace; the temporary files of the one it replaces are removed."""
+    old = st.session_state.get(TRACE)
+    st.session_state[TRACE] = loaded
+    if old is not None and old[1] is not loaded[1]:
+        loading.forget(old[1])
+
+
+def load_uploads() -> None:
+    cap = loading.upload_cap_mb()
+    # No `type=`: Streamlit would raise its own exception box for a wrong extension; the loader
+    # checks names itself and says plainly what it accepts.
+    files = st.file_uploader(
+        "trace.json with its .attn.safetensors companion, or a trace.zip",
+        accept_multiple_files=True,
+        key="viewer_upload",
+        max_upload_size=cap,
+    )
+    st.caption(
+        f"Files over {cap} MB are refused before they reach the app (a red chip in the list above). "
+        "The limit is Streamlit's server.maxUploadSize (STREAMLIT_SERVER_MAX_UPLOAD_SIZE)."
+    )
+    if not files:
+        return
+    skipped = loading.unusable(files)
+    if skipped and len(skipped) < len(files):
+        st.warning(f"Left out (not a trace.json, an .attn.safetensors companion or a .zip): {', '.join(skipped)}")
+    sig = tuple((f.name, f.size) for f in files)
+    if st.session_state.get("viewer_loaded") == sig:
+        return
+    trace, attn = loading.from_uploads(files)
+    keep((trace, attn))
+    st.session_state["viewer_loaded"] = sig
+    if trace.attention is not None and attn is None:
+        st.session_state["viewer_note"] = (
+            f"No attention companion (.attn.safetensors) arrived with this trace. If you added one, it may be over "
+            f"the {cap} MB upload limit and refused by the uploader: upload the trace.zip, or raise the limit."
+        )
+    else:
+        st.session_state.pop("viewer_note", None)
+
+
+def load_example() -> None:
+    examples = loading.example_traces()
+    if not examples:
+        st.info("No example traces found in examples/.")
+        return
+    name = st.selectbox("Example run", list(examples), key="viewer_example")
+    if st.session_state.get("viewer_loaded") != name:
+        keep(tracefile.load(examples[name]))
+        st.session_state["viewer_loaded"] = name
+        st.session_state.pop("viewer_note", None)
+
+
+def load_saved() -> None:
+    """Runs the command line saved (--out_dir): any size, mapped from disk instead of uploaded."""
+    folder = st.text_input("Folder of saved runs", "runs", key="viewer_folder")
+    found = sorted(Path(folder).expanduser().glob("**/trace.json"))[:200]
+    if not found:
+        st.info(f"No trace.json under {folder!r}: the command line writes runs there with --out_dir.")
+        return
+    pick = st.selectbox("Run", [str(p) for p in found], key="viewer_run")
+    if st.session_state.get("viewer_loaded") != pick:
+        keep(tracefile.load(pick))
+        st.session_state["viewer_loaded"] = pick
+        st.session_state.pop("viewer_note", None)
+
+
+try:
+    if src == "Upload":
+        load_uploads()
+    elif src == "Saved runs":
+        load_saved()
+    else:
+        load_example()
+except TraceError as exc:
+    st.error("This file cannot be shown; the trace on screen (if any) is unchanged.")
+    st.text(str(exc))
+
+if "viewer_note" in st.session_state:
+    st.warning(st.session_state["viewer_note"])
+if TRACE in st.session_state:
+    views.render_trace(TRACE, "viewer")
