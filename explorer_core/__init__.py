@@ -3,7 +3,7 @@
 Pure Python: nothing here imports streamlit. The app and the CLI render what this package produces.
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 - the public name
 
 
 def __getattr__(name: str):
@@ -13,7 +13,7 @@ def __getattr__(name: str):
 
         return watch
     if name == "Trace":
-        from .trace import Trace
+        from .notebook import Trace
 
         return Trace
     raise AttributeError(f"module 'explorer_core' has no attribute {name!r}")

@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import PrivateAttr
+
 from . import tracefile
 from .attnstore import AttentionStore
 from .config import GenerationConfig
-from .trace import Trace
+from .trace import Trace as PlainTrace
 
 _vega_sent = False  # whether a view shown by this kernel already carried the Vega bundle
 HEAT_WINDOW = 64  # positions in a step's heatmap: a bounded number of marks however long the run
@@ -124,43 +126,46 @@ def _eval_mode(model: Any) -> Iterator[None]:
             model.train()
 
 
-class _Companion:
-    """Attention arrays riding with a Trace in memory. Not part of the trace's data: equality ignores them."""
+class Trace(PlainTrace):
+    """A trace that knows its attention and shows itself in a notebook (what `watch` and `Trace.load` return)."""
 
-    __slots__ = ("data",)
+    _companion: Any = PrivateAttr(default=None)  # the AttentionStore, or None
 
-    def __init__(self, data: AttentionStore | None) -> None:
-        self.data = data
+    def save(self, path: str | Path) -> Path:
+        """Write trace.json (path, or path/trace.json for a folder) and the attention this trace carries."""
+        return tracefile.save(self, self._companion, _json_path(path))
 
-    def __eq__(self, other: object) -> bool:
-        return True
+    @classmethod
+    def load(cls, path: str | Path) -> Trace:
+        """Read trace.json (or a folder holding it) with its attention companion when there is one."""
+        return attach(*tracefile.load(_json_path(path)))
 
-    __hash__ = None
+    def show(self, step: int = -1) -> StepView:
+        """Charts of one step (negative counts from the end); draws inline in a notebook."""
+        return StepView(self, step)
+
+    def _repr_html_(self) -> str:
+        return inline_html(self)
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, str]:
+        return {"text/html": inline_html(self), "text/plain": summary(self)}
 
 
-def attach(trace: Trace, attention: AttentionStore | None) -> Trace:
-    trace._companion = _Companion(attention)
-    return trace
+def attach(trace: PlainTrace, attention: AttentionStore | None) -> Trace:
+    """The notebook-facing trace for plain trace data and its attention."""
+    out = Trace.model_construct(**{name: getattr(trace, name) for name in PlainTrace.model_fields})
+    out._companion = attention
+    return out
 
 
-def attention_of(trace: Trace) -> AttentionStore | None:
-    return trace._companion.data if trace._companion is not None else None
+def attention_of(trace: PlainTrace) -> AttentionStore | None:
+    return getattr(trace, "_companion", None)
 
 
 def _json_path(path: str | Path) -> Path:
     """A .json path as given, anything else is a folder that holds trace.json."""
     path = Path(path)
     return path if path.suffix == ".json" else path / "trace.json"
-
-
-def save_trace(trace: Trace, path: str | Path) -> Path:
-    """trace.json plus the attention companion the trace carries; returns the trace.json path."""
-    return tracefile.save(trace, attention_of(trace), _json_path(path))
-
-
-def load_trace(path: str | Path) -> Trace:
-    trace, attention = tracefile.load(_json_path(path))
-    return attach(trace, attention)
 
 
 def reset_vega() -> None:

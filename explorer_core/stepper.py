@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import __version__, capture
+from . import capture
 from .attnstore import AttentionStore
 from .config import GenerationConfig
 from .lens import layer_logprobs
@@ -46,6 +46,7 @@ from .trace import (
     Timing,
     Trace,
 )
+from .version import __version__
 
 LN2 = math.log(2.0)
 # Clean stop: the text ends with sentence-final punctuation (. ! ? …), optionally followed by closing

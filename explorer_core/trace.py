@@ -8,10 +8,9 @@ changed only the attention section (the companion's format); schema-1 files are 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import GenerationConfig
 
@@ -238,7 +237,6 @@ class Trace(_Strict):
     attention: AttentionInfo | None = None
     branches: list[Branch] = Field(default_factory=list, max_length=64)
     explanations: list[Explanation] = Field(default_factory=list, max_length=64, description="Saved 'Explain' results.")
-    _companion: Any = PrivateAttr(default=None)  # attention store kept with a trace from explorer_core.watch
 
     @model_validator(mode="after")
     def _consistent(self) -> Trace:
@@ -305,36 +303,6 @@ class Trace(_Strict):
     def labels_upto(self, step: int) -> list[str]:
         """Labels of the positions a step's query can see: the prompt and the tokens before it."""
         return self.prompt_labels + [s.label for s in self.steps[:step]]
-
-    # Notebook use; each delegates to explorer_core.notebook.
-    def save(self, path: str | Path) -> Path:
-        """Write trace.json (path, or path/trace.json for a folder) and the attention this trace carries."""
-        from .notebook import save_trace
-
-        return save_trace(self, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Trace:
-        """Read trace.json (or a folder holding it) with its attention companion when there is one."""
-        from .notebook import load_trace
-
-        return load_trace(path)
-
-    def show(self, step: int = -1):
-        """Charts of one step (negative counts from the end); draws inline in a notebook."""
-        from .notebook import StepView
-
-        return StepView(self, step)
-
-    def _repr_html_(self) -> str:
-        from .notebook import inline_html
-
-        return inline_html(self)
-
-    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, str]:
-        from .notebook import inline_html, summary
-
-        return {"text/html": inline_html(self), "text/plain": summary(self)}
 
 
 def dumps(trace: Trace) -> str:

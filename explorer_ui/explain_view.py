@@ -11,10 +11,10 @@ import streamlit as st
 from explorer_core import charts, frames
 from explorer_core.config import GenerationConfig
 from explorer_core.explain import IG_STEPS, METHOD_NAMES, ExplainError, explain, top_components
+from explorer_core.markup import escape_text
 from explorer_core.trace import Explanation, Trace
 
 from . import resources
-from .views import escape_text
 
 RESULTS = "explain_results"  # session entry: {(trace id, branch, step): Explanation}, newest last
 

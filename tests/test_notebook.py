@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import explorer_core
 from explorer_core import console, notebook
-from explorer_core.trace import Trace
+from explorer_core.notebook import Trace
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLED = dict(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3, no_repeat_ngram_size=3)

@@ -147,6 +147,6 @@ def test_cli_attn_every_zero_writes_no_snapshots(tiny_llama_dir, tmp_path):
     args = ["--model", str(tiny_llama_dir), "--prompt", "Hi", "--max_new_tokens", "4", "--min_new_tokens", "4"]
     assert cli_main([*args, "--attn_every", "0", "--out_dir", str(out), "-q"]) == 0
     assert not list(out.glob("attn_step_*.png"))
-    trace, attn = trace_io.load(out / "trace.json")
+    trace, attn = tracefile.load(out / "trace.json")
     assert attn is not None and trace.attention.snapshot_every == 0
     assert all(s.attn_snapshot is None for s in trace.steps)

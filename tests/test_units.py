@@ -139,7 +139,9 @@ def _project_imports() -> dict[str, set[str]]:
                 if node.level:
                     parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(parts + ([node.module] if node.module else []))
-                deps |= {base} | {f"{base}.{a.name}" for a in node.names}
+                subs = {f"{base}.{a.name}" for a in node.names} & set(files)
+                # `from . import capture` needs the submodule; the package itself is initialised first anyway
+                deps |= subs if len(subs) == len(node.names) else {base} | subs
         graph[name] = {d for d in deps if d in files and d != name}
     return graph
 
@@ -174,10 +176,10 @@ def test_export_keeps_its_data_under_a_foreign_data_transformer():
 
     import altair as alt
 
-    from explorer_core import trace as trace_io
+    from explorer_core import tracefile
     from explorer_core.export_html import build
 
-    trace, attn = trace_io.load(Path(__file__).resolve().parents[1] / "examples" / "sky-sampled" / "trace.json")
+    trace, attn = tracefile.load(Path(__file__).resolve().parents[1] / "examples" / "sky-sampled" / "trace.json")
     alt.data_transformers.register("elsewhere", lambda data: {"name": "kept-elsewhere"})
     with alt.data_transformers.enable("elsewhere"):
         page = build(trace, attn)
