@@ -256,15 +256,15 @@ def input_device(model):
 def check_size(source: ModelSource, location: str, torch_dtype, max_mb: int) -> None:
     """Count parameters on the meta device (no weights read) and refuse models over the budget."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .plan import shape_of
 
     try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=False)
-        with torch.device("meta"):
-            shell = AutoModelForCausalLM.from_config(config)
+        shape = shape_of(AutoConfig.from_pretrained(location, trust_remote_code=False))
     except Exception as exc:  # noqa: BLE001 - any failure here is reported as one sentence
         raise ModelLoadError(_explain(source, exc)) from exc
-    size_mb = sum(p.numel() for p in shell.parameters()) * torch.tensor([], dtype=torch_dtype).element_size() / 1e6
+    size_mb = shape.parameters * torch.tensor([], dtype=torch_dtype).element_size() / 1e6
     if size_mb > max_mb:
         raise ModelLoadError(
             f"model {source.name!r} needs about {size_mb:.0f} MB of weights, over this host's "

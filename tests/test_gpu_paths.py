@@ -222,3 +222,64 @@ def test_whitespace_block_is_built_on_the_scores_device():
     proc = BlockTokensForNewSteps([9, 3], prompt_length=4, steps=2, device="cpu")
     out = proc(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 12))
     assert torch.isinf(out[0, [3, 9]]).all() and torch.isfinite(out[0, [0, 1, 2, 4]]).all()
+
+
+# -- memory planning ---------------------------------------------------------------------------------
+def llama_1b_config():
+    """A Llama-3.2-1B-shaped config, built here (no hub): 16 layers, 32 heads over 8 kv heads, tied head."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128_256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    )
+
+
+def test_plan_counts_weights_from_the_config_alone(tiny_llama):
+    from explorer_core import plan
+
+    shape = plan.shape_of(llama_1b_config())
+    # embeddings (tied, counted once) + 16 blocks (attention 2048x(2048+512+512+2048), MLP 3x2048x8192, 2 norms) + norm
+    per_block = 2048 * (2048 + 512 + 512 + 2048) + 3 * 2048 * 8192 + 2 * 2048
+    assert shape.parameters == 128_256 * 2048 + 16 * per_block + 2048
+    assert (shape.layers, shape.heads, shape.kv_heads, shape.head_dim) == (16, 32, 8, 64)
+    small = plan.shape_of_model(tiny_llama.model)
+    assert small.parameters == sum(p.numel() for p in tiny_llama.model.parameters())
+
+
+def test_plan_weights_and_refusals_name_the_limit():
+    from explorer_core import plan
+    from explorer_core.limits import Limits, attention_cost
+
+    shape = plan.shape_of(llama_1b_config())
+    cfg = GenerationConfig(model="llama-1b", dtype="bfloat16", max_new_tokens=512)
+    p = plan.plan(shape, cfg, Limits(), prompt_tokens=2000)
+    assert p.weights_mb == pytest.approx(shape.parameters * 2 / 1e6) and p.refusals == ()
+    assert p.kv_cache_mb == pytest.approx(2 * 16 * 8 * 64 * 2512 * 2 / 1e6)
+    assert p.attention == attention_cost(2000, 512, 16, 32, Limits().prompt_attention_bytes())
+    assert plan.plan(shape, cfg.replace(dtype="float32"), Limits()).weights_mb == pytest.approx(2 * p.weights_mb)
+    tight = plan.plan(shape, cfg, Limits(max_model_mb=1000, attention_budget_mb=10), prompt_tokens=2000)
+    assert len(tight.refusals) == 2
+    assert "EXPLORER_MAX_MODEL_MB" in tight.refusals[0] and "EXPLORER_ATTENTION_BUDGET_MB" in tight.refusals[1]
+    with pytest.raises(ValueError, match="EXPLORER_MAX_MODEL_MB"):
+        tight.check()
+    off = plan.plan(shape, cfg.replace(capture_attention=False), Limits(attention_budget_mb=10), prompt_tokens=2000)
+    assert off.attention is None and off.refusals == ()
+
+
+def test_app_shows_weights_before_loading_and_refuses(monkeypatch, tiny_llama_dir):
+    from explorer_core import plan
+    from tests.apphelp import start, use_model
+
+    params = plan.shape_for_name(str(tiny_llama_dir)).parameters
+    at = use_model(start(), tiny_llama_dir, dtype="float32")
+    assert any(f"Weights: about {params * 4 / 1e6:.2g} MB in float32" in c.value for c in at.caption)
+    monkeypatch.setenv("EXPLORER_MAX_MODEL_MB", "0")
+    at.run()
+    assert any("will not fit" in w.value for w in at.warning)
+    assert any("EXPLORER_MAX_MODEL_MB" in t.value for t in at.text)
