@@ -201,6 +201,16 @@ def test_device_map_runs_like_one_device(device_map, tiny_llama_dir, tiny_llama,
     np.testing.assert_allclose(sb.prompt_cells(1, 3), sa.prompt_cells(1, 3), atol=1e-6)
 
 
+def test_cli_device_map_flag(tiny_llama_dir, tmp_path):
+    from explorer_core.cli import main as cli_main
+    from explorer_core.trace import Trace
+
+    args = ["--model", str(tiny_llama_dir), "--device_map", "auto", "--max_new_tokens", "4", "--min_new_tokens", "4"]
+    assert cli_main([*args, "--out_dir", str(tmp_path), "--no_png", "-q"]) == 0
+    trace = Trace.load(tmp_path / "trace.json")
+    assert trace.config["device_map"] == "auto" and len(trace.steps) == 4 and trace.attention is not None
+
+
 def test_device_map_is_a_config_choice():
     assert GenerationConfig(device_map="auto").device_map == "auto"
     with pytest.raises(ValueError, match="device_map='balanced' is not one of none, auto"):
