@@ -97,8 +97,8 @@ class AttentionRecorder:
         if any(r is None for r in self._last):
             raise RuntimeError("no attention row was captured for this step")
         if self._host_row is None:
-            groups = groupby(self._last, key=lambda r: r.device)
-            self._host_row = torch.cat([torch.stack(list(rows)).cpu() for _, rows in groups])
+            parts = [torch.stack(list(rows)).cpu() for _, rows in groupby(self._last, key=lambda r: r.device)]
+            self._host_row = parts[0] if len(parts) == 1 else torch.cat(parts)  # one device: no second copy
         return self._host_row
 
     def commit(self) -> None:
