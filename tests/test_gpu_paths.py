@@ -287,8 +287,12 @@ def test_app_shows_weights_before_loading_and_refuses(monkeypatch, tiny_llama_di
     from tests.apphelp import start, use_model
 
     params = plan.shape_for_name(str(tiny_llama_dir)).parameters
-    at = use_model(start(), tiny_llama_dir, dtype="float32")
+    at = use_model(start(), tiny_llama_dir, dtype="float32", max_new_tokens=4, min_new_tokens=4)
     assert any(f"Weights: about {params * 4 / 1e6:.2g} MB in float32" in c.value for c in at.caption)
+    at.button(key="gen_generate").click().run()
+    at.run()  # once the model is loaded its tokenizer gives the prompt's length: cache and attention join in
+    line = next(c.value for c in at.caption if "Weights:" in c.value)
+    assert "key/value cache up to" in line and "attention recording for this" in line
     monkeypatch.setenv("EXPLORER_MAX_MODEL_MB", "0")
     at.run()
     assert any("will not fit" in w.value for w in at.warning)
