@@ -22,11 +22,13 @@ else:
     if not config.prompt.strip():
         st.info(views.empty_prompt_note(config))
     views.render_cost_estimate(
-        config, resources.loaded_already(config.model, config.dtype, config.device), resources.limits()
+        config,
+        resources.loaded_already(config.model, config.dtype, config.device, config.device_map),
+        resources.limits(),
     )
 
 if go and config is not None:
-    lm = resources.get_model(config.model, config.dtype, config.device)
+    lm = resources.get_model(config.model, config.dtype, config.device, config.device_map)
     if lm is not None:
         try:
             live.generate_live(lm, config, RUN, TRACE, keep_live=True)

@@ -45,8 +45,10 @@ def main() -> None:
     log("processes")
     sections.append(process_section())
     sections.append(
-        "## 7. GPU\n\nNo GPU machine was lent to the session that produced this run, so the GPU row "
-        "(1B Llama-shaped model, bfloat16, 512 tokens, eager against sdpa) is open.\n"
+        "## 7. GPU\n\nNo GPU machine was lent to the session that produced this run, so the GPU rows "
+        "(1B Llama-shaped model, bfloat16, 512 new tokens, prompts of 128, 512 and 2,000 tokens: "
+        "model.generate with sdpa against the explorer with capture off and on) are open. "
+        "`python -m bench.gpu` measures them on a CUDA machine and prints the tables.\n"
     )
     OUT.write_text("\n".join(sections), encoding="utf-8")
     log(f"wrote {OUT}")

@@ -29,7 +29,7 @@ _local = threading.local()
 
 
 class Sink(Protocol):
-    """Receives attention weights as they leave each layer (float32, batch 1)."""
+    """Receives attention weights as they leave each layer (float32, batch 1, on that layer's device)."""
 
     def rows(self, layer: int, start: int, weights: torch.Tensor) -> None:
         """weights: (heads, q, keys) for queries at positions start..start+q-1."""
@@ -60,7 +60,7 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         pad_to = getattr(sink, "key_multiple", 1)
         for start, weights in attention_weights(query, key, attention_mask, scale, kwargs.get("softcap"), pad_to):
-            sink.rows(int(module.layer_idx), start, weights)
+            sink.rows(int(module.layer_idx), start, weights)  # on the layer's device
     return out, None
 
 
@@ -82,6 +82,14 @@ def attention_weights(
     A causal chunk cannot see past its own last query, so only keys up to there are computed (half
     the work of a prefill); keys' is that count rounded up to `key_multiple`, the extra keys weighing
     zero, so a caller can pool keys with a reshape instead of a copy. Weights past keys' are zero.
+
+    Precision: scores and softmax are float32 whatever the weights' dtype, and the weights are not
+    rounded back to it. That is what the layer's own computation does: the model runs sdpa, whose
+    kernels accumulate q·Kᵀ and take the softmax in float32. Eager attention differs in bfloat16: it
+    rounds the scores to bfloat16 before the softmax (in steps of 0.125 for scores between 16 and 32) and the weights
+    after it. Measured on the default model in bfloat16 (tests/test_gpu_paths.py): these weights times V
+    rebuild each layer's sdpa output to 0.0034 of its largest value, eager's weights only to 0.016, and
+    rounding these to bfloat16 makes it worse (0.005); so eager's bfloat16 weights are not the reference.
     """
     _, heads, q_len, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]

@@ -10,6 +10,7 @@ from typing import Any
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+DEVICE_MAPS = ("none", "auto")
 
 
 def _f(default: Any, help: str, lo: float | None = None, hi: float | None = None, **extra: Any):
@@ -42,6 +43,12 @@ class GenerationConfig:
     logit_lens: bool = _f(False, "Record each layer's top token (logit lens); costs about one extra step per step.")
     dtype: str = _f("auto", "Weights dtype: auto (float32 on CPU, bfloat16 on CUDA) or a name.", choices=DTYPES)
     device: str = _f("auto", "Device: auto (CUDA when present), cpu or cuda.", choices=DEVICES)
+    device_map: str = _f(
+        "none",
+        "Layer placement: none (the whole model on `device`) or auto (accelerate spreads the layers over "
+        "the visible GPUs, then CPU memory, then disk, for models bigger than one GPU).",
+        choices=DEVICE_MAPS,
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

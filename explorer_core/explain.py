@@ -293,6 +293,8 @@ def logit_diff_fn(model, target: int, other: int):
     """f(embeddings (B, T, d)) -> (B,) logit difference at the last position, for Captum."""
 
     def f(embeds: torch.Tensor) -> torch.Tensor:
+        # the path is float32; a bfloat16 or float16 model takes it in its own dtype (the cast passes gradients)
+        embeds = embeds.to(model.get_input_embeddings().weight.dtype)
         logits = model(inputs_embeds=embeds, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # (B, vocab)
         return logits[:, target] - logits[:, other]
 

@@ -89,7 +89,8 @@ class LoadedModel:
         name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         weight = next(model.parameters())
         dtype = str(weight.dtype).removeprefix("torch.")
-        return cls(model, tokenizer, ModelSource(str(name), str(name)), str(weight.device), dtype, 0.0)
+        device = str(input_device(model))  # a model placed by accelerate takes its ids on the first layer's device
+        return cls(model, tokenizer, ModelSource(str(name), str(name)), device, dtype, 0.0)
 
     def check_fits(self, positions: int, what: str) -> None:
         ctx = self.context_length
@@ -194,9 +195,20 @@ def pick_dtype(dtype: str, device: str):
 
 
 def load(
-    name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto", limits: Limits | None = None
+    name: str = DEFAULT_MODEL,
+    dtype: str = "auto",
+    device: str = "auto",
+    limits: Limits | None = None,
+    device_map: str | dict = "none",
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
-    """Load a model for inspection: sdpa attention through the capture hook (capture.py), eval mode, no grad."""
+    """Load a model for inspection: sdpa attention through the capture hook (capture.py), eval mode, no grad.
+
+    device_map "none" puts the whole model on `device`; "auto" (or an explicit accelerate map, module
+    name -> GPU index, "cpu" or "disk") lets accelerate place the layers, offloading what does not fit
+    to `offload_folder` (default: a folder in the cache). The run then feeds ids to the first layer's
+    device; `device` only picks the dtype for "auto".
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor bars would drown the tool's own progress
@@ -214,27 +226,45 @@ def load(
     torch_dtype = pick_dtype(dtype, dev)
     if limits is not None:
         check_size(source, location, torch_dtype, limits.max_model_mb)
-    model, tok = _from_pretrained(source, location, torch_dtype)
-    model.to(dev).eval()
+    placed = device_map != "none"
+    extra = (
+        {"device_map": device_map, "offload_folder": str(offload_folder or cache_dir() / "offload")} if placed else {}
+    )
+    model, tok = _from_pretrained(source, location, torch_dtype, **extra)
+    if not placed:
+        model.to(dev)
+    model.eval()
     model.requires_grad_(False)
     if capture.supports(model):  # plain sdpa until a run records; then its rows reach the recorder
         capture.install(model)
     elapsed = time.perf_counter() - start
+    dev = str(input_device(model)) if placed else dev
     return LoadedModel(model, tok, source, dev, str(torch_dtype).removeprefix("torch."), elapsed)
+
+
+def input_device(model):
+    """Where input ids must go: the embedding's device, or where accelerate runs it when it is offloaded."""
+    import torch
+
+    embed = model.get_input_embeddings()
+    hook_device = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
+    if hook_device is not None:
+        return torch.device(f"cuda:{hook_device}" if isinstance(hook_device, int) else hook_device)
+    return embed.weight.device
 
 
 def check_size(source: ModelSource, location: str, torch_dtype, max_mb: int) -> None:
     """Count parameters on the meta device (no weights read) and refuse models over the budget."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .plan import shape_of
 
     try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=False)
-        with torch.device("meta"):
-            shell = AutoModelForCausalLM.from_config(config)
+        shape = shape_of(AutoConfig.from_pretrained(location, trust_remote_code=False))
     except Exception as exc:  # noqa: BLE001 - any failure here is reported as one sentence
         raise ModelLoadError(_explain(source, exc)) from exc
-    size_mb = sum(p.numel() for p in shell.parameters()) * torch.tensor([], dtype=torch_dtype).element_size() / 1e6
+    size_mb = shape.parameters * torch.tensor([], dtype=torch_dtype).element_size() / 1e6
     if size_mb > max_mb:
         raise ModelLoadError(
             f"model {source.name!r} needs about {size_mb:.0f} MB of weights, over this host's "
@@ -242,10 +272,10 @@ def check_size(source: ModelSource, location: str, torch_dtype, max_mb: int) -> 
         )
 
 
-def _from_pretrained(source: ModelSource, location: str, torch_dtype):
+def _from_pretrained(source: ModelSource, location: str, torch_dtype, **placement):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = dict(use_safetensors=True, trust_remote_code=False)
+    kwargs = dict(use_safetensors=True, trust_remote_code=False, **placement)
     try:
         tok = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)

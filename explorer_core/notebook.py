@@ -68,7 +68,7 @@ def watch(model: Any, prompt: str, tokenizer: Any = None, **flags: Any) -> Trace
     if isinstance(model, str):
         if tokenizer is not None:
             raise ValueError("tokenizer= goes with a model object; a model name brings its own tokenizer")
-        lm = models.load(model, dtype=config.dtype, device=config.device)
+        lm = models.load(model, dtype=config.dtype, device=config.device, device_map=config.device_map)
     else:
         lm = models.LoadedModel.wrap(model, tokenizer, name=config.model)
     with _eval_mode(lm.model), capture_attention(lm.model, config.capture_attention):
@@ -84,8 +84,10 @@ def _config(model: Any, prompt: str, flags: dict[str, Any]) -> GenerationConfig:
     unknown = sorted(set(flags) - names)
     if unknown:
         raise TypeError(f"watch() has no setting {unknown[0]!r}: use one of {', '.join(sorted(names))}")
-    if not isinstance(model, str) and {"dtype", "device"} & set(flags):
-        raise ValueError("dtype and device apply to a model name; cast or move a model object yourself (model.to(...))")
+    if not isinstance(model, str) and {"dtype", "device", "device_map"} & set(flags):
+        raise ValueError(
+            "dtype, device and device_map apply to a model name; cast or move a model object yourself (model.to(...))"
+        )
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be text, not {type(prompt).__name__}")
     name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")

@@ -29,19 +29,18 @@ STAGES = ("raw", "repetition", "no_repeat_ngram", "block_eos", "block_ws", "temp
 class BlockTokensForNewSteps(LogitsProcessor):
     """Mask a fixed set of token ids while fewer than `steps` new tokens have been generated."""
 
-    def __init__(self, token_ids: list[int], prompt_length: int, steps: int) -> None:
+    def __init__(self, token_ids: list[int], prompt_length: int, steps: int, device: str = "cpu") -> None:
         if steps < 0 or prompt_length < 0:
             raise ValueError(f"steps={steps} and prompt_length={prompt_length} must be >= 0")
-        self.token_ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
+        # built once on the scores' device, so a step uploads nothing
+        self.token_ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=device)
         self.prompt_length = prompt_length
         self.steps = steps
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[-1] - self.prompt_length >= self.steps or self.token_ids.numel() == 0:
             return scores
-        mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
-        mask[self.token_ids.to(scores.device)] = True
-        return scores.masked_fill(mask, -float("inf"))
+        return scores.index_fill(-1, self.token_ids.to(scores.device), -float("inf"))  # .to: a no-op when built there
 
 
 @dataclass
@@ -66,7 +65,8 @@ def build_chain(
         proc = MinNewTokensLengthLogitsProcessor(prompt_length, eos_steps, eos_ids, device=device)
         chain.append(Stage("block_eos", proc))
     if config.block_ws_steps > 0 and ws_ids:
-        chain.append(Stage("block_ws", BlockTokensForNewSteps(ws_ids, prompt_length, config.block_ws_steps)))
+        block = BlockTokensForNewSteps(ws_ids, prompt_length, config.block_ws_steps, device=device)
+        chain.append(Stage("block_ws", block))
     if config.greedy:
         return chain  # greedy decoding takes the argmax of the penalised scores; warpers do not apply
     if config.temperature != 1.0:

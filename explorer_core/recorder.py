@@ -1,6 +1,10 @@
 """One run's attention recorder: pools the prompt's attention as the prefill computes it, then hands
 each step's row to the companion writer, so memory stays flat however long the prompt is.
 
+Weights arrive on the device of the layer that computed them (with a device map, layers sit on
+several GPUs, the CPU or disk offload). Pooling reduces a chunk where it was computed and moves only
+the reduced cells; each step's row moves to the host once, one copy per device holding layers.
+
 Memory held: the pooled prompt cells (layers × heads × B × B float32, a few MB), one chunk of one
 layer's weights at a time (capture.CHUNK_BYTES), and the pending row of the next step
 (layers × heads × (T+s) float32). Nothing grows with the number of steps.
@@ -8,6 +12,7 @@ layer's weights at a time (capture.CHUNK_BYTES), and the pending row of the next
 
 from __future__ import annotations
 
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +48,13 @@ class AttentionRecorder:
         self._cells: torch.Tensor | None = None  # (layers, heads, B, B) sums during the prefill
         self._last: list[torch.Tensor | None] = [None] * layers  # per layer: (heads, keys) newest row
         self._prefill_len = 0
+        self._host_row: torch.Tensor | None = None  # pending() on the host, until the next forward's rows
         self.finished = False
 
     # -- capture.Sink ---------------------------------------------------------------------------
     def rows(self, layer: int, start: int, weights: torch.Tensor) -> None:
         """weights: (heads, c, keys) for queries start..start+c-1 of the current forward."""
+        self._host_row = None
         if self._prefill_len:
             self._pool(layer, start, weights)
         if start + weights.shape[1] == self._prefill_len or not self._prefill_len:
@@ -63,8 +70,11 @@ class AttentionRecorder:
         """Add a chunk's weights into the prompt cells: sum over each cell's keys and queries."""
         heads, c, width = w.shape  # width: a multiple of the cell width (capture pads the keys)
         kw = w.view(heads, c, width // self.width, self.width).sum(-1)  # (heads, c, cells seen)
-        qcell = torch.div(torch.arange(start, start + c), self.width, rounding_mode="floor")
-        self._cells[layer][:, :, : kw.shape[-1]].index_add_(1, qcell, kw)
+        qcell = torch.div(torch.arange(start, start + c, device=w.device), self.width, rounding_mode="floor")
+        first, last = start // self.width, (start + c - 1) // self.width  # the chunk's query cells
+        summed = torch.zeros(heads, last + 1 - first, kw.shape[-1], device=w.device)
+        summed.index_add_(1, qcell - first, kw)  # (heads, query cells of this chunk, cells seen): small
+        self._cells[layer][:, first : first + summed.shape[1], : kw.shape[-1]] += summed.cpu()
 
     def start_prefill(self, length: int) -> None:
         self._prefill_len = length
@@ -79,10 +89,17 @@ class AttentionRecorder:
 
     # -- steps ----------------------------------------------------------------------------------
     def pending(self) -> torch.Tensor:
-        """(layers, heads, keys) float32: the row the next committed step will record."""
+        """(layers, heads, keys) float32 on the host: the row the next committed step will record.
+
+        Consecutive layers on one device are stacked there and copied once; the copy is kept, so the
+        step's record and its commit share it.
+        """
         if any(r is None for r in self._last):
             raise RuntimeError("no attention row was captured for this step")
-        return torch.stack(self._last)
+        if self._host_row is None:
+            parts = [torch.stack(list(rows)).cpu() for _, rows in groupby(self._last, key=lambda r: r.device)]
+            self._host_row = parts[0] if len(parts) == 1 else torch.cat(parts)  # one device: no second copy
+        return self._host_row
 
     def commit(self) -> None:
         """Write the pending row as the next step's row (raises OSError when the disk is full)."""

@@ -33,7 +33,9 @@ def run_cli(
         limits.check_config(config)
         if not quiet:
             _say(f"loading {config.model} ...")
-        lm = models.load(config.model, dtype=config.dtype, device=config.device, limits=limits)
+        lm = models.load(
+            config.model, dtype=config.dtype, device=config.device, limits=limits, device_map=config.device_map
+        )
         path = tracefile.recording_path(Path(out_dir) / "trace.json") if companion else None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

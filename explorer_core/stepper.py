@@ -177,7 +177,8 @@ class Run:
         self._cache = out.cache
         if out.hidden_states is not None:  # (layers+1) x (1, q, d): keep each layer's last position
             self._pending_hidden = torch.stack([h[0, -1] for h in out.hidden_states[1:]])
-        self._logits = out.logits[:, -1, :].to(dtype=torch.float32)  # as generate(): float32 scores
+        # as generate(): float32 scores; on the ids' device (with a device map the head may sit elsewhere)
+        self._logits = out.logits[:, -1, :].to(device=self.ids.device, dtype=torch.float32)
         return out
 
     @torch.inference_mode()

@@ -17,9 +17,9 @@ LOADED: weakref.WeakValueDictionary[tuple[str, str, str], LoadedModel] = weakref
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
-def _load(name: str, dtype: str, device: str) -> LoadedModel:
-    lm = models.load(name, dtype=dtype, device=device, limits=limits())
-    LOADED[(name, dtype, device)] = lm
+def _load(name: str, dtype: str, device: str, device_map: str = "none") -> LoadedModel:
+    lm = models.load(name, dtype=dtype, device=device, limits=limits(), device_map=device_map)
+    LOADED[(name, dtype, device + ("" if device_map == "none" else f"+{device_map}"))] = lm
     return lm
 
 
@@ -27,9 +27,9 @@ def limits() -> Limits:
     return Limits.from_env()
 
 
-def loaded_already(name: str, dtype: str, device: str) -> LoadedModel | None:
+def loaded_already(name: str, dtype: str, device: str, device_map: str = "none") -> LoadedModel | None:
     """The model if this process has loaded it, without loading it."""
-    return LOADED.get((name.strip(), dtype, device))
+    return LOADED.get((name.strip(), dtype, device + ("" if device_map == "none" else f"+{device_map}")))
 
 
 # One per process, shared by every session: 2 CPU cores run one generation well, not two.
@@ -40,14 +40,14 @@ def generation_lock() -> threading.Lock:
     return GENERATION_LOCK
 
 
-def get_model(name: str, dtype: str = "auto", device: str = "auto") -> LoadedModel | None:
+def get_model(name: str, dtype: str = "auto", device: str = "auto", device_map: str = "none") -> LoadedModel | None:
     """Load (once per process) with a status box; None, with a clear message shown, when it fails."""
     first = models.is_default(name) and not (models.converted_dir() / "model.safetensors").is_file()
     note = " (first use: converting the embedded model, about 25 s)" if first and models.embedded_gguf() else ""
     start = time.perf_counter()
     with st.status(f"Loading model{note}…", expanded=False) as status:
         try:
-            lm = _load(name.strip(), dtype, device)
+            lm = _load(name.strip(), dtype, device, device_map)
         except ModelLoadError as exc:
             status.update(label="Model could not be loaded", state="error")
             st.text(str(exc))  # plain text: the message may quote user input

@@ -22,28 +22,39 @@ from .base import render_stream
 
 
 def render_cost_estimate(config, lm, limits) -> None:
-    """Before a run: what recording attention will take, against the budget (needs the model's shape)."""
-    if not config.capture_attention or lm is None:
-        return
-    from explorer_core.limits import attention_cost
+    """Before a run: the weights' size for the chosen model and dtype, and what recording attention will
+    take (that part needs the tokenizer, so it shows once the model is loaded), against the limits."""
+    from explorer_core import plan
+    from explorer_core.models import ModelLoadError
     from explorer_core.stepper import format_prompt
 
     try:
-        t = len(format_prompt(lm.tokenizer, config)[0])
-    except ValueError:
-        return
-    cost = attention_cost(t, config.max_new_tokens, lm.n_layers, lm.n_heads, limits.prompt_attention_bytes())
-    over = (
-        " — over the budget: lower max new tokens, shorten the prompt or turn attention capture off"
-        if cost.disk_mb > limits.attention_budget_mb
-        else ""
-    )
-    pooled = "exact" if cost.prompt_cells == t else f"pooled into {cost.prompt_cells}×{cost.prompt_cells} cells"
-    st.caption(
-        f"Attention recording for this {t}-token prompt: up to {cost.disk_mb:,.0f} MB written "
-        f"(budget {limits.attention_budget_mb:,} MB), about {cost.memory_mb:,.0f} MB held while running; "
-        f"the prompt's own attention {pooled}{over}."
-    )
+        shape = plan.shape_of_model(lm.model) if lm is not None else plan.shape_for_name(config.model.strip())
+    except ModelLoadError:
+        return  # the model is not readable yet; loading it will say why
+    t = None
+    if lm is not None:
+        try:
+            t = len(format_prompt(lm.tokenizer, config)[0])
+        except ValueError:
+            pass
+    p = plan.plan(shape, config, limits, t)
+    parts = [f"Weights: about {plan.megabytes(p.weights_mb)} MB in {p.dtype} (limit {limits.max_model_mb:,} MB)"]
+    if p.kv_cache_mb is not None:
+        parts.append(f"key/value cache up to {plan.megabytes(p.kv_cache_mb)} MB")
+    cost = p.attention
+    if cost is not None:
+        pooled = "exact" if cost.prompt_cells == t else f"pooled into {cost.prompt_cells}×{cost.prompt_cells} cells"
+        parts.append(
+            f"attention recording for this {t}-token prompt: up to {cost.disk_mb:,.0f} MB written "
+            f"(budget {limits.attention_budget_mb:,} MB), about {cost.memory_mb:,.0f} MB held while running; "
+            f"the prompt's own attention {pooled}"
+        )
+    st.caption("; ".join(parts) + ".")
+    if p.refusals:
+        st.warning("This run will not fit this host's limits:")
+        for refusal in p.refusals:
+            st.text(refusal)  # plain text: it may quote the model name the user typed
 
 
 TOKENS_PER_S_HELP = "Generated tokens divided by model time: the prefill plus every step, display excluded."
