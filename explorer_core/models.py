@@ -258,7 +258,7 @@ def check_size(source: ModelSource, location: str, torch_dtype, max_mb: int) -> 
     import torch
     from transformers import AutoConfig
 
-    from .plan import shape_of
+    from .shapes import shape_of
 
     try:
         shape = shape_of(AutoConfig.from_pretrained(location, trust_remote_code=False))

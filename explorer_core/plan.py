@@ -12,19 +12,9 @@ from dataclasses import dataclass
 
 from .config import GenerationConfig
 from .limits import AttentionCost, Limits, attention_cost
+from .shapes import ModelShape, shape_of, shape_of_model  # noqa: F401 - planning's public names
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What planning needs to know about a model."""
-
-    parameters: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
 
 
 @dataclass(frozen=True)
@@ -41,26 +31,6 @@ class MemoryPlan:
         """Raise the first refusal as a ValueError."""
         if self.refusals:
             raise ValueError(self.refusals[0])
-
-
-def shape_of(hf_config) -> ModelShape:
-    """The shape of a transformers config's causal LM, its parameters counted on the meta device."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(hf_config)
-    return shape_of_model(shell)
-
-
-def shape_of_model(model) -> ModelShape:
-    """The shape of a model object (loaded, offloaded or on the meta device: only sizes are read)."""
-    cfg = model.config
-    heads = int(cfg.num_attention_heads)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    count = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-    return ModelShape(count, int(cfg.num_hidden_layers), heads, kv_heads, head_dim)
 
 
 @functools.lru_cache(maxsize=16)

@@ -203,7 +203,7 @@ def test_device_map_runs_like_one_device(device_map, tiny_llama_dir, tiny_llama,
 
 def test_cli_device_map_flag(tiny_llama_dir, tmp_path):
     from explorer_core.cli import main as cli_main
-    from explorer_core.trace import Trace
+    from explorer_core.notebook import Trace
 
     args = ["--model", str(tiny_llama_dir), "--device_map", "auto", "--max_new_tokens", "4", "--min_new_tokens", "4"]
     assert cli_main([*args, "--out_dir", str(tmp_path), "--no_png", "-q"]) == 0
