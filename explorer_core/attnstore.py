@@ -90,20 +90,18 @@ class AttentionWriter:
         self._fh = open(self.path, "wb")  # noqa: SIM115 - held open for the whole run, closed in finish()
         self._fh.write(b"\0" * (8 + self.header_room))  # no valid header until finish(): a killed run is refused
 
-    def write_prompt(self, cells: np.ndarray, edges: np.ndarray) -> None:
-        """cells: (layers, heads, B, B) pooled prompt attention; edges: (B+1,) positions."""
+    def write_prompt(self, cells, edges: np.ndarray) -> None:
+        """cells: (layers, heads, B, B) pooled prompt attention (numpy or torch); edges: (B+1,) positions."""
         s = self.shape
-        self._put(
-            "prompt_bins", np.ascontiguousarray(cells, dtype=DTYPES[s.dtype][1]), (s.layers, s.heads, s.bins, s.bins)
-        )
+        self._put("prompt_bins", _as(cells, s.dtype), (s.layers, s.heads, s.bins, s.bins))
         self._put("prompt_edges", np.ascontiguousarray(edges, dtype=np.int64), (s.bins + 1,))
 
-    def write_row(self, row: np.ndarray) -> None:
-        """row: (layers, heads, T+s) for the next step s."""
+    def write_row(self, row) -> None:
+        """row: (layers, heads, T+s) for the next step s (numpy or torch)."""
         s, step = self.shape, self.steps
         self._put(
             f"row.{step:05d}",
-            np.ascontiguousarray(row, dtype=DTYPES[s.dtype][1]),
+            _as(row, s.dtype),
             (s.layers, s.heads, s.prompt_len + step),
         )
         self.steps += 1
@@ -154,6 +152,15 @@ class AttentionWriter:
     def close(self) -> None:
         if not self._fh.closed:
             self._fh.close()
+
+
+def _as(a, dtype: str) -> np.ndarray:
+    """A contiguous numpy array in the file's dtype; torch tensors convert in torch (numpy's float16 cast is slow)."""
+    if hasattr(a, "numpy"):
+        import torch
+
+        return a.detach().to("cpu", {"float16": torch.float16, "float32": torch.float32}[dtype]).contiguous().numpy()
+    return np.ascontiguousarray(a, dtype=DTYPES[dtype][1])
 
 
 def _round8(n: int) -> int:

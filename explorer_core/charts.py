@@ -79,20 +79,39 @@ def _weight_color(title: str = "mean weight") -> alt.Color:
     return alt.Color("weight:Q", scale=alt.Scale(scheme="viridis", type="sqrt", zero=True), title=title)
 
 
+def _weight_stroke() -> alt.Stroke:
+    return alt.Stroke("weight:Q", scale=alt.Scale(scheme="viridis", type="sqrt", zero=True), legend=None)
+
+
 def heatmap_chart(frame: pd.DataFrame, title: str | list[str], size: int = 420) -> alt.LayerChart:
     """Attention cells (attnview.heatmap_frame): query rows down, key columns across, any cell widths.
 
     The row of the step's own query (is_step) is outlined in red.
     """
     lo, hi = (int(frame["k0"].min()), int(frame["q1"].max())) if len(frame) else (0, 1)
-    x = alt.X("k0:Q", title="key position", scale=alt.Scale(domain=[lo, hi], nice=False, zero=False))
-    y = alt.Y("q0:Q", title="query position", scale=alt.Scale(domain=[lo, hi], nice=False, zero=False, reverse=True))
+    x = alt.X(
+        "k0:Q",
+        title="key position",
+        scale=alt.Scale(domain=[lo, hi], nice=False, zero=False),
+        axis=alt.Axis(grid=False),
+    )
+    y = alt.Y(
+        "q0:Q",
+        title="query position",
+        scale=alt.Scale(domain=[lo, hi], nice=False, zero=False, reverse=True),
+        axis=alt.Axis(grid=False),
+    )
     tooltip = [
         alt.Tooltip("q_name:N", title="query"),
         alt.Tooltip("k_name:N", title="key"),
         alt.Tooltip("weight:Q", format=".4f", title="mean weight"),
     ]
-    cells = alt.Chart(frame).mark_rect().encode(x=x, x2="k1:Q", y=y, y2="q1:Q", color=_weight_color(), tooltip=tooltip)
+    # a hairline stroke in the cell's own colour closes the anti-aliasing gaps between fractional-width cells
+    cells = (
+        alt.Chart(frame)
+        .mark_rect(strokeWidth=0.6)
+        .encode(x=x, x2="k1:Q", y=y, y2="q1:Q", color=_weight_color(), stroke=_weight_stroke(), tooltip=tooltip)
+    )
     step = (
         alt.Chart(frame)
         .transform_filter("datum.is_step")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .frames import shade
+from .frames import is_torn, shade
 from .trace import StepRecord
 
 _MARKUP = set("*_$[]()`~#|:\\{}!<>&\"'=")
@@ -17,10 +17,13 @@ def escape_text(text: str) -> str:
 
 def token_span(s: StepRecord, path: int = 0) -> str:
     """One token as a shaded span: the less likely under the raw model, the stronger the shade."""
-    tip = escape_text(f"step {s.step}: {s.label}  p_raw={s.p_raw:.3f}  p_proc={s.p_proc:.3f}  rank {s.rank_raw}")
+    torn = is_torn(s)  # the model was torn here: a dotted underline, and said in the tooltip
+    note = "  · torn (high entropy, close top two)" if torn else ""
+    tip = escape_text(f"step {s.step}: {s.label}  p_raw={s.p_raw:.3f}  p_proc={s.p_proc:.3f}  rank {s.rank_raw}{note}")
+    mark = " border-bottom: 2px dotted #1f77b4;" if torn else ""
     return (
         f'<span class="tok" data-path="{path}" data-step="{s.step}" title="{tip}" '
-        f'style="background: rgba(214,39,40,{shade(s.p_raw):.2f}); {TOKEN_STYLE}">{escape_text(s.label)}</span>'
+        f'style="background: rgba(214,39,40,{shade(s.p_raw):.2f}); {TOKEN_STYLE}{mark}">{escape_text(s.label)}</span>'
     )
 
 

@@ -57,9 +57,10 @@ class AttentionRecorder:
         self._host_row = None
         if self._prefill_len:
             self._pool(layer, start, weights)
-        if start + weights.shape[1] == self._prefill_len or not self._prefill_len:
-            keys = self._prefill_len or weights.shape[-1]
-            self._last[layer] = weights[:, -1, :keys].clone()  # the newest query's row: the next step's row
+        if not self._prefill_len:  # a cached step's (heads, 1, keys) weights are fresh: keep a view
+            self._last[layer] = weights[:, -1]
+        elif start + weights.shape[1] == self._prefill_len:  # the prompt's last row, cut out of its chunk
+            self._last[layer] = weights[:, -1, : self._prefill_len].clone()
 
     @property
     def key_multiple(self) -> int:
@@ -84,7 +85,7 @@ class AttentionRecorder:
         """Turn the cell sums into means over each cell's query-key pairs and write them."""
         sizes = torch.from_numpy(np.diff(self.edges)).float()  # (B,)
         means = self._cells / (sizes[:, None] * sizes[None, :])
-        self.writer.write_prompt(means.numpy(), self.edges)
+        self.writer.write_prompt(means, self.edges)
         self._cells, self._prefill_len = None, 0
 
     # -- steps ----------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ class AttentionRecorder:
 
     def commit(self) -> None:
         """Write the pending row as the next step's row (raises OSError when the disk is full)."""
-        self.writer.write_row(self.pending().numpy())
+        self.writer.write_row(self.pending())  # converted to the file's dtype in torch (faster than numpy)
 
     def store(self) -> AttentionStore | None:
         """A reader over the rows so far; None until the prompt's cells are written (prefill done)."""

@@ -79,15 +79,23 @@ def _run(trace: Trace, branch: int, step: int, contrast, ig_steps: int) -> None:
     except ValueError as exc:
         st.text(f"This trace's settings are not valid here: {exc}")
         return
+    try:  # explaining re-runs the prompt and the tokens before the step: the same caps as generating them
+        resources.limits().check_replay(trace)
+    except ValueError as exc:
+        st.text(f"Cannot explain here: {exc}")
+        return
     lm = resources.get_model(config.model, config.dtype, config.device)
     if lm is None:
         return
+    lock = resources.acquire_generation_slot(st.empty())  # one model job at a time, as generation
     try:
         with st.spinner("Explaining: one forward for the breakdown, then the gradients…"):
             result = explain(lm, trace, step, contrast, branch=branch, ig_steps=ig_steps)
     except (ExplainError, ValueError, RuntimeError) as exc:  # a model that does not fit, a bad token
         st.text(f"Cannot explain this step: {exc}")
         return
+    finally:
+        lock.release()
     st.session_state.setdefault(RESULTS, {})[(_trace_id(trace), branch, step)] = result
 
 

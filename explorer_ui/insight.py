@@ -59,15 +59,24 @@ def render_replay(trace: Trace, key: str) -> None:
     except ValueError as exc:
         st.text(f"This trace's settings are not valid here: {exc}")
         return
+    try:  # the same caps as generating these tokens, checked before any model work
+        resources.limits().check_replay(trace)
+    except ValueError as exc:
+        st.text(f"Cannot replay here: {exc}")
+        return
     st.text(f"Replaying with the model named in the trace: {config.model}")
     lm = resources.get_model(config.model, config.dtype, config.device)
     if lm is None:
         return
+    placeholder = st.empty()
+    lock = resources.acquire_generation_slot(placeholder)  # one model job at a time, as generation
     try:
         report = replay(lm, trace)
     except (ValueError, IndexError, RuntimeError) as exc:  # a model that does not fit the trace
         st.text(f"Cannot replay: {exc}")
         return
+    finally:
+        lock.release()
     (st.success if report.max_diff <= 1e-4 else st.warning)("Replay check finished")
     st.text(report.verdict)
     st.altair_chart(charts.replay_chart(report.per_step), width="content")

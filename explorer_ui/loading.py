@@ -36,7 +36,18 @@ def upload_cap() -> int:
     return upload_cap_mb() * 2**20
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# a clone keeps examples/ beside the packages; an installed package ships them inside explorer_app
+EXAMPLES = next(
+    (
+        p
+        for p in (
+            Path(__file__).resolve().parents[1] / "examples",
+            Path(__file__).resolve().parents[1] / "explorer_app" / "examples",
+        )
+        if p.is_dir()
+    ),
+    Path(__file__).resolve().parents[1] / "examples",
+)
 
 
 def _check_size(name: str, size: int, cap: int) -> None:

@@ -16,11 +16,26 @@ from explorer_core.models import LoadedModel, ModelLoadError
 LOADED: weakref.WeakValueDictionary[tuple[str, str, str], LoadedModel] = weakref.WeakValueDictionary()
 
 
+def canonical(name: str, dtype: str, device: str, device_map: str = "none") -> tuple[str, str, str]:
+    """One key per set of weights: the default's name and its hub id, or "auto" and the dtype it picks,
+    name the same copy (two keys for one model once doubled the memory of a hosted box)."""
+    source = models.resolve(name.strip())
+    dev = models.pick_device(device)
+    kind = str(models.pick_dtype(dtype, dev)).removeprefix("torch.")
+    where = source.location + (f"#{source.gguf_file}" if source.gguf_file else "")
+    return where, kind, dev + ("" if device_map == "none" else f"+{device_map}")
+
+
 @st.cache_resource(show_spinner=False, max_entries=3)
-def _load(name: str, dtype: str, device: str, device_map: str = "none") -> LoadedModel:
+def _load(key: tuple[str, str, str], name: str, dtype: str, device: str, device_map: str = "none") -> LoadedModel:
     lm = models.load(name, dtype=dtype, device=device, limits=limits(), device_map=device_map)
-    LOADED[(name, dtype, device + ("" if device_map == "none" else f"+{device_map}"))] = lm
+    LOADED[key] = lm
     return lm
+
+
+def _load_once(key, name, dtype, device, device_map) -> LoadedModel:
+    hit = LOADED.get(key)
+    return hit if hit is not None else _load(key, name, dtype, device, device_map)
 
 
 def limits() -> Limits:
@@ -29,7 +44,10 @@ def limits() -> Limits:
 
 def loaded_already(name: str, dtype: str, device: str, device_map: str = "none") -> LoadedModel | None:
     """The model if this process has loaded it, without loading it."""
-    return LOADED.get((name.strip(), dtype, device + ("" if device_map == "none" else f"+{device_map}")))
+    try:
+        return LOADED.get(canonical(name, dtype, device, device_map))
+    except (ModelLoadError, ValueError, TypeError, AttributeError):
+        return None
 
 
 # One per process, shared by every session: 2 CPU cores run one generation well, not two.
@@ -47,7 +65,8 @@ def get_model(name: str, dtype: str = "auto", device: str = "auto", device_map: 
     start = time.perf_counter()
     with st.status(f"Loading model{note}…", expanded=False) as status:
         try:
-            lm = _load(name.strip(), dtype, device, device_map)
+            # hashed by the canonical key only: the other arguments are the first spelling that loaded it
+            lm = _load_once(canonical(name, dtype, device, device_map), name.strip(), dtype, device, device_map)
         except ModelLoadError as exc:
             status.update(label="Model could not be loaded", state="error")
             st.text(str(exc))  # plain text: the message may quote user input

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from explorer_ui import attention_view, frame, views
+from explorer_ui import attention_view, explain_view, frame, views
 
 frame.page("Heads")
 st.title("Attention heads")
@@ -18,3 +18,5 @@ if attn is None:
     st.stop()
 step = views.pick_step(trace, "heads_step") if trace.steps else 0
 attention_view.render_heads(trace, attn, step, "heads")
+st.subheader("What each head added to the chosen token (from an explanation)")
+explain_view.render_heads_breakdown(trace, step)

@@ -55,10 +55,17 @@ def load_uploads() -> None:
     skipped = loading.unusable(files)
     if skipped and len(skipped) < len(files):
         st.warning(f"Left out (not a trace.json, an .attn.safetensors companion or a .zip): {', '.join(skipped)}")
-    sig = tuple((f.name, f.size) for f in files)
+    sig = tuple((f.name, f.size, f.file_id) for f in files)
     if st.session_state.get("viewer_loaded") == sig:
         return
-    trace, attn = loading.from_uploads(files)
+    refused = st.session_state.get("viewer_refused")
+    if refused is not None and refused[0] == sig:  # the same files again: say why, do not read them again
+        raise TraceError(refused[1])
+    try:
+        trace, attn = loading.from_uploads(files)
+    except TraceError as exc:
+        st.session_state["viewer_refused"] = (sig, str(exc))
+        raise
     keep((trace, attn))
     st.session_state["viewer_loaded"] = sig
     if trace.attention is not None and attn is None:
