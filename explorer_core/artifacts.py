@@ -57,7 +57,7 @@ def _charts(trace: Trace, attention: AttentionStore | None):
     yield (
         "prompt_attention_heatmap.png",
         lambda: charts.heatmap_chart(
-            attnview.heatmap_frame(trace, attention, 0, layer, None),
+            attnview.heatmap_frame(trace, attention, 0, layer, None, _png_window(trace.prompt_len)),
             f"Prompt attention, last layer ({layer}), mean over heads{pooled}",
         ),
     )
@@ -66,13 +66,20 @@ def _charts(trace: Trace, attention: AttentionStore | None):
         yield (
             f"attn_step_{s:04d}.png",
             lambda s=s: charts.heatmap_chart(
-                attnview.heatmap_frame(trace, attention, s, layer, None),
+                attnview.heatmap_frame(trace, attention, s, layer, None, _png_window(trace.prompt_len + s)),
                 [
                     f"Attention seen at step {s}, last layer ({layer}), mean over heads",
                     "red outline: the row of step's query",
                 ],
             ),
         )
+
+
+PNG_BINS = 96  # cells per axis in a PNG heatmap: 6 px each at the PNG's size, and a fraction of the drawing time
+
+
+def _png_window(length: int) -> attnview.Window:
+    return attnview.Window.clamp(None, None, length, PNG_BINS)
 
 
 def write_pngs(trace: Trace, attention: AttentionStore | None, out: Path, result: Written) -> None:

@@ -9,6 +9,7 @@ from explorer_core import attnview, tracefile
 from explorer_core.attnstore import MAX_CELLS
 from explorer_core.trace import TraceError
 from tests import crafted
+from tools import bounded_cost
 
 BUDGET = attnview.DEFAULT_BINS * (attnview.DEFAULT_BINS + 1) // 2 + attnview.DEFAULT_BINS + 1
 
@@ -54,3 +55,15 @@ def test_html_export_of_a_long_run_stays_small(tmp_path):
     trace, store = tracefile.load(crafted.saved_pair(tmp_path, tr))
     page = build(trace, store)
     assert len(page) < 20 * 2**20
+
+
+@pytest.mark.parametrize("case", list(bounded_cost.CASES.values()))
+def test_watchdog_each_crafted_upload_in_its_own_process(case):
+    """Uploaded to the viewer in a fresh process: no exception, memory bounded, done before the watchdog."""
+    result = bounded_cost.measure(case, timeout=300)  # the watchdog: a case that hangs fails here
+    assert not result["exception"], result
+    assert result["peak_above_app_mb"] < 1536, result
+    if case == "lying_zip":
+        assert result["said"].startswith("refused"), result
+    else:
+        assert result["charts"] >= 1, result

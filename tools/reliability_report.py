@@ -7,6 +7,7 @@ from pathlib import Path
 
 from explorer_core import trace as trace_io
 from tests import corpus
+from tools import bounded_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,13 +16,18 @@ OTHER_FAULTS = """
 
 | input or fault | outcome | checked by |
 |---|---|---|
-| trace.json over 50 MB (or over the upload cap) | refused before parsing: "trace is N MB, over the 52 MB limit" | `test_file_over_the_cap_is_refused_before_parsing` |
+| trace.json over 50 MiB (or over the upload cap) | refused before parsing: "trace is N MiB, over the 50 MiB limit" | `test_file_over_the_cap_is_refused_before_parsing` |
+| a key given twice in one JSON object | refused: "the key 'schema_version' appears twice in one object" | `test_bad_files_raise_one_error_type` |
 | arbitrary bytes (hypothesis, 300 cases) | only `TraceError` escapes | `test_arbitrary_bytes_only_raise_trace_error` |
 | arbitrary JSON (hypothesis, 300 cases) | only `TraceError` escapes | `test_arbitrary_json_only_raises_trace_error` |
 | a valid trace with one field replaced by arbitrary JSON (200 cases) | parses or raises `TraceError` | `test_one_field_replaced_by_anything_parses_or_raises_trace_error` |
-| companion whose shapes disagree with the steps | "attention companion holds N rows that do not match the trace's M steps" | `test_companion_shape_mismatch_is_a_trace_error` |
+| companion of another run (shape, steps, cells or dtype differ) | "attention companion is for (layers, heads, ...) = ...; this trace needs ..." | `test_companion_of_another_run_is_a_trace_error` |
+| companion truncated, unfinished, with a huge or lying header | refused with the reason, before any data is mapped | `test_damaged_companions_are_refused_with_a_reason` |
+| schema-1 trace with its `.attn.npz` | opens, converted to the current store | `test_schema_1_traces_open_and_convert` |
+| zip with two members of one name, or two companions | refused | `loading.from_zip` |
+| zip member inflating past the cap, whatever its header claims | inflated in 1 MiB pieces and refused at the cap; the same files are not read again until they change | `test_watchdog_each_crafted_upload_in_its_own_process` |
 | bad upload in the viewer (a PNG named trace.json) | `st.error` + plain-text reason, no traceback; the trace on screen stays | `test_viewer_zip_upload_and_bad_file_keeps_previous` |
-| upload named `<img src=x onerror=alert(1)>.txt` | "expected trace.json, its .attn.npz companion, or a .zip archive", shown as plain text | `test_hostile_file_name_is_plain_text` |
+| upload named `<img src=x onerror=alert(1)>.txt` | "expected trace.json, its .attn.safetensors companion, or a .zip archive", shown as plain text | `test_hostile_file_name_is_plain_text` |
 | tokens `<img src=x onerror=alert(1)>`, `**`, `$x$`, `[link](http://x)`, `:red[x]` in a trace | shown verbatim (`st.code`, dataframe, escaped HTML stream); never in Markdown; in chart specs only as data | `test_hostile_tokens_show_verbatim_and_only_as_chart_data` |
 | the same tokens in the one-file HTML export | HTML-escaped in the stream, `<` escaped in the JSON block | `test_html_export_is_self_contained_and_escaped` |
 | max_new_tokens over the host limit (CLI) | exit 2: "max_new_tokens=20 is over this host's limit of 10 (EXPLORER_MAX_NEW_TOKENS)" | `test_cli_limit_message` |
@@ -32,6 +38,10 @@ OTHER_FAULTS = """
 | Stop or any widget change mid-run | partial trace kept, stop reason `interrupted` | `test_stop_mid_run_keeps_partial_trace`, browser `test_stop_keeps_partial_trace` |
 | Ctrl-C in the CLI | partial trace.json written, exit 130 | `test_cli_ctrl_c_writes_partial_trace`, `test_cli_sigint_in_a_real_process` |
 | process dies while saving | old trace.json intact, no temp file left (temp file + `os.replace`) | `test_interrupted_write_leaves_old_file` |
+| killed between the companion and trace.json | the old pair still loads; the orphan is removed by the next save | `test_a_save_killed_between_the_pair_keeps_the_old_pair` |
+| disk full while streaming attention | the run stops with "could not write attention to ...: No space left on device"; the steps before it are saved | `test_full_disk_stops_the_run_with_a_message_and_a_valid_trace` |
+| prompt or stop text too long for a trace | refused before the run ("stop_on is N characters, over the limit of 1,000") | `test_limits_refuse_before_the_run` |
+| replay or explain of a trace over the host's prompt or step limits | refused before any model work; both take the generation lock | `Limits.check_replay` |
 | two sessions at once | the second waits with a message, then runs; lock free afterwards | `test_second_session_waits_for_the_lock` |
 | four runs in threads on one shared model | each equals its solo run (per-run `torch.Generator`) | `test_concurrent_runs_match_solo_runs` |
 | misspelled hub id, offline | one sentence naming the model and what to do, no traceback (CLI and app) | `test_cli_unknown_model_is_one_sentence`, `test_app_bad_model_then_good_model` |
@@ -60,7 +70,8 @@ def main() -> None:
         except trace_io.TraceError as exc:
             outcome = str(exc).replace("|", "\\|")
         lines.append(f"| {name} | {len(data):,} B | {outcome} |")
-    (ROOT / "RELIABILITY.md").write_text("\n".join(lines) + "\n" + OTHER_FAULTS, encoding="utf-8")
+    text = "\n".join(lines) + "\n" + OTHER_FAULTS + "\n" + bounded_cost.table()
+    (ROOT / "RELIABILITY.md").write_text(text, encoding="utf-8")
     print("wrote RELIABILITY.md")
 
 
