@@ -80,7 +80,8 @@ def _weight_color(title: str = "mean weight") -> alt.Color:
 
 
 def _weight_stroke() -> alt.Stroke:
-    return alt.Stroke("weight:Q", scale=alt.Scale(scheme="viridis", type="sqrt", zero=True), legend=None)
+    # a field of its own (a copy of weight): sharing the colour's field would merge the two legends
+    return alt.Stroke("stroke_w:Q", scale=alt.Scale(scheme="viridis", type="sqrt", zero=True), legend=None)
 
 
 def heatmap_chart(frame: pd.DataFrame, title: str | list[str], size: int = 420) -> alt.LayerChart:
@@ -109,6 +110,7 @@ def heatmap_chart(frame: pd.DataFrame, title: str | list[str], size: int = 420) 
     # a hairline stroke in the cell's own colour closes the anti-aliasing gaps between fractional-width cells
     cells = (
         alt.Chart(frame)
+        .transform_calculate(stroke_w="datum.weight")
         .mark_rect(strokeWidth=0.6)
         .encode(x=x, x2="k1:Q", y=y, y2="q1:Q", color=_weight_color(), stroke=_weight_stroke(), tooltip=tooltip)
     )
