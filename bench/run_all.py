@@ -25,26 +25,29 @@ def main() -> None:
         "float32 on CPU, sdpa attention (recorded rows come from the capture function). Contenders are interleaved (A B C D, A B C D, ...) in one "
         "process; min / median / max over the rounds.\n"
     ]
+
+    def add(text: str) -> None:  # written after every section: a late failure keeps the earlier figures
+        sections.append(text)
+        OUT.write_text("\n".join(sections), encoding="utf-8")
+
     lm = models.load()
+    log("trace file")
+    add(trace_section(lm))
     log("overhead")
     text, ratios = overhead.run(lm)
-    sections.append("## 1–2. The cost of watching\n" + text)
-    sections.append(targets_overhead(ratios))
+    add("## 1–2. The cost of watching\n" + text)
+    add(targets_overhead(ratios))
     log("logit lens")
-    sections.append(overhead.lens_cost(lm))
+    add(overhead.lens_cost(lm))
     log("growth")
     PNG.parent.mkdir(exist_ok=True)
     text, _ = growth.run(lm, png=PNG)
-    sections.append(
-        "## 3. Growth with position (1024 new tokens, full attention)\n\n" + text + f"\n\n![growth](docs/{PNG.name})\n"
-    )
-    log("trace file")
-    sections.append(trace_section(lm))
+    add("## 3. Growth with position (1024 new tokens, full attention)\n\n" + text + f"\n\n![growth](docs/{PNG.name})\n")
     log("long prompts")
-    sections.append(long_prompt_section())
+    add(long_prompt_section())
     log("processes")
-    sections.append(process_section())
-    sections.append(
+    add(process_section())
+    add(
         "## 7. GPU\n\nNo GPU machine was lent to the session that produced this run, so the GPU rows "
         "(1B Llama-shaped model, bfloat16, 512 new tokens, prompts of 128, 512 and 2,000 tokens: "
         "model.generate with sdpa against the explorer with capture off and on) are open. "
@@ -94,12 +97,13 @@ def targets_overhead(ratios: dict) -> str:
 
 def trace_section(lm) -> str:
     sizes, io_series = tracefile.size_and_io(lm)
-    total_mb = (sizes["trace.json"] + sizes["trace.attn.npz"]) / 1e6
+    comp = sizes["companion (.attn.safetensors)"]
+    total_mb = (sizes["trace.json"] + comp) / 1e6
     render = tracefile.viewer_render(lm)
     lines = [
         "## 4. Trace files\n",
         f"256 new tokens, full attention, {sizes['prompt tokens']} prompt tokens: trace.json "
-        f"{sizes['trace.json'] / 1e6:.2f} MB + trace.attn.npz {sizes['trace.attn.npz'] / 1e6:.2f} MB = "
+        f"{sizes['trace.json'] / 1e6:.2f} MB + companion {comp / 1e6:.2f} MB (uncompressed float16) = "
         f"**{total_mb:.2f} MB** (target ≤ 20 MB: {verdict(total_mb <= 20)}).\n",
         TABLE_HEAD,
     ]

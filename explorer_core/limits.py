@@ -134,5 +134,6 @@ def attention_cost(
     t, n = prompt_tokens, new_tokens
     cells = len(pooling_edges(t, pooling_width(t, prompt_bins_for(prompt_budget_bytes, layers, heads, t)))) - 1
     disk = file_bytes(Shape(layers, heads, t, cells), n)
-    memory = 4 * layers * heads * (cells * cells + 2 * (t + n)) + CHUNK_BYTES
+    # float32 cell sums, the pending row and its copy, and a prefill chunk's scores, weights and pooled sums
+    memory = 4 * layers * heads * (cells * cells + 2 * (t + n)) + 3 * CHUNK_BYTES
     return AttentionCost(disk / 2**20, memory / 2**20, cells)

@@ -88,7 +88,7 @@ def _exact_rows(trace, store, layer, head, window, key, lm):
     elif st.button(f"Recompute prompt rows {rows_lo}–{rows_hi - 1} exactly", key=key + "_exact_btn"):
         from . import resources
 
-        with resources.generation_lock(), st.spinner("Recomputing with the model…"):
+        with resources.model_job(), st.spinner("Recomputing with the model…"):
             rows = recompute.prompt_rows(lm, trace.prompt_ids, layer, rows_lo, rows_hi)
         st.session_state[key + "_exact"] = (cache_key, rows)
     else:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import streamlit as st
 
 from explorer_core import charts, frames
-from explorer_core.config import GenerationConfig
 from explorer_core.explain import IG_STEPS, METHOD_NAMES, ExplainError, explain, top_components
 from explorer_core.markup import escape_text
 from explorer_core.trace import Explanation, Trace
@@ -74,28 +73,15 @@ def _run(trace: Trace, branch: int, step: int, contrast, ig_steps: int) -> None:
     if contrast is None:
         st.text("Type a contrast token: this step recorded no other candidate.")
         return
-    try:
-        config = GenerationConfig.from_dict(trace.config)
-    except ValueError as exc:
-        st.text(f"This trace's settings are not valid here: {exc}")
-        return
-    try:  # explaining re-runs the prompt and the tokens before the step: the same caps as generating them
-        resources.limits().check_replay(trace)
-    except ValueError as exc:
-        st.text(f"Cannot explain here: {exc}")
-        return
-    lm = resources.get_model(config.model, config.dtype, config.device)
+    lm = resources.model_for_trace(trace, "explain")
     if lm is None:
         return
-    lock = resources.acquire_generation_slot(st.empty())  # one model job at a time, as generation
     try:
-        with st.spinner("Explaining: one forward for the breakdown, then the gradients…"):
+        with resources.model_job(), st.spinner("Explaining: one forward for the breakdown, then the gradients…"):
             result = explain(lm, trace, step, contrast, branch=branch, ig_steps=ig_steps)
     except (ExplainError, ValueError, RuntimeError) as exc:  # a model that does not fit, a bad token
         st.text(f"Cannot explain this step: {exc}")
         return
-    finally:
-        lock.release()
     st.session_state.setdefault(RESULTS, {})[(_trace_id(trace), branch, step)] = result
 
 

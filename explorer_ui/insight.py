@@ -5,7 +5,6 @@ from __future__ import annotations
 import streamlit as st
 
 from explorer_core import charts, frames
-from explorer_core.config import GenerationConfig
 from explorer_core.replay import replay
 from explorer_core.trace import Trace
 
@@ -54,29 +53,16 @@ def render_replay(trace: Trace, key: str) -> None:
     """Re-score the trace with its model and report the largest difference, per step."""
     if not st.button("Run the replay check", key=f"{key}_replay"):
         return
-    try:
-        config = GenerationConfig.from_dict(trace.config)
-    except ValueError as exc:
-        st.text(f"This trace's settings are not valid here: {exc}")
-        return
-    try:  # the same caps as generating these tokens, checked before any model work
-        resources.limits().check_replay(trace)
-    except ValueError as exc:
-        st.text(f"Cannot replay here: {exc}")
-        return
-    st.text(f"Replaying with the model named in the trace: {config.model}")
-    lm = resources.get_model(config.model, config.dtype, config.device)
+    lm = resources.model_for_trace(trace, "replay")
     if lm is None:
         return
-    placeholder = st.empty()
-    lock = resources.acquire_generation_slot(placeholder)  # one model job at a time, as generation
+    st.text(f"Replaying with the model named in the trace: {lm.source.name}")
     try:
-        report = replay(lm, trace)
+        with resources.model_job():
+            report = replay(lm, trace)
     except (ValueError, IndexError, RuntimeError) as exc:  # a model that does not fit the trace
         st.text(f"Cannot replay: {exc}")
         return
-    finally:
-        lock.release()
     (st.success if report.max_diff <= 1e-4 else st.warning)("Replay check finished")
     st.text(report.verdict)
     st.altair_chart(charts.replay_chart(report.per_step), width="content")

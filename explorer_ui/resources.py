@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -93,3 +94,27 @@ def warm_export() -> threading.Thread:
     thread = threading.Thread(target=export_html.warm, name="vega-bundle", daemon=True)
     thread.start()
     return thread
+
+
+def model_for_trace(trace, what: str) -> LoadedModel | None:
+    """The model that made `trace`, for re-running it (replay, explain): its settings and the host's caps
+    are checked before anything loads; None, with the reason shown, when it cannot be used."""
+    from explorer_core.config import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_dict(trace.config)
+        limits().check_replay(trace)  # re-running a trace costs what generating it did: the same caps
+    except ValueError as exc:
+        st.text(f"Cannot {what} here: {exc}")
+        return None
+    return get_model(config.model, config.dtype, config.device)
+
+
+@contextlib.contextmanager
+def model_job():
+    """One model job at a time per process, as generation: wait for the slot (saying so), then hold it."""
+    lock = acquire_generation_slot(st.empty())
+    try:
+        yield
+    finally:
+        lock.release()

@@ -12,6 +12,18 @@ from explorer_core.limits import Limits
 P = "sidebar_"
 PRESETS = [DEFAULT_MODEL, "gpt2", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "Other (type a hub id or folder)"]
 OTHER = PRESETS[-1]
+
+
+def presets() -> list[str]:
+    """The model choices this host allows: on a host with an allowlist, only its models (no free text)."""
+    from .resources import limits
+
+    allowed = limits().allowed_models
+    if not allowed:
+        return PRESETS
+    return [m for m in PRESETS if m in allowed] + [m for m in allowed if m not in PRESETS]
+
+
 # Layout groups; fields not listed here are rendered by hand (model, prompt) or kept at their default.
 SAMPLING = ["temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size"]
 LENGTH = ["max_new_tokens", "min_new_tokens", "block_eos_steps", "block_ws_steps", "stop_on", "clean_stop", "seed"]
@@ -48,7 +60,7 @@ def render() -> GenerationConfig | None:
     values = {}
     with st.sidebar:
         st.header("Generation")
-        choice = st.selectbox("Model", PRESETS, key=P + "model_choice", help="The embedded default works offline.")
+        choice = st.selectbox("Model", presets(), key=P + "model_choice", help="The embedded default works offline.")
         if choice == OTHER:
             values["model"] = st.text_input("Hub id or local folder", key=P + "model_custom")
         else:

@@ -309,3 +309,11 @@ def test_downloads_do_not_rerun(generated):
     buttons = generated.get("download_button")
     assert len(buttons) == 4
     assert all(b.proto.ignore_rerun for b in buttons)
+
+
+def test_hosted_presets_are_the_allowlist(monkeypatch):
+    monkeypatch.setenv("EXPLORER_HOSTED", "1")
+    at = start()
+    options = at.selectbox(key="sidebar_model_choice").options
+    assert "TinyLlama/TinyLlama-1.1B-Chat-v1.0" not in options and not any(o.startswith("Other") for o in options)
+    assert "SmolLM2-135M-Instruct" in options and "gpt2" in options

@@ -67,3 +67,22 @@ def test_watchdog_each_crafted_upload_in_its_own_process(case):
         assert result["said"].startswith("refused"), result
     else:
         assert result["charts"] >= 1, result
+
+
+def test_replay_and_explain_are_held_to_the_host_limits():
+    from explorer_core.limits import Limits
+
+    hosted = Limits(hosted=True, max_prompt_tokens=1024, max_new_tokens=512)
+    with pytest.raises(ValueError, match="EXPLORER_MAX_PROMPT_TOKENS"):
+        hosted.check_replay(crafted.trace(8000, 1))
+    hosted.check_replay(crafted.trace(1000, 3))  # within the limits: no refusal
+
+
+def test_one_model_cache_key_per_set_of_weights():
+    from explorer_ui.resources import canonical
+
+    assert canonical("SmolLM2-135M-Instruct", "auto", "cpu") == canonical(" smollm2-135m-instruct ", "float32", "auto")
+    assert canonical("HuggingFaceTB/SmolLM2-135M-Instruct", "auto", "cpu") == canonical(
+        "SmolLM2-135M-Instruct", "auto", "cpu"
+    )
+    assert canonical("gpt2", "auto", "cpu") != canonical("gpt2", "bfloat16", "cpu")

@@ -300,3 +300,33 @@ def check_html_export(page, tmp_path) -> None:
     other.locator(".tok[data-path='1']").first.click()
     other.get_by_text("Branches record no attention").wait_for()
     other.close()
+
+
+def test_long_prompt_trace_in_the_viewer(page, default_model, tmp_path):
+    """A 2,000-token prompt's trace, saved as the CLI saves it and opened from "Saved runs": the attention
+    tab draws bounded charts that fit, and its screenshot goes to the README."""
+    from bench.longctx import prompt_text
+    from explorer_core import tracefile
+    from explorer_core.config import GenerationConfig
+    from explorer_core.stepper import Run
+
+    cfg = GenerationConfig(
+        prompt=prompt_text(default_model.tokenizer, 2000), chat=False, max_new_tokens=6, min_new_tokens=6
+    )
+    run = Run(default_model, cfg)
+    for _ in run:
+        pass
+    tracefile.save(run.trace(), run.attention(), tmp_path / "long" / "trace.json")
+    page.get_by_role("link", name="Trace viewer").click()
+    page.get_by_text("Saved runs").first.click()
+    box = page.get_by_label("Folder of saved runs")
+    box.fill(str(tmp_path))
+    box.press("Enter")
+    page.get_by_text("Inspect a step").wait_for(timeout=60_000)
+    page.get_by_role("tab", name="Attention").click()
+    page.get_by_text("Where step 0's query looked").first.wait_for(timeout=60_000)
+    wait_idle(page)
+    no_exception(page)
+    boxes = charts_fit(page)
+    assert any("query position" in b["titles"] for b in boxes) and any("attention mass" in b["titles"] for b in boxes)
+    page.get_by_role("tabpanel").screenshot(path=str(DOCS / "long_prompt.png"))
