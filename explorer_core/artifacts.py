@@ -69,7 +69,7 @@ def _charts(trace: Trace, attention: AttentionStore | None):
                 attnview.heatmap_frame(trace, attention, s, layer, None, _png_window(trace.prompt_len + s)),
                 [
                     f"Attention seen at step {s}, last layer ({layer}), mean over heads",
-                    "red outline: the row of step's query",
+                    f"red outline: the row of step {s}'s query",
                 ],
             ),
         )

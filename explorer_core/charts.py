@@ -138,7 +138,7 @@ def row_chart(frame: pd.DataFrame, title: str, width: int = 520) -> alt.Chart:
             ),
             tooltip=[alt.Tooltip("k_name:N", title="positions"), alt.Tooltip("weight:Q", format=".4f", title="mass")],
         )
-        .properties(width=width, height=160, title=title)
+        .properties(width=width, height=160, title=title, autosize=_PAD)  # Streamlit's fit squashed it to a strip
     )
 
 

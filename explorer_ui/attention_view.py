@@ -52,14 +52,14 @@ def render_attention(
             attnview.row_frame(trace, store, step, layer, head),
             f"Where step {step}'s query looked (layer {layer}, {who}): share of attention per position",
         ),
-        width="stretch",
+        width="content",  # "stretch" let Streamlit's fit squash the plot to a strip
     )
     length = trace.prompt_len + step
     window = window_choice(length, key)
     exact = _exact_rows(trace, store, layer, head, window, key, lm)
     frame = attnview.heatmap_frame(trace, store, step, layer, head, window, exact)
     title = [f"Attention of the sequence seen at step {step} (layer {layer}, {who})"]
-    title.append("red outline: the row of the query that chose step's token; rows above: earlier positions")
+    title.append(f"red outline: the row of the query that chose step {step}'s token; rows above: earlier positions")
     st.altair_chart(charts.heatmap_chart(frame, title, size=260 if narrow else 420))
     _caption(trace, store, window, exact)
 

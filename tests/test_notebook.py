@@ -215,7 +215,7 @@ def test_notebook_views_render_offline_in_chromium(executed_notebook, tmp_path):
         for view in views:
             view.locator("svg").first.wait_for(timeout=60_000)  # Vega drew, from the one copy the page carries
         views[0].locator(".tok").nth(2).click()
-        assert views[0].locator("#sel").inner_text() == "step 2"
+        assert views[0].locator("#sel").inner_text() == "main run, step 2"
         views[0].locator("#topk svg").first.wait_for()
         pg.wait_for_timeout(500)
         cell = pg.locator(".jp-Cell").filter(has=pg.locator("iframe")).first
