@@ -50,7 +50,8 @@ def render_attention(
     st.altair_chart(
         charts.row_chart(
             attnview.row_frame(trace, store, step, layer, head),
-            f"Where step {step}'s query looked (layer {layer}, {who}): share of attention per position",
+            f"Where step {step}'s query looked (layer {layer}, {who})",
+            width=240 if narrow else 520,
         ),
         width="content",  # "stretch" let Streamlit's fit squash the plot to a strip
     )
