@@ -12,6 +12,7 @@ layer's weights at a time (capture.CHUNK_BYTES), and the pending row of the next
 
 from __future__ import annotations
 
+import shutil
 from itertools import groupby
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 
 from .attnstore import AttentionStore, AttentionWriter, Shape, pooling_edges, pooling_width, prompt_bins_for
 
+TEMP_PREFIX = "explorer-run-"  # a run's own temporary folder, when the caller gave no path
 PROMPT_BUDGET_BYTES = (
     40 * 1024 * 1024
 )  # pooled prompt attention on disk (float16): exact up to ~270 tokens on the default model
@@ -117,5 +119,8 @@ class AttentionRecorder:
         return self.writer.path
 
     def discard(self) -> None:
+        """Remove the companion, and the temporary folder the run made for it (nothing else)."""
         self.writer.close()
         self.writer.path.unlink(missing_ok=True)
+        if self.writer.path.parent.name.startswith(TEMP_PREFIX):
+            shutil.rmtree(self.writer.path.parent, ignore_errors=True)

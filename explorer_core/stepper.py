@@ -32,7 +32,7 @@ from .lens import layer_logprobs
 from .limits import Limits
 from .models import LoadedModel
 from .processors import apply_chain_staged, build_chain
-from .recorder import AttentionRecorder
+from .recorder import TEMP_PREFIX, AttentionRecorder
 from .tokens import vocab_for
 from .trace import (
     MAX_PROMPT_TOKENS,
@@ -136,7 +136,7 @@ class Run:
             )
         capture.install(self.loaded.model)
         if path is None:
-            path = tempfile.mkdtemp(prefix="explorer-run-") + "/attention.safetensors"
+            path = tempfile.mkdtemp(prefix=TEMP_PREFIX) + "/attention.safetensors"
         budget = limits.prompt_attention_bytes() if limits is not None else None
         kw = {"prompt_budget_bytes": budget} if budget else {}
         lm = self.loaded

@@ -35,9 +35,19 @@ def settle(run_key: str, trace_key: str, keep_live: bool = False) -> None:
     run: Run | None = st.session_state.get(run_key)
     if run is None:
         return
-    if run.recorder is not None and run.attention() is not None:
-        run.recorder.finish()  # the companion becomes a complete file (downloads copy it as is)
-    st.session_state[trace_key] = (run.trace(), run.attention())
+    store = run.attention()
+    if run.recorder is not None:
+        # a complete file (downloads copy it as is); nothing to keep when stopped before the prompt was read
+        if store is not None:
+            run.recorder.finish()
+        else:
+            run.recorder.discard()
+    old = st.session_state.get(trace_key)
+    st.session_state[trace_key] = (run.trace(), store)
+    if old is not None and old[1] is not None and (store is None or old[1].path != store.path):
+        from .loading import forget
+
+        forget(old[1])  # the previous run's recording: one per session on the server's disk, not one per run
     if keep_live:
         st.session_state[trace_key + "_live"] = run  # its KV cache lets branches skip the prefix
     del st.session_state[run_key]

@@ -19,6 +19,7 @@ import streamlit as st
 from explorer_core import trace as trace_io
 from explorer_core import tracefile
 from explorer_core.attnstore import AttentionStore
+from explorer_core.recorder import TEMP_PREFIX
 from explorer_core.trace import Trace, TraceError
 
 MAX_TRACE_BYTES = trace_io.MAX_TRACE_BYTES  # trace.json; a 512-step run is about 1 MB
@@ -72,8 +73,9 @@ def work_dir() -> Path:
 
 
 def forget(store: AttentionStore | None) -> None:
-    """Remove the temporary folder behind an uploaded companion (never an example's or a run's own folder)."""
-    if store is not None and store.path.parent.name.startswith("explorer-upload-"):
+    """Remove the temporary folder behind an uploaded companion or an app run's recording; a companion
+    anywhere else (an example, a saved run) is never touched."""
+    if store is not None and store.path.parent.name.startswith(("explorer-upload-", TEMP_PREFIX)):
         store.close()
         shutil.rmtree(store.path.parent, ignore_errors=True)
 

@@ -317,3 +317,15 @@ def test_hosted_presets_are_the_allowlist(monkeypatch):
     options = at.selectbox(key="sidebar_model_choice").options
     assert "TinyLlama/TinyLlama-1.1B-Chat-v1.0" not in options and not any(o.startswith("Other") for o in options)
     assert "SmolLM2-135M-Instruct" in options and "gpt2" in options
+
+
+def test_a_new_run_removes_the_previous_runs_recording(tiny_llama_dir):
+    """Each app run records into a temporary folder; the session keeps one, not one per run."""
+    at = use_model(start(), tiny_llama_dir, max_new_tokens=4, min_new_tokens=4, seed=3)
+    at.button(key="gen_generate").click().run()
+    first = at.session_state["gen_trace"][1].path
+    assert first.parent.name.startswith("explorer-run-") and first.exists()
+    at.button(key="gen_generate").click().run()
+    assert not at.exception, at.exception
+    second = at.session_state["gen_trace"][1].path
+    assert second != first and second.exists() and not first.parent.exists()
