@@ -53,6 +53,15 @@ def prompt_bins_for(budget_bytes: int, layers: int, heads: int, prompt_len: int,
     return max(1, min(prompt_len, MAX_CELLS, max(16, b)))
 
 
+def prompt_layout(
+    budget_bytes: int, layers: int, heads: int, prompt_len: int, itemsize: int = 2
+) -> tuple[int, np.ndarray]:
+    """(cell width, cell edges) of a prompt's pooled attention within a byte budget: the one rule the
+    recorder, the schema-1 converter and the cost estimate share."""
+    width = pooling_width(prompt_len, prompt_bins_for(budget_bytes, layers, heads, prompt_len, itemsize))
+    return width, pooling_edges(prompt_len, width)
+
+
 @dataclass(frozen=True)
 class Shape:
     layers: int
@@ -110,7 +119,7 @@ class AttentionWriter:
         if arr.shape != shape:
             raise ValueError(f"attention {name} has shape {arr.shape}; expected {shape}")
         code = "I64" if arr.dtype == np.int64 else DTYPES[self.shape.dtype][0]
-        self._fh.write(arr.tobytes())
+        self._fh.write(memoryview(arr).cast("B"))  # contiguous: written from the array itself, no bytes copy
         self.index[name] = {"dtype": code, "shape": list(shape), "data_offsets": [self.end, self.end + arr.nbytes]}
         self.end += arr.nbytes
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .attnstore import AttentionStore, pooling_edges, pooling_width, prompt_bins_for
+from .attnstore import AttentionStore, pooling_edges, prompt_layout
 from .recorder import PROMPT_BUDGET_BYTES
 from .trace import Trace, TraceError
 
@@ -110,8 +110,7 @@ def convert(data: bytes, trace: Trace, path: Path) -> tuple[Trace, AttentionStor
 
     prompt, rows = read_npz(data, trace)
     layers, heads, t, _ = prompt.shape
-    width = pooling_width(t, prompt_bins_for(PROMPT_BUDGET_BYTES, layers, heads, t))
-    edges = pooling_edges(t, width)
+    width, edges = prompt_layout(PROMPT_BUDGET_BYTES, layers, heads, t)
     writer = AttentionWriter(path, Shape(layers, heads, t, len(edges) - 1), max_steps=len(rows))
     try:
         writer.write_prompt(pool(prompt, width), edges)

@@ -128,11 +128,11 @@ def attention_cost(
     prompt_tokens: int, new_tokens: int, layers: int, heads: int, prompt_budget_bytes: int = 40 * 2**20
 ) -> AttentionCost:
     """What recording a run's attention will take, computed from its shape before it starts."""
-    from .attnstore import Shape, file_bytes, pooling_edges, pooling_width, prompt_bins_for
+    from .attnstore import Shape, file_bytes, prompt_layout
     from .capture import CHUNK_BYTES
 
     t, n = prompt_tokens, new_tokens
-    cells = len(pooling_edges(t, pooling_width(t, prompt_bins_for(prompt_budget_bytes, layers, heads, t)))) - 1
+    cells = len(prompt_layout(prompt_budget_bytes, layers, heads, t)[1]) - 1
     disk = file_bytes(Shape(layers, heads, t, cells), n)
     # float32 cell sums, the pending row and its copy, and a prefill chunk's scores, weights and pooled sums
     memory = 4 * layers * heads * (cells * cells + 2 * (t + n)) + 3 * CHUNK_BYTES

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .attnstore import AttentionStore, AttentionWriter, Shape, pooling_edges, pooling_width, prompt_bins_for
+from .attnstore import AttentionStore, AttentionWriter, Shape, prompt_layout
 
 TEMP_PREFIX = "explorer-run-"  # a run's own temporary folder, when the caller gave no path
 PROMPT_BUDGET_BYTES = (
@@ -41,10 +41,7 @@ class AttentionRecorder:
         prompt_budget_bytes: int = PROMPT_BUDGET_BYTES,
     ) -> None:
         itemsize = 2 if dtype == "float16" else 4
-        self.width = pooling_width(
-            prompt_len, prompt_bins_for(prompt_budget_bytes, layers, heads, prompt_len, itemsize)
-        )
-        self.edges = pooling_edges(prompt_len, self.width)
+        self.width, self.edges = prompt_layout(prompt_budget_bytes, layers, heads, prompt_len, itemsize)
         self.shape = Shape(layers, heads, prompt_len, len(self.edges) - 1, dtype)
         self.writer = AttentionWriter(path, self.shape, max_steps)
         self._cells: torch.Tensor | None = None  # (layers, heads, B, B) sums during the prefill
