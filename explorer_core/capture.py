@@ -15,6 +15,7 @@ because the app serves each session's run from its own thread over one shared mo
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,9 @@ IMPLEMENTATION = "explorer_capture"
 CHUNK_BYTES = (
     16 * 1024 * 1024
 )  # float32 scores of one prefill chunk, all heads: small enough to stay in cache (measured: 64 MB chunks took 1.5x longer at 2,000 tokens)
+
+PRECISIONS = ("float32", "eager")  # how recorded weights are computed in a half-precision model (see eager_weights)
+HALF = (torch.bfloat16, torch.float16)
 
 _local = threading.local()
 
@@ -56,8 +60,10 @@ def _sdpa():
 
 def capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The layer's output from sdpa, plus the weights for the active sink (query: (1, heads, q, d))."""
-    out, _ = _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     sink = getattr(_local, "sink", None)
+    if sink is not None and getattr(sink, "precision", PRECISIONS[0]) == "eager" and query.dtype in HALF:
+        return _eager_forward(sink, module, query, key, value, attention_mask, scaling, kwargs), None
+    out, _ = _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if sink is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if query.shape[2] == 1 and attention_mask is None and kwargs.get("softcap") is None:
@@ -126,6 +132,62 @@ def attention_weights(
         yield a, torch.softmax(scores, dim=-1)  # (heads, c, width)
 
 
+def _eager_forward(sink, module, query, key, value, mask, scaling, kwargs) -> torch.Tensor:
+    """attention_precision=eager on a half-precision model: the layer's output and its weights both
+    come from the model's own eager attention function, so the run is an eager run (its tokens and
+    rows equal an eager forward's) and the rows are what `output_attentions=True` returns."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    pad_to, outs = getattr(sink, "key_multiple", 1), []
+    for start, weights, out in eager_weights(module, query, key, value, mask, scale, pad_to, kwargs):
+        sink.rows(int(module.layer_idx), start, weights)
+        outs.append(out)
+    return torch.cat(outs, dim=1)  # (1, q, heads, d), as the attention interface returns it
+
+
+def eager_weights(module, query, key, value, mask, scaling: float, key_multiple: int, kwargs) -> Iterator:
+    """Yield (first query's offset, (heads, chunk, keys') float32 weights, the chunk's output) as the
+    model's own eager attention function computes them: its arithmetic and its rounding to the
+    model's dtype (Llama rounds the float32 softmax to bfloat16, GPT-2 takes the softmax in bfloat16).
+
+    Chunked over queries like attention_weights, so no layer's whole T×T is held; a layer without a
+    mask (a causal prefill, a cached step) gets eager's additive causal mask.
+    """
+    eager = eager_function(module)
+    _, heads, q_len, _ = query.shape
+    keys = key.shape[2]
+    width = -(-keys // key_multiple) * key_multiple
+    chunk = max(1, CHUNK_BYTES // (4 * heads * keys))
+    for a in range(0, q_len, chunk):
+        b = min(q_len, a + chunk)
+        m = _eager_mask(mask, a, b, keys - q_len, keys, query)
+        out, w = eager(module, query[:, :, a:b], key, value, m, scaling=scaling, dropout=0.0, **kwargs)
+        yield a, torch.nn.functional.pad(w[0].float(), (0, width - keys)), out  # (heads, c, width)
+
+
+def _eager_mask(mask, a: int, b: int, past: int, keys: int, query: torch.Tensor) -> torch.Tensor:
+    """Query rows a..b-1 of the layer's mask as eager takes it: additive, 4-d, in the model's dtype."""
+    if mask is None:  # sdpa's causal flag: query i sees keys up to past + i
+        rows = torch.arange(a, b, device=query.device)[:, None]
+        mask = torch.arange(keys, device=query.device)[None, :] <= past + rows
+    elif mask.shape[-2] > 1:
+        mask = mask[..., a:b, :]
+    if mask.dtype == torch.bool:
+        mask = torch.where(mask, 0.0, torch.finfo(query.dtype).min)
+    mask = mask.to(query.dtype)
+    return mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+
+
+def eager_function(module):
+    """The eager attention function of the module's own modeling file (what output_attentions uses)."""
+    function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if function is None:
+        raise ValueError(
+            f"{type(module).__name__} has no eager_attention_forward in its modeling file, so "
+            "attention_precision=eager cannot reproduce it: use attention_precision=float32"
+        )
+    return function
+
+
 def _mask_(scores: torch.Tensor, mask: torch.Tensor | None, a: int, b: int, past: int, seen: int) -> None:
     """Mask query rows a..b-1 in place: padding keys, then the layer's mask (causal when it passed none)."""
     scores[..., seen:] = float("-inf")
@@ -157,6 +219,14 @@ def register() -> None:
     AttentionInterface.register(IMPLEMENTATION, capture_attention_forward)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
     _registered = True
+
+
+def supports_eager(model) -> bool:
+    """Whether every attention layer's modeling file has the function attention_precision=eager calls."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    return bool(layers) and all(
+        getattr(sys.modules.get(type(m).__module__), "eager_attention_forward", None) for m in layers
+    )
 
 
 def supports(model) -> bool:

@@ -11,6 +11,7 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 DEVICE_MAPS = ("none", "auto")
+ATTENTION_PRECISIONS = ("float32", "eager")
 
 
 def _f(default: Any, help: str, lo: float | None = None, hi: float | None = None, **extra: Any):
@@ -40,6 +41,13 @@ class GenerationConfig:
     chat: bool = _f(True, "Wrap the prompt in the tokenizer's chat template (when it has one).")
     top_n: int = _f(10, "Candidates to log per step, for both distributions.", 1, 100)
     capture_attention: bool = _f(True, "Record every layer's and head's attention row at every step.")
+    attention_precision: str = _f(
+        "float32",
+        "How recorded attention is computed for a bfloat16/float16 model: float32 (the exact softmax of "
+        "each layer's own q and K, as sdpa computes it) or eager (transformers' eager attention, rounded "
+        "to the model's dtype, as output_attentions returns it). The same numbers for float32 models.",
+        choices=ATTENTION_PRECISIONS,
+    )
     logit_lens: bool = _f(False, "Record each layer's top token (logit lens); costs about one extra step per step.")
     dtype: str = _f("auto", "Weights dtype: auto (float32 on CPU, bfloat16 on CUDA) or a name.", choices=DTYPES)
     device: str = _f("auto", "Device: auto (CUDA when present), cpu or cuda.", choices=DEVICES)

@@ -49,6 +49,7 @@ class AttentionRecorder:
         self._prefill_len = 0
         self._host_row: torch.Tensor | None = None  # pending() on the host, until the next forward's rows
         self.finished = False
+        self.precision = "float32"  # capture.PRECISIONS: how a half-precision model's weights are computed
 
     # -- capture.Sink ---------------------------------------------------------------------------
     def rows(self, layer: int, start: int, weights: torch.Tensor) -> None:

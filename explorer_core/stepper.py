@@ -135,14 +135,21 @@ class Run:
                 "interface, so their weights cannot be recorded: turn attention capture off"
             )
         capture.install(self.loaded.model)
+        if self.config.attention_precision == "eager" and not capture.supports_eager(self.loaded.model):
+            raise ValueError(
+                f"{self.loaded.source.name} has no eager attention function to reproduce: "
+                "set attention_precision=float32"
+            )
         if path is None:
             path = tempfile.mkdtemp(prefix=TEMP_PREFIX) + "/attention.safetensors"
         budget = limits.prompt_attention_bytes() if limits is not None else None
         kw = {"prompt_budget_bytes": budget} if budget else {}
         lm = self.loaded
-        return AttentionRecorder(
+        recorder = AttentionRecorder(
             path, lm.n_layers, lm.n_heads, self.prompt_len, self.config.max_new_tokens, dtype, **kw
         )
+        recorder.precision = self.config.attention_precision  # read by capture for half-precision models
+        return recorder
 
     # -- the loop -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[StepRecord]:

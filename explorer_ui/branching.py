@@ -89,7 +89,7 @@ def _start_branch(trace: Trace, parent_id: int, step: int, pick: int, typed: str
         st.text(f"This trace's settings are not valid here: {exc}")
         return None
     st.text(f"Branching with the model named in the trace: {config.model}")
-    lm = resources.get_model(config.model, config.dtype, config.device)
+    lm = resources.get_model(config.model, config.dtype, config.device, config.device_map)
     if lm is None:
         return None
     token = pick

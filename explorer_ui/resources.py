@@ -107,7 +107,7 @@ def model_for_trace(trace, what: str) -> LoadedModel | None:
     except ValueError as exc:
         st.text(f"Cannot {what} here: {exc}")
         return None
-    return get_model(config.model, config.dtype, config.device)
+    return get_model(config.model, config.dtype, config.device, config.device_map)
 
 
 @contextlib.contextmanager

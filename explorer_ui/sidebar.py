@@ -27,7 +27,17 @@ def presets() -> list[str]:
 # Layout groups; fields not listed here are rendered by hand (model, prompt) or kept at their default.
 SAMPLING = ["temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size"]
 LENGTH = ["max_new_tokens", "min_new_tokens", "block_eos_steps", "block_ws_steps", "stop_on", "clean_stop", "seed"]
-RECORD = ["chat", "top_n", "capture_attention", "attn_every", "logit_lens", "dtype", "device", "device_map"]
+RECORD = [
+    "chat",
+    "top_n",
+    "capture_attention",
+    "attention_precision",
+    "attn_every",
+    "logit_lens",
+    "dtype",
+    "device",
+    "device_map",
+]
 STEPS = {"temperature": 0.05, "top_p": 0.01, "repetition_penalty": 0.05}
 
 

@@ -42,8 +42,8 @@ if st.button("Run both", type="primary", key="compare_go"):
     except ValueError as exc:
         st.text(str(exc))
         st.stop()
-    lm_a = resources.get_model(config.model, config.dtype, config.device)
-    lm_b = resources.get_model(config_b.model, config_b.dtype, config_b.device)
+    lm_a = resources.get_model(config.model, config.dtype, config.device, config.device_map)
+    lm_b = resources.get_model(config_b.model, config_b.dtype, config_b.device, config_b.device_map)
     if lm_a is not None and lm_b is not None:
         for old in ("compare_div", "compare_a_trace", "compare_b_trace"):  # never show a new A beside an old B
             st.session_state.pop(old, None)
