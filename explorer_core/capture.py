@@ -23,6 +23,8 @@ from typing import Protocol
 
 import torch
 
+from . import lrp
+
 IMPLEMENTATION = "explorer_capture"
 CHUNK_BYTES = (
     16 * 1024 * 1024
@@ -60,6 +62,8 @@ def _sdpa():
 
 def capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The layer's output from sdpa, plus the weights for the active sink (query: (1, heads, q, d))."""
+    if lrp.active():  # AttnLRP's uniform rule on attention's two products (explorer_core.lrp)
+        query, key, value = lrp.divide_gradient(query, 4), lrp.divide_gradient(key, 4), lrp.divide_gradient(value, 2)
     sink = getattr(_local, "sink", None)
     if sink is not None and getattr(sink, "precision", PRECISIONS[0]) == "eager" and query.dtype in HALF:
         return _eager_forward(sink, module, query, key, value, attention_mask, scaling, kwargs), None

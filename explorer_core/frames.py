@@ -220,7 +220,11 @@ def lens_step_frame(step: StepRecord) -> pd.DataFrame:
 # sampler faced a near tie (the two best processed candidates within TORN_MARGIN of each other).
 TORN_ENTROPY = 1.0
 TORN_MARGIN = 0.10
-METHOD_NAMES = {"grad_x_input": "gradient × input", "integrated_gradients": "integrated gradients"}
+METHOD_NAMES = {
+    "grad_x_input": "gradient × input",
+    "attn_lrp": "attention-aware LRP",
+    "integrated_gradients": "integrated gradients",
+}
 
 
 def margin(step: StepRecord) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from explorer_core import charts, frames
-from explorer_core.explain import IG_STEPS, METHOD_NAMES, ExplainError, explain, top_components
+from explorer_core.explain import FAST_METHODS, IG_STEPS, METHOD_NAMES, ExplainError, explain, top_components
 from explorer_core.markup import escape_text
 from explorer_core.trace import Explanation, Trace
 
@@ -50,18 +50,26 @@ def render_explain(trace: Trace, branch: int, step: int, key: str, state_key: st
             key=f"{key}_explain_pick",
         )
         typed = st.text_input("…or type one token (or its id)", key=f"{key}_explain_typed")
+        with_ig = st.checkbox(
+            "Also integrated gradients (slower: tens of seconds to minutes on a CPU)",
+            key=f"{key}_explain_with_ig",
+            help="Gradient × input and attention-aware LRP take one backward pass each. Integrated gradients "
+            "refines its path until its scores add up to the change from the baseline.",
+        )
         ig_steps = st.number_input(
-            "Integrated gradients: steps",
+            "Integrated gradients: most gradient passes",
             4,
-            512,
+            1024,
             IG_STEPS,
             step=4,
             key=f"{key}_explain_ig_steps",
-            help="More steps cost proportionally more time and bring the completeness error down.",
+            help="Integrated gradients refines its path where the scores do not yet add up, and stops "
+            "once they do (within 4 %) or after this many passes. Each pass costs about one backward.",
         )
         go = st.form_submit_button("Explain")
     if go:
-        _run(trace, branch, step, typed.strip() or pick, int(ig_steps))
+        methods = FAST_METHODS + (("integrated_gradients",) if with_ig else ())
+        _run(trace, branch, step, typed.strip() or pick, int(ig_steps), methods)
     result = current(trace, branch, step)
     if result is not None:
         render_result(result, key)
@@ -69,7 +77,7 @@ def render_explain(trace: Trace, branch: int, step: int, key: str, state_key: st
     render_uncertainty(trace.model_copy(update={"steps": trace.path_steps(branch)}), step)
 
 
-def _run(trace: Trace, branch: int, step: int, contrast, ig_steps: int) -> None:
+def _run(trace: Trace, branch: int, step: int, contrast, ig_steps: int, methods: tuple[str, ...]) -> None:
     if contrast is None:
         st.text("Type a contrast token: this step recorded no other candidate.")
         return
@@ -78,7 +86,7 @@ def _run(trace: Trace, branch: int, step: int, contrast, ig_steps: int) -> None:
         return
     try:
         with resources.model_job(), st.spinner("Explaining: one forward for the breakdown, then the gradients…"):
-            result = explain(lm, trace, step, contrast, branch=branch, ig_steps=ig_steps)
+            result = explain(lm, trace, step, contrast, branch=branch, methods=methods, ig_steps=ig_steps)
     except (ExplainError, ValueError, RuntimeError) as exc:  # a model that does not fit, a bad token
         st.text(f"Cannot explain this step: {exc}")
         return
@@ -121,16 +129,20 @@ def render_result(e: Explanation, key: str) -> None:
         for m in e.inputs.methods
         if f"{m}_completeness_error" in checks
     ]
-    st.caption(
-        f"Integrated gradients: {e.inputs.ig_steps} steps from {e.inputs.baseline}. "
-        + "; ".join(errors)
-        + f". Took {sum(e.timing_s.values()):.1f} s."
-    )
+    notes = []
+    if "integrated_gradients" in e.inputs.methods:
+        notes.append(f"Integrated gradients: {e.inputs.ig_steps} gradient passes from {e.inputs.baseline}")
+    if "attn_lrp_sum" in checks:
+        notes.append(
+            f"attention-aware LRP's scores add up to {checks['attn_lrp_sum']:.3f} of the difference "
+            f"{e.logit_diff:.3f} (AttnLRP is not exactly conservative: the softmax keeps a share)"
+        )
+    st.caption("; ".join(notes + errors) + f". Took {sum(e.timing_s.values()):.1f} s.")
     worst = max((checks.get(f"{m}_completeness_error", 0.0) for m in e.inputs.methods), default=0.0)
     if worst > 0.05:
         st.warning(
             f"Integrated gradients' scores add up to f(input) - f(baseline) only within {worst:.0%} (aim: 5 %): "
-            "treat them as rough and raise the steps."
+            "treat them as rough and allow more gradient passes."
         )
     methods = list(e.inputs.methods)
     if methods:

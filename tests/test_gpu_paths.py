@@ -267,7 +267,7 @@ def test_attribution_runs_on_a_bfloat16_model(bf16_models):
     from explorer_core import explain
 
     ids = prompt_ids(bf16_models["llama"])
-    scores, _ = explain.attribute(bf16_models["llama"].model, ids, 10, 11, "grad_x_input")
+    scores, _, _ = explain.attribute(bf16_models["llama"].model, ids, 10, 11, "grad_x_input")
     assert len(scores) == ids.shape[1] and all(np.isfinite(scores)) and any(scores)
 
 
