@@ -31,15 +31,21 @@ def trace_with_prompt(lm, n: int):
 def one_length(lm, n: int, rounds: int) -> dict:
     trace = trace_with_prompt(lm, n)
     parts = {m: Series(m) for m in ("components", *explain.METHODS)}
-    errors = []
+    first = None
     for r in range(rounds):
-        methods = explain.METHODS if r == 0 else ("grad_x_input",)  # IG once per length: minutes at 500 on CPU
+        methods = explain.METHODS if r == 0 else explain.FAST_METHODS  # IG once per length: minutes on CPU
         e = explain.explain(lm, trace, 1, methods=methods)
         for name, seconds in e.timing_s.items():
             parts[name].values.append(seconds)
-        errors.append(e.checks.get("integrated_gradients_completeness_error"))
-        sum_error = e.checks["sum_error"]
-    return {"positions": trace.prompt_len + 1, "parts": parts, "ig_error": errors[0], "sum_error": sum_error}
+        first = first or e
+    return {
+        "positions": trace.prompt_len + 1,
+        "parts": parts,
+        "ig_error": first.checks.get("integrated_gradients_completeness_error"),
+        "ig_passes": first.inputs.ig_steps,
+        "lrp_share": first.checks["attn_lrp_sum"] / first.logit_diff,
+        "sum_error": first.checks["sum_error"],
+    }
 
 
 def varentropy_cost(vocab: int, rounds: int = 2000) -> tuple[float, float]:
@@ -64,7 +70,10 @@ def main() -> None:
     lengths = [int(x) for x in os.environ.get("BENCH_LENGTHS", "50,200,500").split(",")]
     lm = models.load()
     print(machine())
-    print(f"default model, one explained step, integrated gradients with {explain.IG_STEPS} steps\n")
+    print(
+        f"default model, one explained step; integrated gradients adaptive (at most {explain.IG_STEPS} gradient "
+        f"passes, stops when its intervals' errors add up to {explain.IG_TOLERANCE:.0%})\n"
+    )
     print("| prompt tokens | part | min s | median s | max s | rounds |")
     print("|---|---|---|---|---|---|")
     for n in lengths:
@@ -74,8 +83,8 @@ def main() -> None:
             label = explain.METHOD_NAMES.get(name, "component breakdown (one hooked forward)")
             print(f"| {n} | {label} | {lo:.2f} | {mid:.2f} | {hi:.2f} | {len(series.values)} |")
         print(
-            f"| {n} | checks | IG completeness error {res['ig_error']:.1%} | parts-sum error {res['sum_error']:.1e} "
-            "| | |"
+            f"| {n} | checks | IG completeness error {res['ig_error']:.1%} after {res['ig_passes']} passes "
+            f"| LRP sum / logit difference {res['lrp_share']:.2f} | parts-sum error {res['sum_error']:.1e} | |"
         )
     extra, entropy = varentropy_cost(lm.vocab_size)
     print(f"\nstep loop: varentropy {extra:.0f} µs per step, beside {entropy:.0f} µs for the entropies it already has")
