@@ -1,5 +1,6 @@
 """Cost of explaining one step on the default model, per part, at several prompt lengths; and the step
-loop's extra reduction for varentropy. Run: `python -m bench.explain` (BENCH_ROUNDS, BENCH_LENGTHS)."""
+loop's extra reduction for varentropy. Run: `python -m bench.explain` (BENCH_ROUNDS, BENCH_LENGTHS,
+BENCH_IG_STEPS: integrated gradients' most gradient passes, default the app's)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ TEXT = (
 )
 
 
+IG_CAP = int(os.environ.get("BENCH_IG_STEPS", explain.IG_STEPS))  # most gradient passes IG may spend here
+
+
 def trace_with_prompt(lm, n: int):
     """A two-step greedy trace whose prompt is exactly `n` tokens (plain text, no chat template)."""
     ids = lm.tokenizer(TEXT * (n // 20 + 2), add_special_tokens=False)["input_ids"][:n]
@@ -34,7 +38,7 @@ def one_length(lm, n: int, rounds: int) -> dict:
     first = None
     for r in range(rounds):
         methods = explain.METHODS if r == 0 else explain.FAST_METHODS  # IG once per length: minutes on CPU
-        e = explain.explain(lm, trace, 1, methods=methods)
+        e = explain.explain(lm, trace, 1, methods=methods, ig_steps=IG_CAP)
         for name, seconds in e.timing_s.items():
             parts[name].values.append(seconds)
         first = first or e
@@ -71,7 +75,7 @@ def main() -> None:
     lm = models.load()
     print(machine())
     print(
-        f"default model, one explained step; integrated gradients adaptive (at most {explain.IG_STEPS} gradient "
+        f"default model, one explained step; integrated gradients adaptive (at most {IG_CAP} gradient "
         f"passes, stops when its intervals' errors add up to {explain.IG_TOLERANCE:.0%})\n"
     )
     print("| prompt tokens | part | min s | median s | max s | rounds |")

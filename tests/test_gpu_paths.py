@@ -173,6 +173,29 @@ def test_eager_precision_rows_equal_eager_in_bfloat16(kind, bf16_models):
     assert eager_precision_error(bf16_models[kind], 8) <= 1e-3
 
 
+def test_eager_precision_in_chunks_keeps_the_prompt_exact(bf16_models, monkeypatch):
+    """Prefill chunks of a few queries (capture.CHUNK_BYTES shrunk): the prompt's cells and every row still
+    equal eager generate's (the causal mask eager gets is built per chunk)."""
+    lm = bf16_models["llama"]
+    heads = lm.n_heads
+    monkeypatch.setattr(capture, "CHUNK_BYTES", 4 * heads * 64 * 3)
+    assert eager_precision_error(lm, 4) <= 1e-3
+    run = run_rows(lm, 1, attention_precision="eager", repetition_penalty=1.0)
+    store, t = run.attention(), run.prompt_len
+    assert store.exact_prompt
+    before = lm.model.config._attn_implementation
+    lm.model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            want = lm.model(run.ids[:, :t], output_attentions=True, use_cache=False).attentions
+    finally:
+        lm.model.set_attn_implementation(before)
+    for layer in range(store.layers):
+        for head in range(heads):
+            got = store.prompt_cells(layer, head)
+            assert np.abs(got - want[layer][0, head].float().numpy()).max() <= 1e-3
+
+
 def test_eager_precision_is_refused_without_an_eager_function(bf16_models, monkeypatch):
     lm = bf16_models["llama"]
     monkeypatch.setattr(capture, "supports_eager", lambda model: False)
