@@ -162,7 +162,8 @@ def render_uncertainty(view: Trace, step: int) -> None:
     torn = frame.loc[frame["torn"], "step"].tolist()
     st.caption(
         f"Torn steps (raw entropy ≥ {frames.TORN_ENTROPY:g} bit and the two best processed candidates within "
-        f"{frames.TORN_MARGIN:g} of each other): {', '.join(map(str, torn)) or 'none'}. Varentropy is the "
+        f"{frames.TORN_MARGIN:g} of each other): {', '.join(map(str, torn)) or 'none'}; click one under the token "
+        "stream to branch from it. Varentropy is the "
         "variance of the raw distribution's surprisal (missing in traces made before it was recorded)."
     )
 
