@@ -354,12 +354,19 @@ def attribution_chart(frame: pd.DataFrame, top: int = 15, title: str = "Top posi
         alt.Chart(sub)
         .mark_bar()
         .encode(
-            y=alt.Y("name:N", sort=alt.EncodingSortField("rank", op="min", order="ascending"), title=None),
+            # Streamlit's theme hides overlapping labels, which dropped every other position's name:
+            # rows tall enough for its label font, and every label drawn
+            y=alt.Y(
+                "name:N",
+                sort=alt.EncodingSortField("rank", op="min", order="ascending"),
+                title=None,
+                axis=alt.Axis(labelOverlap=False),
+            ),
             x=alt.X("score:Q", title="score"),
             color=alt.condition("datum.score > 0", alt.value(CHOSEN), alt.value(OTHER)),
             tooltip=["method:N", "position:Q", "label:N", alt.Tooltip("score:Q", format=".4f")],
         )
-        .properties(width=260, height=alt.Step(14))
+        .properties(width=260, height=alt.Step(18))
         .facet(column=alt.Column("method_name:N", title=None))
         .resolve_scale(y="independent", x="independent")
         .properties(title=title)

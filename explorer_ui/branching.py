@@ -1,16 +1,19 @@
 """Branches in the app: pick another candidate at a step, continue live, keep the tree in the trace.
 
 The run itself is explorer_core's (`Run.branch`); this module holds every Streamlit part of branching:
-the path picker, the form, the live stream of a branch, settling a branch cut short by Stop, and the
-side-by-side view of each branch with its parent.
+the path picker, the torn steps under the stream (a click opens the form there), the form, the live
+stream of a branch, settling a branch cut short by Stop, and the side-by-side view of each branch with
+its parent.
 """
 
 from __future__ import annotations
 
 import streamlit as st
 
+from explorer_core import frames
 from explorer_core.attnstore import AttentionStore
 from explorer_core.config import GenerationConfig
+from explorer_core.markup import escape_text
 from explorer_core.stepper import Run
 from explorer_core.trace import Trace
 
@@ -18,6 +21,8 @@ from . import live, resources
 from .base import stream_html
 
 MAX_BRANCHES = 64  # the trace schema's limit
+BRANCH_TAB = "Branch from here"  # the step inspector's tab holding the form
+MAX_TORN_PILLS = 60  # a long sampled run can be torn hundreds of times: the rest stay on the slider
 
 
 def path_choice(trace: Trace, key: str) -> int:
@@ -49,12 +54,54 @@ def path_view(trace: Trace, attn: AttentionStore | None, branch_id: int) -> tupl
     return view, None
 
 
+def render_torn_steps(view: Trace, step: int, key: str) -> None:
+    """The path's torn steps as pills: a click inspects that step and opens the branch form at it.
+
+    `key` is the trace view's key: its step slider is `key_step`, its tabs `key_tabs`. The pill of the
+    step being inspected is lit, so the pills follow the slider and the token table too.
+    """
+    torn = [s.step for s in view.steps if frames.is_torn(s)]
+    if not torn:
+        return
+    shown = torn[:MAX_TORN_PILLS]
+    labels = {s.step: s.label for s in view.steps}
+    pills_key = key + "_torn"
+    # set before the widget is drawn (Streamlit allows it then): the lit pill is always the inspected step
+    st.session_state[pills_key] = step if step in shown else None
+    st.pills(
+        f"Torn steps: the model hesitated between its two best candidates. Click one to branch from it"
+        f"{f' (the first {len(shown)} of {len(torn)})' if len(torn) > len(shown) else ''}.",
+        shown,
+        # pill labels are Markdown: the token text is escaped, and cut so a long token keeps its pill short
+        format_func=lambda i: f"{i} · {escape_text(labels[i][:24])}",
+        key=pills_key,
+        on_change=_open_branch_form,
+        args=(key, step),
+        help=f"Raw entropy ≥ {frames.TORN_ENTROPY:g} bit and the two best processed candidates within "
+        f"{frames.TORN_MARGIN:g} of each other; these tokens are underlined with dots in the stream above.",
+    )
+
+
+def _open_branch_form(key: str, inspected: int) -> None:
+    """Pills callback: inspect the clicked step and open the branch tab (runs before the script does)."""
+    picked = st.session_state.get(key + "_torn")
+    # a click on the lit pill unselects it: that is a click on the step already inspected
+    st.session_state[key + "_step"] = inspected if picked is None else int(picked)
+    st.session_state[key + "_tabs"] = BRANCH_TAB
+
+
 def render_branch_form(trace: Trace, parent_id: int, step: int, state_key: str, live_run: Run | None) -> None:
     """Pick another candidate at this step (or type a token) and continue from there."""
     s = trace.path_steps(parent_id)[step]
     # the most likely other candidates first; the token actually taken last
     options = [i for i in dict.fromkeys(s.top_proc.ids + s.top_raw.ids) if i != s.token_id] + [s.token_id]
     labels = {**dict(zip(s.top_raw.ids, s.top_raw.labels)), **dict(zip(s.top_proc.ids, s.top_proc.labels))}
+    where = "the main run" if parent_id == 0 else f"branch {parent_id}"
+    st.caption(
+        f"Branch from step {step} of {where}: it took the token below. Pick another candidate (or type one) "
+        "and the model continues from there with the same settings."
+    )
+    st.code(s.label, language=None)  # token text is untrusted: never through Markdown
     with st.form(key=f"{state_key}_branch_form"):
         pick = st.selectbox(
             "Candidate",

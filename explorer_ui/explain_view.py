@@ -119,6 +119,18 @@ def score_stream_html(labels: list[str], scores: list[float]) -> str:
 
 
 def render_result(e: Explanation, key: str) -> None:
+    """One explanation: its checks and input attribution, then the component breakdown, each in a keyed container
+    (`st-key-<key>_explain_inputs`, `..._components`) that the browser test photographs for the README."""
+    with st.container(key=f"{key}_explain_inputs"):
+        _render_checks(e)
+        if e.inputs.methods:
+            _render_inputs(e, key)
+    with st.container(key=f"{key}_explain_components"):
+        _render_components(e)
+
+
+def _render_checks(e: Explanation) -> None:
+    """The logit difference against the sum of its parts, and how complete each attribution method is."""
     checks = e.checks
     st.text(
         f"Step {e.step}: {e.target.label!r} over {e.contrast.label!r}: logit difference {e.logit_diff:.4f}; "
@@ -144,17 +156,23 @@ def render_result(e: Explanation, key: str) -> None:
             f"Integrated gradients' scores add up to f(input) - f(baseline) only within {worst:.0%} (aim: 5 %): "
             "treat them as rough and allow more gradient passes."
         )
-    methods = list(e.inputs.methods)
-    if methods:
-        method = st.radio(
-            "Shade the tokens by",
-            methods,
-            format_func=lambda m: METHOD_NAMES.get(m, m),
-            horizontal=True,
-            key=f"{key}_explain_method",
-        )
-        st.html(score_stream_html(e.inputs.labels, e.inputs.methods[method]))
-        st.altair_chart(charts.attribution_chart(frames.attribution_frame(e)), width="content")
+
+
+def _render_inputs(e: Explanation, key: str) -> None:
+    """Input attribution: the tokens shaded by one method's scores, and each method's top positions."""
+    method = st.radio(
+        "Shade the tokens by",
+        list(e.inputs.methods),
+        format_func=lambda m: METHOD_NAMES.get(m, m),
+        horizontal=True,
+        key=f"{key}_explain_method",
+    )
+    st.html(score_stream_html(e.inputs.labels, e.inputs.methods[method]))
+    st.altair_chart(charts.attribution_chart(frames.attribution_frame(e)), width="content")
+
+
+def _render_components(e: Explanation) -> None:
+    """The logit difference split into the embedding, each head and each MLP: top 10 and the full heatmap."""
     left, right = st.columns([1, 2])
     left.caption("Top 10 components (share of the logit difference)")
     left.dataframe(
@@ -174,7 +192,8 @@ def render_uncertainty(view: Trace, step: int) -> None:
     torn = frame.loc[frame["torn"], "step"].tolist()
     st.caption(
         f"Torn steps (raw entropy ≥ {frames.TORN_ENTROPY:g} bit and the two best processed candidates within "
-        f"{frames.TORN_MARGIN:g} of each other): {', '.join(map(str, torn)) or 'none'}. Varentropy is the "
+        f"{frames.TORN_MARGIN:g} of each other): {', '.join(map(str, torn)) or 'none'}; click one under the token "
+        "stream to branch from it. Varentropy is the "
         "variance of the raw distribution's surprisal (missing in traces made before it was recorded)."
     )
 

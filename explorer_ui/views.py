@@ -181,7 +181,7 @@ def _no_file(trace: Trace):
     return trace.attention.model_copy(update={"file": None}) if trace.attention else None
 
 
-TABS = ["Candidates", "Attention", "Which rule?", "Logit lens", "Branch from here", "Why this token?"]
+TABS = ["Candidates", "Attention", "Which rule?", "Logit lens", branching.BRANCH_TAB, "Why this token?"]
 
 
 def render_trace(source: str | tuple[Trace, AttentionStore | None], key: str, live_run=None) -> None:
@@ -204,8 +204,12 @@ def render_trace(source: str | tuple[Trace, AttentionStore | None], key: str, li
     render_summary(view)
     st.subheader("Output")
     render_stream(view.steps)
+    torn_box = st.container()  # under the stream, filled once the step is known (its pill is lit)
     st.subheader("Inspect a step")
     step = pick_step(view, key + "_step")
+    if state_key is not None:  # only a trace kept in the session can branch
+        with torn_box:
+            branching.render_torn_steps(view, step, key)
     token_table(view, key + "_step")
     # keyed and tracked, so the open tab survives the rerun that follows a new branch
     tabs = st.tabs(TABS, key=key + "_tabs", on_change="rerun")

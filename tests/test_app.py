@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from explorer_core import tracefile
+from explorer_core import frames, tracefile
 from explorer_core.config import GenerationConfig
+from explorer_core.markup import escape_text
 from explorer_core.stepper import Run
 from tests.apphelp import chart_titles, charts, start, use_model
 
@@ -329,3 +330,71 @@ def test_a_new_run_removes_the_previous_runs_recording(tiny_llama_dir):
     assert not at.exception, at.exception
     second = at.session_state["gen_trace"][1].path
     assert second != first and second.exists() and not first.parent.exists()
+
+
+def _click_torn_step(at, key: str) -> int:
+    """Click the last torn step's pill under the stream; the step inspector and the branch form follow it."""
+    trace, _ = at.session_state[f"{key}_trace" if key == "gen" else "viewer_trace"]
+    torn = [s.step for s in trace.steps if frames.is_torn(s)]
+    assert len(torn) >= 2, "the tiny model is torn almost everywhere: this run should have torn steps"
+    pills = at.pills(key=f"{key}_torn")
+    assert pills.options[: len(torn)] == [f"{i} · {escape_text(trace.steps[i].label[:24])}" for i in torn]
+    pills.set_value(torn[-1]).run()
+    assert not at.exception, at.exception
+    return torn[-1]
+
+
+def _branch_form_is_at(at, key: str, state_key: str, step: int) -> None:
+    trace, _ = at.session_state[state_key]
+    s = trace.steps[step]
+    assert at.slider(key=f"{key}_step").value == step
+    assert at.session_state[f"{key}_tabs"] == "Branch from here"
+    assert at.pills(key=f"{key}_torn").value == step  # the inspected step's pill is lit
+    assert any(c.value.startswith(f"Branch from step {step} of the main run") for c in at.caption)
+    # the form offers this step's candidates, the token it took last
+    assert at.selectbox(key=f"{state_key}_branch_pick").options[-1].startswith(f"{s.label}  (id {s.token_id})")
+
+
+def test_torn_step_opens_the_branch_form_live(tiny_llama_dir):
+    """Generate page: a click on a torn step inspects it, opens 'Branch from here' there, and branching
+    from the form splits the run at that step."""
+    at = use_model(start(), tiny_llama_dir, max_new_tokens=6, min_new_tokens=6, seed=3)
+    at.button(key="gen_generate").click().run()
+    step = _click_torn_step(at, "gen")
+    _branch_form_is_at(at, "gen", "gen_trace", step)
+    at.button(key="FormSubmitter:gen_trace_branch_form-Continue from here").click().run()
+    assert not at.exception, at.exception
+    assert [b.at_step for b in at.session_state["gen_trace"][0].branches] == [step]
+    # elsewhere and back: a click on the lit pill (which unselects it) opens the form at that step again
+    at.session_state["gen_tabs"] = "Candidates"
+    at.run()
+    at.pills(key="gen_torn").set_value(None).run()
+    _branch_form_is_at(at, "gen", "gen_trace", step)
+
+
+def test_torn_step_opens_the_branch_form_in_the_viewer(generated):
+    at = generated
+    trace, attn = at.session_state["gen_trace"]
+    from explorer_ui.views import archive_bytes
+
+    at.switch_page("pages/viewer.py").run()
+    at.radio(key="viewer_source").set_value("Upload").run()
+    at.file_uploader(key="viewer_upload").set_value(("trace.zip", archive_bytes(trace, attn), "application/zip")).run()
+    step = _click_torn_step(at, "viewer")
+    _branch_form_is_at(at, "viewer", "viewer_trace", step)
+    at.button(key="FormSubmitter:viewer_trace_branch_form-Continue from here").click().run()
+    assert not at.exception, at.exception
+    assert [b.at_step for b in at.session_state["viewer_trace"][0].branches] == [step]
+
+
+def test_torn_pills_are_capped(tiny_llama_dir):
+    """A long run torn at most steps shows the first MAX_TORN_PILLS and says how many there are."""
+    from explorer_ui.branching import MAX_TORN_PILLS
+
+    at = use_model(start(), tiny_llama_dir, max_new_tokens=90, min_new_tokens=90, seed=3)
+    at.button(key="gen_generate").click().run()
+    assert not at.exception, at.exception
+    torn = sum(frames.is_torn(s) for s in at.session_state["gen_trace"][0].steps)
+    assert torn > MAX_TORN_PILLS, "the tiny model is torn almost everywhere"
+    pills = at.pills(key="gen_torn")
+    assert len(pills.options) == MAX_TORN_PILLS and f"(the first {MAX_TORN_PILLS} of {torn})" in pills.label

@@ -2,8 +2,9 @@
 
 Generates on the embedded default model, checks that tokens and charts render with no exception box and
 no chart wider than its container, that the raw top-k axis labels every candidate, that downloads all
-arrive, that the HTML export downloaded from the app draws every chart; stops a long run mid-way, and
-saves a screenshot of each page under docs/ for the README.
+arrive, that the HTML export downloaded from the app draws every chart; clicks a torn step and sees the
+branch form open there; explains a step against two contrast tokens; stops a long run mid-way, and saves a
+screenshot of each page under docs/ for the README.
 """
 
 from __future__ import annotations
@@ -178,6 +179,88 @@ def test_generate_renders_tokens_and_charts(page, tmp_path):
     topk_labels_complete(page, json.loads(paths[0].read_text())["steps"][0])
 
 
+def torn_pills(pg, key: str) -> dict[int, object]:
+    """The torn steps' pills under the token stream, by step ("16 · ␣tiny" is step 16's)."""
+    pills = pg.locator(f".st-key-{key}_torn button[role='radio']")
+    return {int(pills.nth(i).inner_text().split(" · ")[0]): pills.nth(i) for i in range(pills.count())}
+
+
+def click_torn_step(pg, key: str, step: int | None = None) -> int:
+    """Click a torn step's pill (the second one unless told) and check that the step inspector moved to it
+    and 'Branch from here' opened there."""
+    pills = torn_pills(pg, key)
+    assert len(pills) >= 2, pills
+    step = list(pills)[1] if step is None else step
+    pills[step].click()
+    pg.get_by_text(f"Branch from step {step} of the main run").wait_for()
+    wait_idle(pg)
+    no_exception(pg)
+    assert pg.get_by_role("tab", name="Branch from here").get_attribute("aria-selected") == "true"
+    assert pg.locator(f".st-key-{key}_step [data-testid='stSliderThumbValue']").inner_text() == str(step)
+    assert pills[step].get_attribute("aria-checked") == "true", "the inspected step's pill is lit"
+    return step
+
+
+def test_torn_step_opens_the_branch_form(page):
+    """Generate page: a click on a torn step under the stream inspects it and opens the branch form there."""
+    click_torn_step(page, "gen")
+
+
+def explained_line(pg) -> str:
+    line = pg.locator("[data-testid='stText']").filter(has_text="logit difference")
+    return line.first.inner_text() if line.count() else ""
+
+
+def attribution_scores(pg) -> list[str]:
+    """The shaded stream's scores, as its tooltips show them."""
+    spans = pg.locator(".st-key-gen_explain_inputs span[title^='position ']")
+    return [spans.nth(i).get_attribute("title").rsplit("score ", 1)[1] for i in range(spans.count())]
+
+
+def press_explain(pg, before: str) -> str:
+    pg.get_by_role("button", name="Explain", exact=True).click()
+    pg.wait_for_function(
+        """before => Array.from(document.querySelectorAll("[data-testid='stText']"))
+            .some(e => e.textContent.includes('logit difference') && e.textContent !== before)""",
+        arg=before,
+        timeout=300_000,
+    )
+    wait_idle(pg)
+    no_exception(pg)
+    return explained_line(pg)
+
+
+def test_explain_screenshots(page):
+    """'Why this token?' on a torn step of the default run: the shaded stream and top positions, the heads x
+    layers breakdown; another contrast token gives other numbers."""
+    step = min(torn_pills(page, "gen"))
+    click_torn_step(page, "gen", step)
+    page.get_by_role("tab", name="Why this token?").click()
+    first = press_explain(page, "")
+    assert first.startswith(f"Step {step}:"), first
+    scores = attribution_scores(page)
+    assert scores and any(float(v) != 0 for v in scores)
+    # every bar of the top positions is named (none hidden for overlapping its neighbour)
+    bars = [b for b in charts_fit(page) if "score" in b["titles"]]
+    assert bars and len([t for t in bars[0]["labels"] if ": " in t]) == 2 * min(15, len(scores)), bars
+    inputs = page.locator(".st-key-gen_explain_inputs")
+    inputs.scroll_into_view_if_needed()
+    inputs.screenshot(path=str(DOCS / "explain.png"))
+    page.locator(".st-key-gen_explain_components").screenshot(path=str(DOCS / "explain_components.png"))
+    pick = page.locator(".st-key-gen_explain_pick")
+    pick.scroll_into_view_if_needed()  # a click that has to scroll first left the list closed
+    page.wait_for_timeout(500)
+    pick.click()
+    page.get_by_role("option").nth(1).click()  # the best other candidate is picked by default: take the next
+    second = press_explain(page, first)
+    # another contrast: another logit difference, other scores on the same positions
+    assert second.split(" over ")[1] != first.split(" over ")[1], (first, second)
+    number = re.compile(r"logit difference (-?[\d.]+)")
+    assert number.search(first)[1] != number.search(second)[1], (first, second)
+    again = attribution_scores(page)
+    assert len(again) == len(scores) and again != scores
+
+
 def test_out_of_range_number_is_refused_in_words(page):
     page.get_by_text("Length and stopping").click()
     set_number(page, "max new tokens", 100000)
@@ -237,7 +320,8 @@ def test_viewer_heads_and_compare_pages(page, server):
 
 
 def test_beyond_the_basics_screenshots(page, tmp_path):
-    """Which rule, logit lens, a branch, the replay check and the HTML export, on a shipped example."""
+    """Which rule, logit lens, a branch from a torn step, the replay check and the HTML export, on a shipped
+    example."""
     page.get_by_role("link", name="Trace viewer").click()
     page.get_by_text("Inspect a step").wait_for()
     page.locator(".st-key-viewer_example").click()
@@ -254,10 +338,9 @@ def test_beyond_the_basics_screenshots(page, tmp_path):
     wait_idle(page)
     assert page.locator("[data-testid='stTabs'] [data-testid='stVegaLiteChart']").count() >= 2
     tabs.screenshot(path=str(DOCS / "lens.png"))
-    page.get_by_role("tab", name="Branch from here").click()
-    wait_idle(page)
+    step = click_torn_step(page, "viewer")  # a torn step's pill opens "Branch from here" at that step
     page.get_by_role("button", name="Continue from here").click()
-    page.get_by_text("Branch 1 splits from the main run").wait_for(timeout=180_000)
+    page.get_by_text(f"Branch 1 splits from the main run at step {step}").wait_for(timeout=180_000)
     wait_idle(page)
     no_exception(page)
     # the tab the user was on stays open after the branch
