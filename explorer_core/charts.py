@@ -367,7 +367,7 @@ def attribution_chart(frame: pd.DataFrame, top: int = 15, title: str = "Top posi
             tooltip=["method:N", "position:Q", "label:N", alt.Tooltip("score:Q", format=".4f")],
         )
         .properties(width=260, height=alt.Step(18))
-        .facet(column=alt.Column("method_name:N", title=None))
+        .facet(column=alt.Column("method_name:N", title=None, sort=list(dict.fromkeys(sub["method_name"]))))
         .resolve_scale(y="independent", x="independent")
         .properties(title=title)
     )

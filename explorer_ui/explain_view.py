@@ -146,7 +146,7 @@ def _render_checks(e: Explanation) -> None:
         notes.append(f"Integrated gradients: {e.inputs.ig_steps} gradient passes from {e.inputs.baseline}")
     if "attn_lrp_sum" in checks:
         notes.append(
-            f"attention-aware LRP's scores add up to {checks['attn_lrp_sum']:.3f} of the difference "
+            f"attention-aware LRP's scores add up to {checks['attn_lrp_sum']:.3f} against the logit difference "
             f"{e.logit_diff:.3f} (AttnLRP is not exactly conservative: the softmax keeps a share)"
         )
     st.caption("; ".join(notes + errors) + f". Took {sum(e.timing_s.values()):.1f} s.")
