@@ -27,14 +27,19 @@ else:
         resources.limits(),
     )
 
+# The model's load notice and the live run go in one slot that every run draws (empty when not generating),
+# so the views below keep their places: an element added or removed above st.tabs remounts it, and a
+# remounted tab bar could miss the switch to "Branch from here" asked for by a click on a torn step.
+live_slot = st.container()
 if go and config is not None:
-    lm = resources.get_model(config.model, config.dtype, config.device, config.device_map)
-    if lm is not None:
-        try:
-            live.generate_live(lm, config, RUN, TRACE, keep_live=True)
-        except ValueError as exc:
-            st.error("Could not start the run")
-            st.text(str(exc))
+    with live_slot:
+        lm = resources.get_model(config.model, config.dtype, config.device, config.device_map)
+        if lm is not None:
+            try:
+                live.generate_live(lm, config, RUN, TRACE, keep_live=True)
+            except ValueError as exc:
+                st.error("Could not start the run")
+                st.text(str(exc))
 
 if TRACE in st.session_state:
     if st.session_state[TRACE][0].stop_reason == "interrupted":
