@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -344,14 +345,50 @@ def attribute(
     f = logit_diff_fn(model, target, other)
     with torch.no_grad():
         embeds = model.get_input_embeddings()(input_ids).float()  # (1, T, d)
-    if method == "grad_x_input":
-        from captum.attr import InputXGradient
+    with recomputed_blocks(find_parts(model).blocks):
+        if method == "grad_x_input":
+            from captum.attr import InputXGradient
 
-        with torch.enable_grad():
-            attr = InputXGradient(f).attribute(embeds.clone().requires_grad_(True))  # (1, T, d)
-        return attr[0].sum(-1).tolist(), None
-    attr, error = integrated_gradients(f, embeds, baseline_embeds(model, input_ids), ig_steps)
+            with torch.enable_grad():
+                attr = InputXGradient(f).attribute(embeds.clone().requires_grad_(True))  # (1, T, d)
+            return attr[0].sum(-1).tolist(), None
+        attr, error = integrated_gradients(f, embeds, baseline_embeds(model, input_ids), ig_steps)
     return attr[0].sum(-1).tolist(), error
+
+
+@contextmanager
+def recomputed_blocks(blocks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Backward passes through `blocks` recompute each block's activations instead of keeping them.
+
+    Kept, they cost about 0.9 MB per position and batch row on the default model (30 blocks): explaining
+    a step of a 1,012-token prompt took the hosted app from 1.3 GB to 3.8 GB, past a 2.7 GB host. With
+    torch.utils.checkpoint only each block's input stays (and one block's activations during its
+    backward), for one more forward per backward. Gradients are the same numbers: the recomputation
+    runs the same kernels on the same inputs. The model is shared by every session: only calls from
+    this thread with gradients on are checkpointed, and each block's own forward comes back afterwards
+    (accelerate's hooks, kept on the instance, included).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    owner = threading.get_ident()
+    saved = [block.__dict__.get("forward") for block in blocks]
+    for block in blocks:
+        original = block.forward
+
+        def forward(*args, _original=original, **kwargs):
+            if threading.get_ident() != owner or not torch.is_grad_enabled():
+                return _original(*args, **kwargs)
+            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+    try:
+        yield
+    finally:
+        for block, before in zip(blocks, saved):
+            if before is None:
+                del block.forward  # the class's forward again
+            else:
+                block.forward = before
 
 
 def top_components(comps: Components, n: int = 10) -> list[tuple[str, float]]:
