@@ -100,9 +100,17 @@ class AttentionWriter:
         self._fh.write(b"\0" * (8 + self.header_room))  # no valid header until finish(): a killed run is refused
 
     def write_prompt(self, cells, edges: np.ndarray) -> None:
-        """cells: (layers, heads, B, B) pooled prompt attention (numpy or torch); edges: (B+1,) positions."""
+        """cells: (layers, heads, B, B) pooled prompt attention (numpy or torch); edges: (B+1,) positions.
+
+        Converted to the file's dtype one layer at a time: a whole float16 copy of the cells (tens of MB
+        at the default budget) would sit beside the float32 sums at the run's peak."""
         s = self.shape
-        self._put("prompt_bins", _as(cells, s.dtype), (s.layers, s.heads, s.bins, s.bins))
+        if tuple(cells.shape) != (s.layers, s.heads, s.bins, s.bins):
+            raise ValueError(
+                f"attention prompt_bins has shape {tuple(cells.shape)}; expected {(s.layers, s.heads, s.bins, s.bins)}"
+            )
+        parts = (_as(cells[i], s.dtype) for i in range(s.layers))
+        self._put_parts("prompt_bins", parts, (s.layers, s.heads, s.bins, s.bins), DTYPES[s.dtype][0])
         self._put("prompt_edges", np.ascontiguousarray(edges, dtype=np.int64), (s.bins + 1,))
 
     def write_row(self, row) -> None:
@@ -119,9 +127,16 @@ class AttentionWriter:
         if arr.shape != shape:
             raise ValueError(f"attention {name} has shape {arr.shape}; expected {shape}")
         code = "I64" if arr.dtype == np.int64 else DTYPES[self.shape.dtype][0]
-        self._fh.write(memoryview(arr).cast("B"))  # contiguous: written from the array itself, no bytes copy
-        self.index[name] = {"dtype": code, "shape": list(shape), "data_offsets": [self.end, self.end + arr.nbytes]}
-        self.end += arr.nbytes
+        self._put_parts(name, [arr], shape, code)
+
+    def _put_parts(self, name: str, parts, shape: tuple[int, ...], code: str) -> None:
+        """One tensor written from consecutive contiguous pieces (in order), none copied to bytes."""
+        size = 0
+        for arr in parts:
+            self._fh.write(memoryview(arr).cast("B"))
+            size += arr.nbytes
+        self.index[name] = {"dtype": code, "shape": list(shape), "data_offsets": [self.end, self.end + size]}
+        self.end += size
 
     def metadata(self) -> dict[str, str]:
         s = self.shape

@@ -84,7 +84,7 @@ class AttentionRecorder:
     def end_prefill(self) -> None:
         """Turn the cell sums into means over each cell's query-key pairs and write them."""
         sizes = torch.from_numpy(np.diff(self.edges)).float()  # (B,)
-        means = self._cells / (sizes[:, None] * sizes[None, :])
+        means = self._cells.div_(sizes[:, None] * sizes[None, :])  # in place: a copy was a second set of cells
         self.writer.write_prompt(means, self.edges)
         self._cells, self._prefill_len = None, 0
 
