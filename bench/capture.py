@@ -6,7 +6,7 @@ turn (bench.common.interleave) and compared with `model.generate` on sdpa withou
 - the explorer, capture on (sdpa runs the model, rows recomputed from each layer's q and K);
 - in bfloat16 also the explorer with attention_precision=eager (the model's own eager function).
 
-    python -m bench.capture            # BENCH_ROUNDS (default 5), BENCH_CAPTURE_SIZES
+    python -m bench.capture            # BENCH_ROUNDS (default 5), BENCH_CAPTURE_SIZES, BENCH_CAPTURE_DTYPES
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .common import ROUNDS, interleave, machine
 from .longctx import prompt_text
 
 SIZES = [int(x) for x in os.environ.get("BENCH_CAPTURE_SIZES", "128,512,1024").split(",")]
+DTYPES = os.environ.get("BENCH_CAPTURE_DTYPES", "float32,bfloat16").split(",")
 NEW = 32
 
 
@@ -76,7 +77,7 @@ def contenders(lm, ids: list[int], text: str) -> dict:
 
 def main() -> None:
     print(machine())
-    for dtype in ("float32", "bfloat16"):
+    for dtype in DTYPES:
         lm = models.load(dtype=dtype, device="cpu")
         print(f"\n**{dtype}**, default model, {NEW} new tokens, greedy (seconds; ratio = median time / generate's)\n")
         print("| prompt tokens | what | min s | median s | max s | ratio to generate |")
