@@ -33,7 +33,7 @@ from .trace import Components, Explanation, InputScores, StepRecord, TokenRef, T
 
 METHODS = ("grad_x_input", "integrated_gradients")
 IG_STEPS = 32  # Gauss-Legendre nodes; see bench/explain.py for the completeness error at this count
-IG_TOKENS_PER_BATCH = 2048  # interpolation points x positions per backward pass: bounds memory at long prompts
+IG_TOKENS_PER_BATCH = 1024  # interpolation points x positions per backward pass: bounds memory (recomputed_blocks)
 # IG's baseline: zero token embeddings at every position but the first. Models park attention on the first
 # token, and moving it made the path too rough to integrate; a filler token (EOS) instead of zeros gave a
 # rough path too (measured on the default model). RMSNorm turns the start of the zero path into a steep
