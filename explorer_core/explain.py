@@ -38,9 +38,7 @@ IG_STEPS = 256  # most gradient evaluations one explanation may spend (the adapt
 IG_TOLERANCE = 0.04  # stop refining when the intervals' errors add up to 4 % of f(x) - f(base)
 IG_PIECES = 8  # intervals of the path parameter to start with, two gradient evaluations each
 IG_SPLITS_PER_ROUND = 8  # intervals halved per round: batches the new gradients
-IG_TOKENS_PER_BATCH = (
-    1024  # interpolation points x positions per backward pass: bounds memory at long prompts (see recomputed_blocks)
-)
+IG_TOKENS_PER_BATCH = 1024  # interpolation points x positions per backward pass: bounds memory (recomputed_blocks)
 # IG's baseline: zero token embeddings at every position but the first. Models park attention on the first
 # token, and moving it made the path too rough to integrate; a filler token (EOS) instead of zeros gave a
 # rough path too (measured on the default model). RMSNorm turns the start of the zero path into a steep

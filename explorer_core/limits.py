@@ -120,20 +120,27 @@ class Limits:
 @dataclass(frozen=True)
 class AttentionCost:
     disk_mb: float  # the companion at max_new_tokens steps
-    memory_mb: float  # held while recording: pooled prompt cells, one chunk of weights, one pending row
+    memory_mb: float  # what recording adds to a run's memory (the KV cache is planned apart, in plan.py)
     prompt_cells: int  # cells per axis of the prompt's pooled attention (= prompt tokens when exact)
 
 
 def attention_cost(
     prompt_tokens: int, new_tokens: int, layers: int, heads: int, prompt_budget_bytes: int = 40 * 2**20
 ) -> AttentionCost:
-    """What recording a run's attention will take, computed from its shape before it starts."""
+    """What recording a run's attention will take, computed from its shape before it starts.
+
+    Memory: the float32 cell sums of the prompt (held through the prefill), the pending row and its host
+    copy, and four prefill chunks of float32 scores. A chunk holds the scores of as many queries as fit
+    capture.CHUNK_BYTES (a short prompt's all fit in one smaller chunk); four of them cover the scores,
+    their softmax and the pages the allocator keeps between chunks: measured on the default model at
+    247 to 1,877 prompt tokens (bench/attnmem.py, RELIABILITY.md), recording added 0.94 to 1.04 times this.
+    """
     from .attnstore import Shape, file_bytes, prompt_layout
     from .capture import CHUNK_BYTES
 
     t, n = prompt_tokens, new_tokens
     cells = len(prompt_layout(prompt_budget_bytes, layers, heads, t)[1]) - 1
     disk = file_bytes(Shape(layers, heads, t, cells), n)
-    # float32 cell sums, the pending row and its copy, and a prefill chunk's scores, weights and pooled sums
-    memory = 4 * layers * heads * (cells * cells + 2 * (t + n)) + 3 * CHUNK_BYTES
+    queries = max(1, min(t, CHUNK_BYTES // (4 * heads * t)))  # per chunk, as capture.attention_weights cuts them
+    memory = 4 * layers * heads * (cells * cells + 2 * (t + n)) + 4 * (4 * heads * queries * t)
     return AttentionCost(disk / 2**20, memory / 2**20, cells)

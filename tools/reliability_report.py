@@ -1,5 +1,9 @@
 """Write RELIABILITY.md: every hostile trace file tried and what the loader said, from a live run of the
-corpus in tests/corpus.py, followed by the other faults and the tests that check them."""
+corpus in tests/corpus.py, followed by the other faults and the tests that check them.
+
+Sections that take minutes to measure are written by their own tools and kept here as they are
+(HAND_RUN): the hosted walkthrough and the attention memory table.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,14 @@ from pathlib import Path
 
 from explorer_core import trace as trace_io
 from tests import corpus
-from tools import bounded_cost
+from tools import bounded_cost, mdsections
 
 ROOT = Path(__file__).resolve().parents[1]
+# heading -> the command that writes it; kept from the file as it was when this report is regenerated
+HAND_RUN = {
+    "Attention memory estimate vs measured": "python -m bench.attnmem --write",
+    "Hosted walkthrough": "make hosted-walkthrough",
+}
 
 OTHER_FAULTS = """
 ## Other faults
@@ -71,8 +80,18 @@ def main() -> None:
             outcome = str(exc).replace("|", "\\|")
         lines.append(f"| {name} | {len(data):,} B | {outcome} |")
     text = "\n".join(lines) + "\n" + OTHER_FAULTS + "\n" + bounded_cost.table()
-    (ROOT / "RELIABILITY.md").write_text(text, encoding="utf-8")
+    path = ROOT / "RELIABILITY.md"
+    path.write_text(keep_hand_run(text, path.read_text(encoding="utf-8") if path.exists() else ""), encoding="utf-8")
     print("wrote RELIABILITY.md")
+
+
+def keep_hand_run(text: str, old: str) -> str:
+    """The regenerated `text` with the hand-run sections of the `old` file appended, as they were."""
+    for heading in HAND_RUN:
+        section = mdsections.get(old, heading)
+        if section is not None:
+            text = mdsections.replace(text, heading, section)
+    return text
 
 
 if __name__ == "__main__":
