@@ -7,6 +7,9 @@ tensors the layer used (rotary embeddings applied, the cache's keys included), o
 - a prefill yields its rows in query chunks, (heads, chunk, keys), so no layer's full T×T matrix
   and never every layer at once is held; a `Sink` decides what to keep of each chunk.
 
+With attention_precision=eager a half-precision run takes the model's own eager function instead,
+output and weights both (eager_weights), to match tools that read `output_attentions`.
+
 The function is registered once under `IMPLEMENTATION` and a model is switched to it at load.
 Without an active sink (capture off, another thread, another run) it is plain sdpa, so a model
 shared by every session of the app pays nothing when nobody records. The sink is thread-local
@@ -116,7 +119,8 @@ def attention_weights(
     rounds the scores to bfloat16 before the softmax (in steps of 0.125 for scores between 16 and 32) and the weights
     after it. Measured on the default model in bfloat16 (tests/test_gpu_paths.py): these weights times V
     rebuild each layer's sdpa output to 0.0034 of its largest value, eager's weights only to 0.016, and
-    rounding these to bfloat16 makes it worse (0.005); so eager's bfloat16 weights are not the reference.
+    rounding these to bfloat16 makes it worse (0.005); so eager's bfloat16 weights are not the default.
+    A run asks for them with attention_precision=eager (see eager_weights).
     """
     _, heads, q_len, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
