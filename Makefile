@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install install-dev run cli test lint bench examples screenshots schema clean
+.PHONY: install install-dev run cli test lint bench examples screenshots schema hosted-walkthrough clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -44,6 +44,12 @@ lint: install-dev
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) -m bench.run_all
+
+# A new visitor's walk through the app with EXPLORER_HOSTED=1 in Chromium, the server's memory measured
+# after each action (about 20 minutes on 2 cores). ARGS="--write --out shots" records the table in
+# RELIABILITY.md and keeps the screenshots.
+hosted-walkthrough: install-dev
+	HF_HUB_OFFLINE=1 $(PY) -m tools.hosted_walkthrough $(ARGS)
 
 examples: install
 	$(PY) -m tools.make_examples

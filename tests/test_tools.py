@@ -3,6 +3,8 @@ attention memory estimate's formula (pinned on a small case; no memory is measur
 
 from __future__ import annotations
 
+import re
+
 from explorer_core.limits import attention_cost
 from tools import mdsections
 
@@ -29,6 +31,16 @@ def test_reliability_report_keeps_the_hand_run_sections():
     assert text.startswith(regenerated.rstrip()) and text.count(f"## {heading}") == 1
     assert mdsections.get(text, heading).strip() == f"## {heading}\n\nmeasured by hand"
     assert keep_hand_run(regenerated, "") == regenerated  # nothing to keep: nothing added
+
+
+def test_walkthrough_table_names_failures_in_one_cell():
+    from tools.hosted_walkthrough import Row, table
+
+    rows = [Row("open the app", 1.25, 476.2, 480.0, 490.4), Row("upload", 2.0, 500, 510, 520, ["bad | file"])]
+    lines = table(rows).splitlines()
+    assert lines[2] == "| open the app | 1.2 | 476 MB | 480 MB | 490 MB |"
+    assert lines[3].startswith("| upload — **failed**: bad \\| file | 2.0 |")
+    assert all(len(re.findall(r"(?<!\\)\|", line)) == 6 for line in lines[2:])  # five cells in every row
 
 
 def test_attention_memory_estimate_formula():
