@@ -296,6 +296,14 @@ def reload_trace(w: Walk, zip_path: Path, prompt_tokens: int) -> None:
         w.idle()
 
 
+def scrolled_to(pg, text: str):
+    """The page scrolled so that `text` is in view: charts far below the fold come out blank in an element
+    screenshot, so a tall view is photographed where its charts are."""
+    pg.get_by_text(text).first.scroll_into_view_if_needed()
+    pg.wait_for_timeout(1500)
+    return pg
+
+
 def inspect_views(w: Walk, ig_steps: int) -> None:
     """Every tab of the step inspector on the reloaded trace, then the expanders and the HTML export."""
     pg = w.page
@@ -320,7 +328,7 @@ def inspect_views(w: Walk, ig_steps: int) -> None:
         w.idle()
         pg.get_by_text("Branch 1 splits from the main run").scroll_into_view_if_needed()
     what = f"integrated gradients too, at most {ig_steps} passes" if ig_steps else "the two fast attributions"
-    with w.action(f"Why this token? Explain step 0 ({what})", shot=lambda: pg.get_by_role("tabpanel")):
+    with w.action(f"Why this token? Explain step 0 ({what})", shot=lambda: scrolled_to(pg, "Top 10 components")):
         tab(w, "Why this token?")
         if ig_steps:  # no Enter: inside the form it would submit at once; the button takes the typed value
             pg.get_by_text("Also integrated gradients", exact=False).click()
@@ -402,7 +410,7 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {gpu}, {total:.0f} GiB of memory, torch {torch.__version__}"
 
 
-def section(rows: list[Row], prompt_tokens: int, new_tokens: int, ig_steps: int) -> str:
+def section(rows: list[Row], prompt_tokens: int, new_tokens: int, ig_steps: int, loads: tuple[float, float]) -> str:
     peak = max(r.hwm_mb for r in rows)
     verdict = "within" if peak <= CLOUD_MB else "**over**"
     return (
@@ -416,8 +424,9 @@ def section(rows: list[Row], prompt_tokens: int, new_tokens: int, ig_steps: int)
         "pages. Memory is the server process's (the model, every session's traces and the page scripts), "
         "sampled every 0.2 s; the browser is not counted.\n\n"
         + table(rows)
-        + f"\n\nPeak: {peak:,.0f} MB, {verdict} Streamlit Community Cloud's 2.7 GB. "
-        "Seconds include drawing the page in the browser, which shares the 2 cores with the server.\n"
+        + f"\n\nMB are MiB. Peak: {peak:,.0f} MB, {verdict} Streamlit Community Cloud's 2.7 GB (counted as "
+        f"2.7 GiB, {CLOUD_MB:,.0f} MB). Seconds include drawing the page in the browser, which shares the 2 cores "
+        f"with the server (1-minute load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end).\n"
     )
 
 
@@ -437,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from playwright.sync_api import sync_playwright
 
+    load_start = os.getloadavg()[0]
     text, count = prompt_of()
     print(f"prompt: {count} tokens; screenshots in {out}", flush=True)
     with server(out / "server.log") as (url, pid), sync_playwright() as pw:
@@ -463,7 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         from tools import mdsections
 
-        mdsections.write(ROOT / "RELIABILITY.md", SECTION, section(walk.rows, count, args.new_tokens, args.ig_steps))
+        loads = (load_start, os.getloadavg()[0])
+        mdsections.write(
+            ROOT / "RELIABILITY.md", SECTION, section(walk.rows, count, args.new_tokens, args.ig_steps, loads)
+        )
         print("wrote RELIABILITY.md")
     return 1 if any(r.problems for r in walk.rows) else 0
 
