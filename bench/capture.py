@@ -7,11 +7,14 @@ turn (bench.common.interleave) and compared with `model.generate` on sdpa withou
 - in bfloat16 also the explorer with attention_precision=eager (the model's own eager function).
 
     python -m bench.capture            # BENCH_ROUNDS (default 5), BENCH_CAPTURE_SIZES, BENCH_CAPTURE_DTYPES
+    python -m bench.capture --write    # also as section 9 of BENCHMARKS.md (kept when bench.run_all reruns)
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -75,13 +78,22 @@ def contenders(lm, ids: list[int], text: str) -> dict:
     return out
 
 
-def main() -> None:
-    print(machine())
+SECTION = "9. Reading attention rows: capture against eager output_attentions"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    lines = [f"## {SECTION}\n", f"`python -m bench.capture`, {machine()}, {ROUNDS} rounds."]
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
     for dtype in DTYPES:
         lm = models.load(dtype=dtype, device="cpu")
-        print(f"\n**{dtype}**, default model, {NEW} new tokens, greedy (seconds; ratio = median time / generate's)\n")
-        print("| prompt tokens | what | min s | median s | max s | ratio to generate |")
-        print("|---|---|---|---|---|---|")
+        say(f"\n**{dtype}**, default model, {NEW} new tokens, greedy (seconds; ratio = median time / generate's)\n")
+        say("| prompt tokens | what | min s | median s | max s | ratio to generate |")
+        say("|---|---|---|---|---|---|")
         for n in SIZES:
             text = prompt_text(lm.tokenizer, n)
             ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -89,7 +101,11 @@ def main() -> None:
             base = series["generate, sdpa, no attention"].median
             for name, s in series.items():
                 lo, mid, hi = min(s.values), s.median, max(s.values)
-                print(f"| {len(ids)} | {name} | {lo:.2f} | {mid:.2f} | {hi:.2f} | {mid / base:.2f} |", flush=True)
+                say(f"| {len(ids)} | {name} | {lo:.2f} | {mid:.2f} | {hi:.2f} | {mid / base:.2f} |")
+    if "--write" in argv:
+        from tools import mdsections
+
+        mdsections.write(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", SECTION, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,20 @@
-"""Run every benchmark once and write BENCHMARKS.md (figures from this run only)."""
+"""Run every benchmark once and write BENCHMARKS.md (figures from this run only).
+
+    python -m bench.run_all                     # every section (about an hour on 2 cores)
+    python -m bench.run_all --only processes    # one group; the file's other sections stay as they are
+
+Sections measured by their own scripts (`bench.explain`, `bench.capture`) are kept when the file is
+regenerated: they take longer than the rest together.
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from explorer_core import models
+from tools import mdsections
 
 from . import growth, longctx, overhead, processes, tracefile
 from .common import TABLE_HEAD, machine
@@ -13,48 +22,81 @@ from .common import TABLE_HEAD, machine
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "BENCHMARKS.md"
 PNG = ROOT / "docs" / "bench_growth.png"
+HAND_RUN = ("8. Explaining one step", "9. Reading attention rows")  # heading prefixes of separately run sections
+GROUPS = ("trace", "overhead", "growth", "long", "processes", "gpu")
 
 
 def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def main() -> None:
-    sections = [
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", choices=GROUPS, help="run these groups and replace only their sections")
+    args = p.parse_args(argv)
+    old = OUT.read_text(encoding="utf-8") if OUT.exists() else ""
+    header = (
         f"# Benchmarks\n\nOne run of `make bench`. {machine()}. Default model: SmolLM2-135M-Instruct, "
-        "float32 on CPU, sdpa attention (recorded rows come from the capture function). Contenders are interleaved (A B C D, A B C D, ...) in one "
-        "process; min / median / max over the rounds.\n"
+        "float32 on CPU, sdpa attention (recorded rows come from the capture function). Contenders are interleaved "
+        "(A B C D, A B C D, ...) in one process; min / median / max over the rounds.\n"
+    )
+    text = old if args.only else keep_hand_run(header, old)
+
+    def add(section: str) -> None:  # written after every section: a late failure keeps the earlier figures
+        nonlocal text
+        for heading, body in mdsections.split(section):
+            if heading:
+                if args.only:  # the file's header names another run: this section names its own
+                    first, rest = body.split("\n", 1)
+                    body = f"{first}\n\nRun on its own (`--only`): {machine()}.\n{rest}"
+                text = mdsections.replace(text, heading, body)
+        OUT.write_text(text, encoding="utf-8")
+
+    for group in args.only or GROUPS:
+        log(group)
+        for section in SECTIONS[group]():
+            add(section)
+    log(f"wrote {OUT}")
+
+
+def keep_hand_run(text: str, old: str) -> str:
+    """`text` with the separately measured sections of the old file appended."""
+    for heading, body in mdsections.split(old):
+        if heading.startswith(HAND_RUN):
+            text = mdsections.replace(text, heading, body)
+    return text
+
+
+_LM = []
+
+
+def lm():
+    """The default model, loaded once for the groups that share it."""
+    if not _LM:
+        _LM.append(models.load())
+    return _LM[0]
+
+
+def overhead_sections() -> list[str]:
+    text, ratios = overhead.run(lm())
+    return ["## 1–2. The cost of watching\n" + text + "\n" + targets_overhead(ratios) + "\n" + overhead.lens_cost(lm())]
+
+
+def growth_sections() -> list[str]:
+    PNG.parent.mkdir(exist_ok=True)
+    text, _ = growth.run(lm(), png=PNG)
+    return [
+        "## 3. Growth with position (1024 new tokens, full attention)\n\n" + text + f"\n\n![growth](docs/{PNG.name})\n"
     ]
 
-    def add(text: str) -> None:  # written after every section: a late failure keeps the earlier figures
-        sections.append(text)
-        OUT.write_text("\n".join(sections), encoding="utf-8")
 
-    lm = models.load()
-    log("trace file")
-    add(trace_section(lm))
-    log("overhead")
-    text, ratios = overhead.run(lm)
-    add("## 1–2. The cost of watching\n" + text)
-    add(targets_overhead(ratios))
-    log("logit lens")
-    add(overhead.lens_cost(lm))
-    log("growth")
-    PNG.parent.mkdir(exist_ok=True)
-    text, _ = growth.run(lm, png=PNG)
-    add("## 3. Growth with position (1024 new tokens, full attention)\n\n" + text + f"\n\n![growth](docs/{PNG.name})\n")
-    log("long prompts")
-    add(long_prompt_section())
-    log("processes")
-    add(process_section())
-    add(
+def gpu_section() -> str:
+    return (
         "## 7. GPU\n\nNo GPU machine was lent to the session that produced this run, so the GPU rows "
         "(1B Llama-shaped model, bfloat16, 512 new tokens, prompts of 128, 512 and 2,000 tokens: "
         "model.generate with sdpa against the explorer with capture off and on) are open. "
         "`python -m bench.gpu` measures them on a CUDA machine and prints the tables.\n"
     )
-    OUT.write_text("\n".join(sections), encoding="utf-8")
-    log(f"wrote {OUT}")
 
 
 def long_prompt_section() -> str:
@@ -141,6 +183,16 @@ def process_section() -> str:
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+SECTIONS = {
+    "trace": lambda: [trace_section(lm())],
+    "overhead": overhead_sections,
+    "growth": growth_sections,
+    "long": lambda: [long_prompt_section()],
+    "processes": lambda: [process_section()],
+    "gpu": lambda: [gpu_section()],
+}
 
 
 if __name__ == "__main__":

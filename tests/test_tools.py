@@ -54,3 +54,27 @@ def test_attention_memory_estimate_formula():
     assert long.prompt_cells == 1000  # 1,024 cells at most per axis: 4 positions per cell
     queries = 16 * 2**20 // (4 * 4000)  # a chunk holds what fits capture.CHUNK_BYTES
     assert long.memory_mb * 2**20 == 4 * (1000 * 1000 + 2 * 4000) + 4 * (4 * queries * 4000)
+
+
+def test_bench_report_keeps_separately_run_sections(tmp_path, monkeypatch):
+    """A full `make bench` keeps sections 8 and 9 (their own scripts) and drops last run's analysis;
+    `--only` replaces its group's sections and leaves the rest of the file as it was."""
+    from bench import run_all
+
+    old = (
+        "# Benchmarks\n\nold header\n\n## 5. Memory\n\nold five\n\n## 8. Explaining one step (x)\n\nexplain rows\n\n"
+        "## 9. Reading attention rows: y\n\ncapture rows\n\n## Analysis of the misses in this run\n\nold analysis\n"
+    )
+    assert run_all.keep_hand_run("# Benchmarks\n", old) == (
+        "# Benchmarks\n\n## 8. Explaining one step (x)\n\nexplain rows\n\n## 9. Reading attention rows: y\n\ncapture rows\n"
+    )
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(old, encoding="utf-8")
+    monkeypatch.setattr(run_all, "OUT", out)
+    monkeypatch.setattr(run_all, "machine", lambda: "here")
+    monkeypatch.setitem(run_all.SECTIONS, "processes", lambda: ["## 5. Memory\n\nnew five\n\n## 6. Start-up\n\nsix\n"])
+    run_all.main(["--only", "processes"])
+    text = out.read_text(encoding="utf-8")
+    assert "old header" in text and "old analysis" in text and "old five" not in text
+    assert "## 5. Memory\n\nRun on its own (`--only`): here.\n\nnew five" in text
+    assert text.index("## 5. Memory") < text.index("## 8.") < text.index("## 6. Start-up")
