@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
-CLOUD_MB = 2.7 * 1024  # Streamlit Community Cloud's upper memory figure (PITFALLS.md), in MiB
+CLOUD_MB = 2.7e9 / 2**20  # Streamlit Community Cloud's upper memory figure (PITFALLS.md), read as 2.7e9 bytes
 SECTION = "Hosted walkthrough"
 LONG = 900_000  # ms: a model job on 2 cores at 1,000 tokens can take minutes
 
@@ -424,8 +424,8 @@ def section(rows: list[Row], prompt_tokens: int, new_tokens: int, ig_steps: int,
         "pages. Memory is the server process's (the model, every session's traces and the page scripts), "
         "sampled every 0.2 s; the browser is not counted.\n\n"
         + table(rows)
-        + f"\n\nMB are MiB. Peak: {peak:,.0f} MB, {verdict} Streamlit Community Cloud's 2.7 GB (counted as "
-        f"2.7 GiB, {CLOUD_MB:,.0f} MB). Seconds include drawing the page in the browser, which shares the 2 cores "
+        + f"\n\nMB are MiB. Peak: {peak:,.0f} MB, {verdict} Streamlit Community Cloud's 2.7 GB (read as "
+        f"2.7×10⁹ bytes, {CLOUD_MB:,.0f} MB). Seconds include drawing the page in the browser, which shares the 2 cores "
         f"with the server (1-minute load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end).\n"
     )
 
