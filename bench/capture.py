@@ -83,7 +83,13 @@ SECTION = "9. Reading attention rows: capture against eager output_attentions"
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    lines = [f"## {SECTION}\n", f"`python -m bench.capture`, {machine()}, {ROUNDS} rounds."]
+    lines = [
+        f"## {SECTION}\n",
+        f"`python -m bench.capture`, {machine()}, {ROUNDS} rounds. Eager attention with `output_attentions` "
+        "is how transformers hands out attention rows: every layer's full T×T at the prefill, one row per "
+        "layer after. The explorer runs the model on sdpa and recomputes the rows it keeps from each layer's "
+        "q and K (the prompt's own matrix in chunks, pooled to its budget).",
+    ]
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -94,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         say(f"\n**{dtype}**, default model, {NEW} new tokens, greedy (seconds; ratio = median time / generate's)\n")
         say("| prompt tokens | what | min s | median s | max s | ratio to generate |")
         say("|---|---|---|---|---|---|")
+        against = []
         for n in SIZES:
             text = prompt_text(lm.tokenizer, n)
             ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -102,6 +109,12 @@ def main(argv: list[str] | None = None) -> None:
             for name, s in series.items():
                 lo, mid, hi = min(s.values), s.median, max(s.values)
                 say(f"| {len(ids)} | {name} | {lo:.2f} | {mid:.2f} | {hi:.2f} | {mid / base:.2f} |")
+            eager = series["generate, eager + output_attentions"].median
+            mine = ", ".join(
+                f"{k.split(', ', 1)[1]} {v.median / eager:.2f}" for k, v in series.items() if "explorer" in k
+            )
+            against.append(f"{len(ids)} tokens: {mine}")
+        say(f"\nTime against eager + output_attentions ({dtype}): " + "; ".join(against) + ".")
     if "--write" in argv:
         from tools import mdsections
 
