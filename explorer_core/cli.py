@@ -1,6 +1,6 @@
 """Command line: `python -m explorer_core --prompt ... --out_dir runs/x` generates and writes artifacts.
 
-Flags are generated from GenerationConfig, spelled as the seed spelled them (--max_new_tokens ...).
+Flags are generated from GenerationConfig, spelled as the original tool spelled them (--max_new_tokens ...).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m explorer_core",
         description="Generate with a small language model and record what it considered "
         "and what it attended to, step by step. "
-        "`python -m explorer_core replay trace.json` re-checks a saved trace.",
+        "`python -m explorer_core replay trace.json` re-checks a saved trace; "
+        "`python -m explorer_core explain trace.json --step N` says why step N chose its token.",
     )
     for f in field_specs():
         kind = {"int": int, "float": float, "str": str, "bool": _bool}[f.type]

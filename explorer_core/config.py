@@ -48,7 +48,7 @@ class GenerationConfig:
         "to the model's dtype, as output_attentions returns it). The same numbers for float32 models.",
         choices=ATTENTION_PRECISIONS,
     )
-    logit_lens: bool = _f(False, "Record each layer's top token (logit lens); costs about one extra step per step.")
+    logit_lens: bool = _f(False, "Record each layer's top token (logit lens); each step takes 1.3-1.5x as long.")
     dtype: str = _f("auto", "Weights dtype: auto (float32 on CPU, bfloat16 on CUDA) or a name.", choices=DTYPES)
     device: str = _f("auto", "Device: auto (CUDA when present), cpu or cuda.", choices=DEVICES)
     device_map: str = _f(

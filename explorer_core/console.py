@@ -8,10 +8,12 @@ never imports streamlit.
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 USAGE = """usage: explorer <command> [options]
@@ -24,6 +26,7 @@ commands:
   run       generate and write trace.json, output.txt and PNG charts (explorer run --help lists the flags;
             `explorer --prompt ...` without a command does the same)
   replay    re-score a saved trace's tokens with the model (explorer replay --help)
+  explain   why one step chose its token: components and input attributions (explorer explain --help)
 
 Any other command goes to `python -m explorer_core` as it is, so its commands all work here too.
 """
@@ -59,8 +62,13 @@ def app_path() -> Path:
     )
 
 
-def config_flags(app: Path) -> list[str]:
-    """The app's .streamlit/config.toml as `streamlit run` flags, so they apply from any working folder."""
+def config_flags(app: Path, env: Mapping[str, str] | None = None) -> list[str]:
+    """The app's .streamlit/config.toml as `streamlit run` flags, so they apply from any working folder.
+
+    A setting also given as a STREAMLIT_<SECTION>_<KEY> environment variable is left out: Streamlit ranks
+    flags above the environment, and the variable is how the README says to change, e.g., the upload cap.
+    """
+    env = os.environ if env is None else env
     path = app.parent / ".streamlit" / "config.toml"
     if not path.is_file():
         return []
@@ -69,7 +77,13 @@ def config_flags(app: Path) -> list[str]:
         f"--{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"
         for section, table in settings.items()
         for key, value in table.items()
+        if f"STREAMLIT_{section}_{_snake(key)}".upper() not in env
     ]
+
+
+def _snake(key: str) -> str:
+    """maxUploadSize -> max_upload_size (Streamlit's environment variable names)."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in key)
 
 
 def run_app(options: list[str]) -> int:

@@ -527,7 +527,9 @@ def cli_main(argv: list[str]) -> int:
         trace, _ = tracefile.load(args.trace)
         if not 0 <= args.branch <= 1000 or (args.branch and trace.branch(args.branch) is None):
             raise ExplainError(f"the trace has no branch {args.branch}")
-        lm = models.load(args.model or trace.model.name, limits=Limits.from_env())
+        limits = Limits.from_env()
+        limits.check_replay(trace)  # the app's caps: explaining re-runs the prompt and steps up to this one
+        lm = models.load(args.model or trace.model.name, limits=limits)
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         result = explain(lm, trace, args.step, args.contrast, args.branch, methods, args.ig_steps)
     except (trace_io.TraceError, models.ModelLoadError, ValueError) as exc:

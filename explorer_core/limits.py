@@ -35,7 +35,6 @@ class Limits:
     attention_budget_mb: int = 4096  # attention one run records (the companion on disk, float16)
     prompt_attention_mb: int = 40  # of which the prompt's own pooled T×T attention
     max_model_mb: int = 8192  # weights in the chosen dtype
-    max_upload_mb: int = 200
     allowed_models: tuple[str, ...] = field(default=())
 
     @classmethod
@@ -49,7 +48,6 @@ class Limits:
                 max_top_n=20,
                 attention_budget_mb=600,
                 max_model_mb=1200,
-                max_upload_mb=50,
                 allowed_models=HOSTED_MODELS,
             )
             if hosted
@@ -64,7 +62,6 @@ class Limits:
             attention_budget_mb=_env_int("EXPLORER_ATTENTION_BUDGET_MB", base.attention_budget_mb),
             prompt_attention_mb=_env_int("EXPLORER_PROMPT_ATTENTION_MB", base.prompt_attention_mb),
             max_model_mb=_env_int("EXPLORER_MAX_MODEL_MB", base.max_model_mb),
-            max_upload_mb=_env_int("EXPLORER_MAX_UPLOAD_MB", base.max_upload_mb),
             allowed_models=tuple(m.strip() for m in allowed.split(",") if m.strip())
             if allowed
             else base.allowed_models,

@@ -24,7 +24,7 @@ from .attnstore import AttentionStore, AttentionWriter, Shape, prompt_layout
 TEMP_PREFIX = "explorer-run-"  # a run's own temporary folder, when the caller gave no path
 PROMPT_BUDGET_BYTES = (
     40 * 1024 * 1024
-)  # pooled prompt attention on disk (float16): exact up to ~270 tokens on the default model
+)  # pooled prompt attention on disk (float16): exact up to 278 tokens on the default model
 
 
 class AttentionRecorder:

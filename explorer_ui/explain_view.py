@@ -51,7 +51,7 @@ def render_explain(trace: Trace, branch: int, step: int, key: str, state_key: st
         )
         typed = st.text_input("…or type one token (or its id)", key=f"{key}_explain_typed")
         with_ig = st.checkbox(
-            "Also integrated gradients (slower: tens of seconds to minutes on a CPU)",
+            "Also integrated gradients (slower: on 2 CPU cores about 30 s at 50 prompt tokens, 11 min at 500)",
             key=f"{key}_explain_with_ig",
             help="Gradient × input and attention-aware LRP take one backward pass each. Integrated gradients "
             "refines its path until its scores add up to the change from the baseline.",

@@ -118,7 +118,8 @@ ZIP_MAX_BYTES = 512 * 2**20  # a download is built in the server's memory: bigge
 
 
 def archive_bytes(trace: Trace, attn: AttentionStore | None) -> bytes:
-    """trace.json, its companion (stored as is: float16 does not deflate) and output.txt in one zip."""
+    """trace.json, its companion (stored as is: float16 attention deflates by a sixth, 25.4 → 21.0 MB at
+    256 steps, for another second of the server's time) and output.txt in one zip."""
     buf = io.BytesIO()
     name = "trace.attn.safetensors"
     info = trace.attention.model_copy(update={"file": name if attn is not None else None}) if trace.attention else None

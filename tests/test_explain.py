@@ -262,6 +262,14 @@ def test_cli_writes_the_listed_fields(tiny_llama_dir, llama_trace, tmp_path, cap
     assert "/nope/model" in capsys.readouterr().err
 
 
+def test_cli_explain_is_held_to_the_host_limits(llama_trace, tmp_path, capsys, monkeypatch):
+    """The same caps as the app's Explain: refused before the model loads, the limit named."""
+    path = tracefile.save(llama_trace, None, tmp_path / "trace.json")
+    monkeypatch.setenv("EXPLORER_MAX_PROMPT_TOKENS", "2")
+    assert cli_main(["explain", str(path), "--step", "0"]) == 2
+    assert "EXPLORER_MAX_PROMPT_TOKENS" in capsys.readouterr().err
+
+
 def test_app_explains_a_step_and_keeps_it(tiny_llama_dir):
     at = use_model(start(), tiny_llama_dir, max_new_tokens=6, min_new_tokens=6, seed=3)
     at.button(key="gen_generate").click().run()

@@ -151,7 +151,11 @@ def test_explorer_command(capsys):
     assert exit_info.value.code == 0 and "--max_new_tokens" in capsys.readouterr().out
     assert console.main(["--temperature", "9"]) == 2  # flags reach the CLI's validation
     assert console.app_path() == ROOT / "app.py"
-    assert "--server.maxUploadSize=200" in console.config_flags(console.app_path())
+    assert "--server.maxUploadSize=200" in console.config_flags(console.app_path(), env={})
+    # the variable the README names for the upload cap wins: its flag is left out, the rest stay
+    flags = console.config_flags(console.app_path(), env={"STREAMLIT_SERVER_MAX_UPLOAD_SIZE": "50"})
+    assert not any(f.startswith("--server.maxUploadSize") for f in flags)
+    assert "--client.showSidebarNavigation=false" in flags
 
 
 @pytest.fixture(scope="module")

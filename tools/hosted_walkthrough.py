@@ -11,9 +11,9 @@ and the Compare page (which runs its own two generations from the sidebar's sett
 A sampler thread reads the server's VmRSS (the streamlit process and any children) every 0.2 s. One
 row per action: seconds, RSS after it, the highest RSS sampled during it, and the kernel's peak
 (VmHWM) so far. Exit status 1 when anything the user did failed: an exception box, an error alert or a
-"Cannot …"/"Could not …" line on the page. A full-page screenshot after each action goes to --out.
+"Cannot …"/"Could not …" line on the page. A screenshot after each action (the page, or the view it opened) goes to --out.
 
-    python -m tools.hosted_walkthrough [--out DIR] [--new-tokens 128] [--ig-steps 32] [--write]
+    python -m tools.hosted_walkthrough [--out DIR] [--new-tokens 128] [--ig-steps N] [--write]
 
 `--write` puts the table into RELIABILITY.md's "Hosted walkthrough" section (tools/mdsections.py).
 """
@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
-CLOUD_MB = 2.7e9 / 2**20  # Streamlit Community Cloud's upper memory figure (PITFALLS.md), read as 2.7e9 bytes
+CLOUD_MB = 2.7e9 / 2**20  # Community Cloud's upper memory figure (its docs: 690 MB to 2.7 GB), read as 2.7e9 bytes
 SECTION = "Hosted walkthrough"
 LONG = 900_000  # ms: a model job on 2 cores at 1,000 tokens can take minutes
 

@@ -34,7 +34,7 @@ OTHER_FAULTS = """
 | companion truncated, unfinished, with a huge or lying header | refused with the reason, before any data is mapped | `test_damaged_companions_are_refused_with_a_reason` |
 | schema-1 trace with its `.attn.npz` | opens, converted to the current store | `test_schema_1_traces_open_and_convert` |
 | zip with two members of one name, or two companions | refused | `loading.from_zip` |
-| zip member inflating past the cap, whatever its header claims | inflated in 1 MiB pieces and refused at the cap; the same files are not read again until they change | `test_watchdog_each_crafted_upload_in_its_own_process` |
+| zip member inflating past the cap, whatever its header claims | a claim over the cap is refused before inflating; a false claim stops at the claimed size (zipfile reads no further) and fails its CRC; members are inflated in 1 MiB pieces under the cap; the same files are not read again until they change | `test_watchdog_each_crafted_upload_in_its_own_process` |
 | bad upload in the viewer (a PNG named trace.json) | `st.error` + plain-text reason, no traceback; the trace on screen stays | `test_viewer_zip_upload_and_bad_file_keeps_previous` |
 | upload named `<img src=x onerror=alert(1)>.txt` | "expected trace.json, its .attn.safetensors companion, or a .zip archive", shown as plain text | `test_hostile_file_name_is_plain_text` |
 | tokens `<img src=x onerror=alert(1)>`, `**`, `$x$`, `[link](http://x)`, `:red[x]` in a trace | shown verbatim (`st.code`, dataframe, escaped HTML stream); never in Markdown; in chart specs only as data | `test_hostile_tokens_show_verbatim_and_only_as_chart_data` |
@@ -50,7 +50,7 @@ OTHER_FAULTS = """
 | killed between the companion and trace.json | the old pair still loads; the orphan is removed by the next save | `test_a_save_killed_between_the_pair_keeps_the_old_pair` |
 | disk full while streaming attention | the run stops with "could not write attention to ...: No space left on device"; the steps before it are saved | `test_full_disk_stops_the_run_with_a_message_and_a_valid_trace` |
 | prompt or stop text too long for a trace | refused before the run ("stop_on is N characters, over the limit of 1,000") | `test_limits_refuse_before_the_run` |
-| replay or explain of a trace over the host's prompt or step limits | refused before any model work; both take the generation lock | `Limits.check_replay` |
+| replay or explain of a trace over the host's prompt or step limits | refused before any model work (app, CLI replay and CLI explain); in the app both take the generation lock | `Limits.check_replay`, `test_cli_explain_is_held_to_the_host_limits` |
 | two sessions at once | the second waits with a message, then runs; lock free afterwards | `test_second_session_waits_for_the_lock` |
 | four runs in threads on one shared model | each equals its solo run (per-run `torch.Generator`) | `test_concurrent_runs_match_solo_runs` |
 | misspelled hub id, offline | one sentence naming the model and what to do, no traceback (CLI and app) | `test_cli_unknown_model_is_one_sentence`, `test_app_bad_model_then_good_model` |
