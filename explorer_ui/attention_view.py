@@ -28,10 +28,11 @@ def window_choice(length: int, key: str, default_bins: int = attnview.DEFAULT_BI
     """Positions to show (a range slider when there is more than one) and the cells per axis."""
     c1, c2 = st.columns([3, 1])
     lo, hi = 0, length
-    if length > 1:
-        lo, hi = c1.slider(
-            "Positions", 0, length, (0, length), key=key + "_range", help="Zoom into a range of positions."
+    if length > 1:  # both ends shown are positions on screen (the caption says "Positions lo–hi" too)
+        lo, last = c1.slider(
+            "Positions", 0, length - 1, (0, length - 1), key=key + "_range", help="Zoom into a range of positions."
         )
+        hi = last + 1
     bins = c2.selectbox("Cells per axis", CELL_CHOICES, CELL_CHOICES.index(default_bins), key=key + "_bins")
     return attnview.Window.clamp(lo, hi, length, bins)
 
