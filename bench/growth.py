@@ -65,7 +65,9 @@ def chart(frame: pd.DataFrame) -> alt.VConcatChart:
         .encode(
             x=alt.X("position:Q", title="position in the sequence"),
             y=alt.Y("bytes:Q", title="bytes recorded per step"),
-            color=alt.Color("record:N", title=None),
+            color=alt.Color(
+                "record:N", title=None, legend=alt.Legend(orient="top-left")
+            ),  # on this chart, not beside both
         )
     )
     return alt.vconcat(
