@@ -59,17 +59,21 @@ def chart(frame: pd.DataFrame) -> alt.VConcatChart:
         var_name="record",
         value_name="bytes",
     )
-    size = (
+    lines = (
         alt.Chart(long)
         .mark_line()
         .encode(
             x=alt.X("position:Q", title="position in the sequence"),
             y=alt.Y("bytes:Q", title="bytes recorded per step"),
-            color=alt.Color(
-                "record:N", title=None, legend=alt.Legend(orient="top-left")
-            ),  # on this chart, not beside both
+            color=alt.Color("record:N", legend=None),
         )
     )
+    # each line named at its right end: a concat's shared legend landed on the other chart
+    names = lines.transform_window(
+        rank="rank()", sort=[alt.SortField("position", order="descending")], groupby=["record"]
+    )
+    names = names.transform_filter("datum.rank == 1").mark_text(align="right", dx=-4, dy=-8).encode(text="record:N")
+    size = lines + names
     return alt.vconcat(
         (time_line + smooth).properties(width=620, height=220, title="Per-step time"),
         size.properties(width=620, height=180, title="Bytes recorded per step"),
