@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install install-dev run cli test lint bench examples schema hosted-walkthrough clean
+.PHONY: install install-dev run cli test lint bench examples screenshots schema hosted-walkthrough clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -51,6 +51,11 @@ bench: install-dev
 # RELIABILITY.md and keeps the screenshots.
 hosted-walkthrough: install-dev
 	HF_HUB_OFFLINE=1 $(PY) -m tools.hosted_walkthrough $(ARGS)
+
+# The README's screenshots, retaken by the browser and notebook tests into docs/ (a plain `make test` keeps
+# its screenshots in a temporary folder).
+screenshots: install-dev
+	EXPLORER_SHOTS=docs HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_browser.py tests/test_notebook.py
 
 examples: install
 	$(PY) -m tools.make_examples

@@ -4,7 +4,8 @@ Generates on the embedded default model, checks that tokens and charts render wi
 no chart wider than its container, that the raw top-k axis labels every candidate, that downloads all
 arrive, that the HTML export downloaded from the app draws every chart; clicks a torn step and sees the
 branch form open there; explains a step against two contrast tokens; stops a long run mid-way, and saves a
-screenshot of each page under docs/ for the README.
+screenshot of each page: into docs/ for the README with `make screenshots` (EXPLORER_SHOTS=docs), else into a
+temporary folder, so a test run leaves the repository's files as they were.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import zipfile
@@ -23,7 +25,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs"
+DOCS = (
+    ROOT / os.environ["EXPLORER_SHOTS"] if os.environ.get("EXPLORER_SHOTS") else Path(tempfile.mkdtemp(prefix="shots-"))
+)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

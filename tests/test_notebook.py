@@ -4,7 +4,9 @@ traces save and load with their attention, the `explorer` command, and the examp
 from __future__ import annotations
 
 import html
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,14 @@ from explorer_core import console, notebook
 from explorer_core.notebook import Trace
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def shots_dir() -> Path:
+    """docs/ under `make screenshots` (EXPLORER_SHOTS=docs), else a temporary folder: tests leave the repository as it was."""
+    shots = os.environ.get("EXPLORER_SHOTS")
+    return ROOT / shots if shots else Path(tempfile.mkdtemp(prefix="shots-"))
+
+
 SAMPLED = dict(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3, no_repeat_ngram_size=3)
 REMOTE_SCRIPT = re.compile(r"<script[^>]*\bsrc\s*=\s*[\"']?\s*(https?:)?//", re.IGNORECASE)
 
@@ -223,7 +233,7 @@ def test_notebook_views_render_offline_in_chromium(executed_notebook, tmp_path):
         views[0].locator("#topk svg").first.wait_for()
         pg.wait_for_timeout(500)
         cell = pg.locator(".jp-Cell").filter(has=pg.locator("iframe")).first
-        cell.screenshot(path=str(ROOT / "docs" / "notebook.png"))
+        cell.screenshot(path=str(shots_dir() / "notebook.png"))
         browser.close()
     assert not any(from_views), "a notebook view asked the network for something"
     assert not errors
