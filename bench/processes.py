@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from tools.appserver import streamlit_app
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -65,27 +65,15 @@ def startup() -> dict:
     return {"first_s": first, "cached_s": cached}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def app(n: int = 512) -> dict:
     """A real `streamlit run app.py` driven by Chromium: time to first token on a fresh server,
     wall-clock tokens/s for n tokens with full attention, and the server's peak RSS (VmHWM)."""
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
-    proc = subprocess.Popen(
-        [PY, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port)],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_health(port)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        streamlit_app(Path(tmp) / "server.log", {"HF_HUB_OFFLINE": "1"}) as (url, pid),
+    ):
         with sync_playwright() as pw:
             browser = pw.chromium.launch(
                 executable_path="/usr/bin/chromium",
@@ -93,7 +81,7 @@ def app(n: int = 512) -> dict:
             )
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(300_000)
-            page.goto(f"http://127.0.0.1:{port}")
+            page.goto(url)
             page.locator(".st-key-gen_generate button").first.wait_for()
             start = time.perf_counter()
             page.locator(".st-key-gen_generate button").first.click()
@@ -119,24 +107,8 @@ def app(n: int = 512) -> dict:
             )
             wall = time.perf_counter() - start
             browser.close()
-        hwm = _vm_hwm_mb(proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        hwm = _vm_hwm_mb(pid)  # read before the server stops
     return {"ttft_s": ttft, "tokens": n, "tps": n / wall, "rss_mb": hwm}
-
-
-def _wait_health(port: int) -> None:
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("streamlit did not start")
 
 
 def _vm_hwm_mb(pid: int) -> float:

@@ -349,3 +349,12 @@ def test_cli_methods_flag(llama_trace, tmp_path):
     assert cli_main(["explain", str(path), "--step", "1", "--methods", "attn_lrp", "--out", str(out)]) == 0
     assert list(json.loads(out.read_text())["inputs"]["methods"]) == ["attn_lrp"]
     assert cli_main(["explain", str(path), "--step", "1", "--methods", "saliency"]) == 2
+
+
+def test_score_stream_shows_hostile_labels_as_text():
+    """Token labels reach st.html only as escaped text, in the span and in its tooltip."""
+    from explorer_ui.explain_view import score_stream_html
+
+    html_out = score_stream_html(['<img src=x onerror="alert(1)">', "a'b"], [0.5, -0.2])
+    assert "<img" not in html_out and 'onerror="' not in html_out and "a'b" not in html_out
+    assert html_out.count("<span ") == 2

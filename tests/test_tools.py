@@ -78,3 +78,16 @@ def test_bench_report_keeps_separately_run_sections(tmp_path, monkeypatch):
     assert "old header" in text and "old analysis" in text and "old five" not in text
     assert "## 5. Memory\n\nRun on its own (`--only`): here.\n\nnew five" in text
     assert text.index("## 5. Memory") < text.index("## 8.") < text.index("## 6. Start-up")
+
+
+def test_app_server_starts_answers_and_stops(tmp_path):
+    """The one way scripts and tests start the app: ready when /_stcore/health answers, gone on exit."""
+    import os
+    import urllib.request
+
+    from tools.appserver import streamlit_app
+
+    with streamlit_app(tmp_path / "server.log", {"HF_HUB_OFFLINE": "1"}) as (url, pid):
+        assert urllib.request.urlopen(url + "/_stcore/health", timeout=5).read() == b"ok"
+        assert os.path.exists(f"/proc/{pid}")
+    assert not os.path.exists(f"/proc/{pid}")  # stopped and reaped

@@ -25,15 +25,13 @@ import contextlib
 import datetime as dt
 import os
 import re
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tools.appserver import streamlit_app
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -43,45 +41,16 @@ LONG = 900_000  # ms: a model job on 2 cores at 1,000 tokens can take minutes
 
 
 # -- the server and its memory -------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
 def server(log: Path):
     """`streamlit run app.py` in hosted mode; yields (url, pid). Its output goes to `log`."""
-    port = free_port()
     env = dict(
-        os.environ,
         EXPLORER_HOSTED="1",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_VERBOSITY="error",
         # the error text itself, for the report (a hosted visitor sees a short message instead)
         STREAMLIT_CLIENT_SHOW_ERROR_DETAILS="full",
     )
-    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true"]
-    cmd += ["--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise SystemExit("streamlit did not start:\n" + log.read_text(errors="replace")[-2000:])
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return streamlit_app(log, env, wait_s=120)
 
 
 def _status_kb(pid: int, field_: str) -> int:
