@@ -1,23 +1,33 @@
 """Attention capture without `output_attentions`: a registered attention function that hands weights on.
 
-The model computes its own attention with sdpa (fast, memory-light); this module recomputes the
-weights the tool records, softmax(q·Kᵀ·scaling + mask) in float32, from the very query and key
-tensors the layer used (rotary embeddings applied, the cache's keys included), one layer at a time:
-- a decode step (one query) yields each layer's single row, (heads, keys), cheap at any length;
-- a prefill yields its rows in query chunks, (heads, chunk, keys), so no layer's full T×T matrix
-  and never every layer at once is held; a `Sink` decides what to keep of each chunk.
+The model's output always comes from its own attention implementation, the one it was loaded with
+(`native`: sdpa for most models, eager for those that declare sdpa unsupported, such as attention
+sinks or soft-capped scores), so recording never changes what the model computes. The weights the
+tool records come, per layer call:
+- from the native function itself when it returns them (eager): the model's own numbers, for free;
+- otherwise from the modeling file's own `eager_attention_forward` run on the very query, key and
+  value tensors the layer used (way "own"), in query chunks so no layer's T×T is held: it applies the
+  model's masks, windows, sinks, soft-caps and scalings because it is the model's code;
+- or from `attention_weights`, a fast float32 softmax of q·Kᵀ (way "fast"), only on a model where the
+  fidelity check at load (explorer_core.fidelity) proved it equal to the model's own weights.
+
+Keys arrive as the cache holds them: a sliding-window or chunked layer hands a decode step only its last
+`window` keys, so rows are handed on with the absolute position of their first key (`rows(..., first_key)`).
+A layer that calls the attention function more than once per forward (DiffLlama) is recorded once, its
+first call, which is what it returns as its weights.
 
 With attention_precision=eager a half-precision run takes the model's own eager function instead,
 output and weights both (eager_weights), to match tools that read `output_attentions`.
 
-The function is registered once under `IMPLEMENTATION` and a model is switched to it at load.
-Without an active sink (capture off, another thread, another run) it is plain sdpa, so a model
-shared by every session of the app pays nothing when nobody records. The sink is thread-local
-because the app serves each session's run from its own thread over one shared model.
+The function is registered once per native implementation under `PREFIX + native`, together with that
+implementation's own mask builder. Without an active sink (capture off, another thread, another run) it
+is the native function, so a model shared by every session of the app pays nothing when nobody records.
+The sink is thread-local because the app serves each session's run from its own thread over one model.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from collections.abc import Iterator
@@ -28,12 +38,13 @@ import torch
 
 from . import lrp
 
-IMPLEMENTATION = "explorer_capture"
+PREFIX = "explorer_capture:"  # + the native implementation's name
 CHUNK_BYTES = (
     16 * 1024 * 1024
 )  # float32 scores of one prefill chunk, all heads: small enough to stay in cache (measured: 64 MB chunks took 1.5x longer at 2,000 tokens)
 
 PRECISIONS = ("float32", "eager")  # how recorded weights are computed in a half-precision model (see eager_weights)
+WAYS = ("own", "fast")  # where recorded weights come from when the native function returns none
 HALF = (torch.bfloat16, torch.float16)
 
 _local = threading.local()
@@ -42,44 +53,78 @@ _local = threading.local()
 class Sink(Protocol):
     """Receives attention weights as they leave each layer (float32, batch 1, on that layer's device)."""
 
-    def rows(self, layer: int, start: int, weights: torch.Tensor) -> None:
-        """weights: (heads, q, keys) for queries at positions start..start+q-1."""
+    def rows(self, layer: int, start: int, weights: torch.Tensor, first_key: int = 0) -> None:
+        """weights: (heads, q, keys) for queries at positions start..start+q-1 of the forward and keys
+        at absolute positions first_key.. (a sliding layer's cache starts past 0)."""
 
 
 @contextmanager
 def capturing(sink: Sink | None) -> Iterator[None]:
-    """Route attention weights of forwards run inside this block (in this thread) to `sink`."""
-    before = getattr(_local, "sink", None)
-    _local.sink = sink
+    """Route attention weights of one forward run inside this block (in this thread) to `sink`."""
+    before = getattr(_local, "sink", None), getattr(_local, "seen", None)
+    _local.sink, _local.seen = sink, set()
     try:
         yield
     finally:
-        _local.sink = before
+        _local.sink, _local.seen = before
 
 
-def _sdpa():
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def native_function(native: str, module):
+    """The attention function the model runs as loaded: its own file's eager function, or a registered one."""
+    if native == "eager":
+        return eager_function(module)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return sdpa_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[native]
 
 
-def capture_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The layer's output from sdpa, plus the weights for the active sink (query: (1, heads, q, d))."""
+def capture_attention_forward(
+    native: str, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+):
+    """The layer's output from its native function, plus the weights for the active sink (query: (1, heads, q, d))."""
     if lrp.active():  # AttnLRP's uniform rule on attention's two products (explorer_core.lrp)
         query, key, value = lrp.divide_gradient(query, 4), lrp.divide_gradient(key, 4), lrp.divide_gradient(value, 2)
-    sink = getattr(_local, "sink", None)
-    if sink is not None and getattr(sink, "precision", PRECISIONS[0]) == "eager" and query.dtype in HALF:
-        return _eager_forward(sink, module, query, key, value, attention_mask, scaling, kwargs), None
-    out, _ = _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if sink is not None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    function = native_function(native, module)
+    sink, layer = getattr(_local, "sink", None), getattr(module, "layer_idx", None)
+    if sink is None or layer is None or layer in _local.seen:  # a second call in one forward is not recorded
+        return function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    _local.seen.add(layer)
+    layer = int(layer)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if getattr(sink, "precision", PRECISIONS[0]) == "eager" and query.dtype in HALF:
+        return _eager_forward(sink, module, query, key, value, attention_mask, scale, kwargs), None
+    out, weights = function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    first_key = _first_key(sink, query, key)
+    if isinstance(weights, torch.Tensor) and weights.dim() == 4:  # the native function's own weights (eager)
+        _hand_on(sink, layer, weights[0].float(), first_key)
+    elif getattr(sink, "way", "own") == "fast":
         if query.shape[2] == 1 and attention_mask is None and kwargs.get("softcap") is None:
-            sink.rows(int(module.layer_idx), 0, decode_row(query, key, scale))  # a cached step: the hot path
-            return out, None
+            sink.rows(layer, 0, decode_row(query, key, scale), first_key)  # a cached step: the hot path
+        else:
+            pad_to = getattr(sink, "key_multiple", 1)
+            for start, w in attention_weights(query, key, attention_mask, scale, kwargs.get("softcap"), pad_to):
+                sink.rows(layer, start, w, first_key)
+    else:
         pad_to = getattr(sink, "key_multiple", 1)
-        for start, weights in attention_weights(query, key, attention_mask, scale, kwargs.get("softcap"), pad_to):
-            sink.rows(int(module.layer_idx), start, weights)  # on the layer's device
-    return out, None
+        for start, w, _ in eager_weights(module, query, key, value, attention_mask, scale, pad_to, kwargs):
+            sink.rows(layer, start, w, first_key)
+    return out, weights
+
+
+def _first_key(sink, query: torch.Tensor, key: torch.Tensor) -> int:
+    """Absolute position of the first key: the cache hands over the last keys of `positions` so far."""
+    positions = getattr(sink, "positions", None)
+    return 0 if positions is None else max(0, int(positions) - key.shape[2])
+
+
+def _hand_on(sink, layer: int, weights: torch.Tensor, first_key: int) -> None:
+    """Give a whole (heads, q, keys) block to the sink in query chunks, keys padded as it asks."""
+    heads, q_len, keys = weights.shape
+    pad_to = getattr(sink, "key_multiple", 1)
+    padded = torch.nn.functional.pad(weights, (0, -keys % pad_to))
+    chunk = max(1, CHUNK_BYTES // (4 * heads * max(keys, 1)))
+    for a in range(0, q_len, chunk):
+        sink.rows(layer, a, padded[:, a : a + chunk], first_key)
 
 
 def decode_row(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -145,9 +190,9 @@ def _eager_forward(sink, module, query, key, value, mask, scaling, kwargs) -> to
     come from the model's own eager attention function, so the run is an eager run (its tokens and
     rows equal an eager forward's) and the rows are what `output_attentions=True` returns."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    pad_to, outs = getattr(sink, "key_multiple", 1), []
+    pad_to, outs, first_key = getattr(sink, "key_multiple", 1), [], _first_key(sink, query, key)
     for start, weights, out in eager_weights(module, query, key, value, mask, scale, pad_to, kwargs):
-        sink.rows(int(module.layer_idx), start, weights)
+        sink.rows(int(module.layer_idx), start, weights, first_key)
         outs.append(out)
     return torch.cat(outs, dim=1)  # (1, q, heads, d), as the attention interface returns it
 
@@ -213,20 +258,32 @@ def _mask_(scores: torch.Tensor, mask: torch.Tensor | None, a: int, b: int, past
         view.add_(m.float())
 
 
-_registered = False
+_registered: set[str] = set()
 
 
-def register() -> None:
-    """Register the capture function (and sdpa's mask builder for it) with transformers, once."""
-    global _registered
-    if _registered:
-        return
+def implementation(native: str) -> str:
+    """Register the capture function over `native`, with `native`'s own mask builder; return its name."""
+    name = PREFIX + native
+    if name in _registered:
+        return name
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    AttentionInterface.register(IMPLEMENTATION, capture_attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
-    _registered = True
+    AttentionInterface.register(name, functools.partial(capture_attention_forward, native))
+    if native in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[native])
+    _registered.add(name)
+    return name
+
+
+def native_of(model) -> str:
+    """The implementation the model computes with: what it was loaded with, under the capture function or not."""
+    current = str(getattr(model.config, "_attn_implementation", None) or "eager")
+    return current.removeprefix(PREFIX)
+
+
+def installed(model) -> bool:
+    return str(getattr(model.config, "_attn_implementation", "")).startswith(PREFIX)
 
 
 def supports_eager(model) -> bool:
@@ -238,14 +295,20 @@ def supports_eager(model) -> bool:
 
 
 def supports(model) -> bool:
-    """Whether the model's attention layers dispatch through transformers' AttentionInterface."""
-    return bool(getattr(model, "_supports_attention_backend", False))
+    """Whether the model's attention layers dispatch through transformers' AttentionInterface (read from its
+    code by transformers itself), so the capture function can sit between them and their implementation."""
+    if installed(model):
+        return True
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    return bool(getattr(model, "_supports_attention_backend", False)) and bool(can_set and can_set())
 
 
 def install(model) -> str | None:
-    """Switch a model to the capture function; return the implementation it had (to restore later)."""
-    register()
+    """Put the capture function over the model's own implementation; return the implementation it had."""
     before = getattr(model.config, "_attn_implementation", None)
-    if before != IMPLEMENTATION:
-        model.set_attn_implementation(IMPLEMENTATION)
+    if not installed(model):
+        name = implementation(native_of(model))
+        model.set_attn_implementation(name)
+        if not installed(model):
+            raise ValueError(f"{type(model).__name__} did not accept the capture function {name!r}")
     return before

@@ -8,6 +8,7 @@ Anything else is a hub id or a local folder, loaded with safetensors only and no
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -54,14 +55,25 @@ class LoadedModel:
     device: str
     dtype: str
     load_s: float
+    fidelity: Any = None  # explorer_core.fidelity.Fidelity: what the check at load measured
+
+    def check_fidelity(self) -> LoadedModel:
+        """Run (or reuse) the fidelity check; features it refuses are refused before a run starts."""
+        from . import fidelity
+
+        self.fidelity = fidelity.check(self)
+        return self
 
     @property
     def n_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
+        cfg = self.model.config
+        return int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0))
 
     @property
     def n_heads(self) -> int:
-        return int(self.model.config.num_attention_heads)
+        """Attention heads per layer; 0 for an attention-free model (Mamba, RWKV)."""
+        cfg = self.model.config
+        return int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 0)
 
     @property
     def vocab_size(self) -> int:
@@ -86,6 +98,7 @@ class LoadedModel:
                 f"{type(model).__name__} is not a transformers causal language model: load one with "
                 "AutoModelForCausalLM.from_pretrained(...) or pass a model name"
             )
+        refuse_encoder_decoder(model.config, type(model).__name__)
         name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         weight = next(model.parameters())
         dtype = str(weight.dtype).removeprefix("torch.")
@@ -99,6 +112,14 @@ class LoadedModel:
                 f"{what} needs {positions} positions, more than {self.source.name} can attend to "
                 f"({ctx}): shorten the prompt or lower max_new_tokens"
             )
+
+
+def refuse_encoder_decoder(config, name: str) -> None:
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(
+            f"{name} is an encoder-decoder model ({config.model_type}); this tool watches decoder-only causal "
+            "language models, whose every step reads one growing sequence: pick a decoder-only model"
+        )
 
 
 def cache_dir() -> Path:
@@ -201,8 +222,10 @@ def load(
     limits: Limits | None = None,
     device_map: str | dict = "none",
     offload_folder: str | Path | None = None,
+    check: bool = True,
 ) -> LoadedModel:
-    """Load a model for inspection: sdpa attention through the capture hook (capture.py), eval mode, no grad.
+    """Load a model for inspection: its own attention implementation under the capture hook (capture.py),
+    eval mode, no grad, then the fidelity check (explorer_core.fidelity; check=False skips it).
 
     device_map "none" puts the whole model on `device`; "auto" (or an explicit accelerate map, module
     name -> GPU index, "cpu" or "disk") lets accelerate place the layers, offloading what does not fit
@@ -235,11 +258,24 @@ def load(
         model.to(dev)
     model.eval()
     model.requires_grad_(False)
-    if capture.supports(model):  # plain sdpa until a run records; then its rows reach the recorder
-        capture.install(model)
+    prepare(model)
     elapsed = time.perf_counter() - start
     dev = str(input_device(model)) if placed else dev
-    return LoadedModel(model, tok, source, dev, str(torch_dtype).removeprefix("torch."), elapsed)
+    lm = LoadedModel(model, tok, source, dev, str(torch_dtype).removeprefix("torch."), elapsed)
+    return lm.check_fidelity() if check else lm
+
+
+def prepare(model) -> None:
+    """Put the capture function over the model's own attention and let the lens use its own head: both
+    pass-throughs until a run asks, installed before the model is shared between sessions."""
+    from . import lens
+
+    if capture.supports(model):  # the model's own implementation until a run records
+        capture.install(model)
+    try:
+        lens.install(model)
+    except ValueError as exc:  # no inner model: the fidelity check refuses the lens with this reason
+        log.info("%s", exc)
 
 
 def input_device(model):
@@ -261,7 +297,11 @@ def check_size(source: ModelSource, location: str, torch_dtype, max_mb: int) -> 
     from .shapes import shape_of
 
     try:
-        shape = shape_of(AutoConfig.from_pretrained(location, trust_remote_code=False))
+        config = AutoConfig.from_pretrained(location, trust_remote_code=False)
+        refuse_encoder_decoder(config, source.name)
+        shape = shape_of(config)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure here is reported as one sentence
         raise ModelLoadError(_explain(source, exc)) from exc
     size_mb = shape.parameters * torch.tensor([], dtype=torch_dtype).element_size() / 1e6
@@ -273,12 +313,17 @@ def check_size(source: ModelSource, location: str, torch_dtype, max_mb: int) -> 
 
 
 def _from_pretrained(source: ModelSource, location: str, torch_dtype, **placement):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    # no attn_implementation: the model computes with what it supports (sdpa, or eager where it declares
+    # sdpa unsupported, e.g. attention sinks or soft-capped scores); the tool never changes its math
     kwargs = dict(use_safetensors=True, trust_remote_code=False, **placement)
     try:
+        refuse_encoder_decoder(AutoConfig.from_pretrained(location, trust_remote_code=False), source.name)
         tok = AutoTokenizer.from_pretrained(location, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, attn_implementation="sdpa", **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # transformers raises many types; turn them into one clear sentence
         raise ModelLoadError(_explain(source, exc)) from exc
     return model, tok
@@ -286,6 +331,9 @@ def _from_pretrained(source: ModelSource, location: str, torch_dtype, **placemen
 
 def _explain(source: ModelSource, exc: Exception) -> str:
     text = str(exc)
+    folder = Path(source.location)
+    if folder.is_dir():
+        return _explain_folder(source, folder, text or type(exc).__name__)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in text.lower() or "connect" in text.lower()
     if source.location == DEFAULT_HUB_ID and offline:
         return (
@@ -300,3 +348,34 @@ def _explain(source: ModelSource, exc: Exception) -> str:
             "check the spelling, give a local folder, or download it while online."
         )
     return f"Model {source.name!r} could not be loaded: {text.splitlines()[0] if text else type(exc).__name__}"
+
+
+def _explain_folder(source: ModelSource, folder: Path, text: str) -> str:
+    """Why an existing local folder did not load: its files and config say which fix applies."""
+    first = text.splitlines()[0]
+    if not (folder / "config.json").is_file():
+        return f"Model folder {source.name!r} has no config.json: give the folder that save_pretrained wrote."
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return f"Model folder {source.name!r} has a config.json that is not valid JSON: {first}"
+    if isinstance(config, dict) and config.get("auto_map"):
+        return (
+            f"Model folder {source.name!r} needs its own Python code (auto_map in config.json); this tool does "
+            "not run remote code: pick a model whose architecture transformers includes."
+        )
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind and ("does not recognize" in text or "Unrecognized" in text or "model_type" in first):
+        import transformers
+
+        return (
+            f"Model folder {source.name!r} has model_type {kind!r}, which transformers {transformers.__version__} "
+            "does not know: upgrade transformers or pick another model."
+        )
+    if not any(folder.glob("*.safetensors")):
+        return f"Model folder {source.name!r} has no *.safetensors weights; only safetensors checkpoints are loaded."
+    if "tokenizer" in text.lower() or not any(folder.glob("tokenizer*")):
+        return (
+            f"Model folder {source.name!r}: its tokenizer could not be loaded ({first}); save the tokenizer there too."
+        )
+    return f"Model folder {source.name!r} could not be loaded: {first}"

@@ -72,6 +72,7 @@ def watch(model: Any, prompt: str, tokenizer: Any = None, **flags: Any) -> Trace
     else:
         lm = models.LoadedModel.wrap(model, tokenizer, name=config.model)
     with _eval_mode(lm.model), capture_attention(lm.model, config.capture_attention):
+        lm.check_fidelity()
         run = Run(lm, config)
         for _ in run:
             pass
@@ -101,7 +102,7 @@ def capture_attention(model: Any, needed: bool = True) -> Iterator[None]:
     from . import capture
 
     before = getattr(model.config, "_attn_implementation", None)
-    if not needed or before == capture.IMPLEMENTATION:
+    if not needed or capture.installed(model):
         yield
         return
     if not capture.supports(model):

@@ -50,15 +50,21 @@ class AttentionRecorder:
         self._host_row: torch.Tensor | None = None  # pending() on the host, until the next forward's rows
         self.finished = False
         self.precision = "float32"  # capture.PRECISIONS: how a half-precision model's weights are computed
+        self.way = "own"  # capture.WAYS: the model's own eager function, or the fast copy fidelity proved equal
+        self.positions = prompt_len  # positions after the current forward: where a sliding cache's keys start
+        self.delivered: set[int] = set()  # layers that handed on weights in any forward
 
     # -- capture.Sink ---------------------------------------------------------------------------
-    def rows(self, layer: int, start: int, weights: torch.Tensor) -> None:
-        """weights: (heads, c, keys) for queries start..start+c-1 of the current forward."""
+    def rows(self, layer: int, start: int, weights: torch.Tensor, first_key: int = 0) -> None:
+        """weights: (heads, c, keys) for queries start..start+c-1 of the current forward, keys from
+        absolute position first_key (past 0 only in a cached step of a sliding-window layer)."""
         self._host_row = None
+        self.delivered.add(layer)
         if self._prefill_len:
             self._pool(layer, start, weights)
         if not self._prefill_len:  # a cached step's (heads, 1, keys) weights are fresh: keep a view
-            self._last[layer] = weights[:, -1]
+            row = weights[:, -1]  # keys before the window weigh zero: rows are stored by absolute position
+            self._last[layer] = torch.nn.functional.pad(row, (first_key, 0)) if first_key else row
         elif start + weights.shape[1] == self._prefill_len:  # the prompt's last row, cut out of its chunk
             self._last[layer] = weights[:, -1, : self._prefill_len].clone()
 
@@ -78,7 +84,7 @@ class AttentionRecorder:
         self._cells[layer][:, first : first + summed.shape[1], : kw.shape[-1]] += summed.cpu()
 
     def start_prefill(self, length: int) -> None:
-        self._prefill_len = length
+        self._prefill_len = self.positions = length
         self._cells = torch.zeros(self.shape.layers, self.shape.heads, self.shape.bins, self.shape.bins)
 
     def end_prefill(self) -> None:
@@ -95,12 +101,23 @@ class AttentionRecorder:
         Consecutive layers on one device are stacked there and copied once; the copy is kept, so the
         step's record and its commit share it.
         """
-        if any(r is None for r in self._last):
+        if not self.delivered:
             raise RuntimeError("no attention row was captured for this step")
         if self._host_row is None:
-            parts = [torch.stack(list(rows)).cpu() for _, rows in groupby(self._last, key=lambda r: r.device)]
+            rows = self._rows()
+            parts = [torch.stack(list(group)).cpu() for _, group in groupby(rows, key=lambda r: r.device)]
             self._host_row = parts[0] if len(parts) == 1 else torch.cat(parts)  # one device: no second copy
         return self._host_row
+
+    def silent_layers(self) -> list[int]:
+        """Layers that never handed on weights: no attention weights there (state-space, convolution,
+        recurrent layers of a hybrid); their rows are zeros and the views say so."""
+        return [i for i in range(self.shape.layers) if i not in self.delivered]
+
+    def _rows(self) -> list[torch.Tensor]:
+        """Each layer's newest row, zeros for a silent layer (the same width and device as a real one)."""
+        real = next(r for r in self._last if r is not None)
+        return [r if r is not None else torch.zeros_like(real) for r in self._last]
 
     def commit(self) -> None:
         """Write the pending row as the next step's row (raises OSError when the disk is full)."""

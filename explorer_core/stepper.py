@@ -39,6 +39,7 @@ from .trace import (
     AttentionInfo,
     Branch,
     Candidates,
+    FidelityInfo,
     LensRecord,
     ModelInfo,
     StageTrack,
@@ -89,10 +90,14 @@ class Run:
         limits: Limits | None = None,
         attention_path: str | None = None,
         attention_dtype: str = "float16",
+        check: bool = True,
     ) -> None:
         """attention_path: where the companion streams (default: a temporary folder); attention_dtype
-        float16 (what is saved) or float32 (the model's exact numbers, for faithfulness checks)."""
+        float16 (what is saved) or float32 (the model's exact numbers, for faithfulness checks); check:
+        refuse what the model's fidelity check refused (off only for the check's own probe)."""
         self.loaded, self.config = loaded, config
+        if check:
+            refuse_unfaithful(loaded, config)
         if limits is not None:
             limits.check_config(config)
         self.vocab = vocab_for(loaded.tokenizer)
@@ -149,6 +154,8 @@ class Run:
             path, lm.n_layers, lm.n_heads, self.prompt_len, self.config.max_new_tokens, dtype, **kw
         )
         recorder.precision = self.config.attention_precision  # read by capture for half-precision models
+        fid = getattr(lm, "fidelity", None)
+        recorder.way = (fid.way if fid is not None else None) or "own"  # the fast copy only where proven equal
         return recorder
 
     # -- the loop -------------------------------------------------------------------------------
@@ -196,6 +203,8 @@ class Run:
         start = time.perf_counter()
         t, s = self.prompt_len, self.n
         if s > 0:
+            if self.recorder is not None:
+                self.recorder.positions = t + s  # a sliding layer's keys end here
             self._forward(self.ids[:, t + s - 1 : t + s])
             if self.recorder is not None:  # (layers, heads, T+s): exactly the new query's row
                 self._pending_row = self.recorder.pending()
@@ -285,10 +294,9 @@ class Run:
             and parent.n >= s
             and torch.equal(parent.ids[0, : t + s], child.ids[0, : t + s])
         ):
-            child._cache = copy.deepcopy(parent._cache)  # the parent keeps its own cache untouched
-            child._cache.crop(-(child._cache.get_seq_length() - (t + s - 1)))
-            child._ready = True
-        else:
+            child._cache = _cropped(parent._cache, t + s - 1)  # None: a sliding cache past its window
+            child._ready = child._cache is not None
+        if not child._ready:
             child.prefill(t + s - 1)
         return child
 
@@ -404,6 +412,7 @@ class Run:
                 heads=lm.n_heads,
                 dtype=self.recorder.shape.dtype,
                 prompt_cells=self.recorder.shape.bins,
+                silent_layers=self.recorder.silent_layers(),
                 snapshot_layer=lm.n_layers - 1,
                 snapshot_every=cfg.attn_every,
             )
@@ -427,11 +436,38 @@ class Run:
                 tokens_per_s=(self.n / gen_s) if gen_s > 0 else 0.0,
             ),
             attention=attn,
+            fidelity=fidelity_info(lm),
         )
 
     def attention(self) -> AttentionStore | None:
         """The recorded attention so far, read lazily from the companion; None when not captured."""
         return None if self.recorder is None else self.recorder.store()
+
+
+def _cropped(cache, length: int):
+    """A copy of a live run's cache holding its first `length` positions, or None where that cannot be
+    had: a sliding-window layer that has passed its window no longer holds the earlier keys."""
+    if not hasattr(cache, "crop"):
+        return None
+    try:
+        copied = copy.deepcopy(cache)  # the parent keeps its own cache untouched
+        copied.crop(-(copied.get_seq_length() - length))
+    except (ValueError, RuntimeError, NotImplementedError):
+        return None
+    return copied if copied.get_seq_length() == length else None
+
+
+def refuse_unfaithful(lm: LoadedModel, config: GenerationConfig) -> None:
+    """Raise, before anything runs, for a feature the model's fidelity check refused."""
+    fid = getattr(lm, "fidelity", None)
+    if fid is None:
+        return
+    wanted = [("tokens", True, ""), ("attention", config.capture_attention, ": turn attention capture off")]
+    wanted.append(("lens", config.logit_lens, ": turn the logit lens off"))
+    for feature, on, fix in wanted:
+        reason = fid.refusal(feature) if on else None
+        if reason:
+            raise ValueError(reason + fix)
 
 
 @dataclass
@@ -440,6 +476,15 @@ class _Top:
 
     values: torch.Tensor
     indices: torch.Tensor
+
+
+def fidelity_info(lm: LoadedModel) -> FidelityInfo | None:
+    fid = getattr(lm, "fidelity", None)
+    if fid is None:
+        return None
+    data = fid.to_dict()
+    data.pop("model", None)
+    return FidelityInfo.model_validate(data)
 
 
 def model_info(lm: LoadedModel) -> ModelInfo:
@@ -452,7 +497,7 @@ def model_info(lm: LoadedModel) -> ModelInfo:
         n_layers=lm.n_layers,
         n_heads=lm.n_heads,
         vocab_size=lm.vocab_size,
-        attn_implementation=str(getattr(lm.model.config, "_attn_implementation", "eager")),
+        attn_implementation=capture.native_of(lm.model),
     )
 
 

@@ -142,7 +142,7 @@ class ModelInfo(_Strict):
     dtype: Name
     device: Name
     n_layers: int = Field(ge=1, le=1024)
-    n_heads: int = Field(ge=1, le=1024)
+    n_heads: int = Field(ge=0, le=1024, description="0: an attention-free model.")
     vocab_size: int = Field(ge=1, lt=10_000_000)
     attn_implementation: Name = "eager"
 
@@ -166,6 +166,33 @@ class AttentionInfo(_Strict):
     )
     snapshot_layer: int = Field(ge=0)
     snapshot_every: int = Field(ge=0, description="0: no snapshots.")
+    silent_layers: list[Annotated[int, Field(ge=0, le=1024)]] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="Layers without attention weights (state-space, convolution, recurrent layers): rows of zeros.",
+    )
+
+
+class FidelityCheck(_Strict):
+    feature: Literal["tokens", "attention", "lens", "explain"]
+    ok: bool
+    figure: float | None = Field(default=None, description="The measured largest difference.")
+    tolerance: float | None = None
+    detail: Text
+
+
+class FidelityInfo(_Strict):
+    """The model's fidelity check at load: each feature's figure against transformers' own reference."""
+
+    probe_tokens: int = Field(ge=0, le=1_000_000)
+    new_tokens: int = Field(ge=0, le=1_000_000)
+    windows: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=16)
+    way: Literal["own", "fast"] | None = Field(
+        default=None, description="own: the model's eager function; fast: a copy proven equal; null: none."
+    )
+    silent_layers: list[Annotated[int, Field(ge=0, le=1024)]] = Field(default_factory=list, max_length=1024)
+    checks: list[FidelityCheck] = Field(default_factory=list, max_length=8)
+    seconds: float = Field(ge=0.0, le=1e7)
 
 
 class TokenRef(_Strict):
@@ -237,6 +264,7 @@ class Trace(_Strict):
     attention: AttentionInfo | None = None
     branches: list[Branch] = Field(default_factory=list, max_length=64)
     explanations: list[Explanation] = Field(default_factory=list, max_length=64, description="Saved 'Explain' results.")
+    fidelity: FidelityInfo | None = Field(default=None, description="What the model's fidelity check measured.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Trace:
