@@ -64,25 +64,40 @@ class Parts:
     transposed: bool  # Conv1D stores (in, out); nn.Linear stores (out, in)
 
 
+_BLOCKS = ("layers", "h", "blocks")
+_ATTENTIONS = ("self_attn", "attn", "attention", "self_attention")
+_PROJECTIONS = ("o_proj", "c_proj", "dense", "out_proj")
+
+
 def find_parts(model) -> Parts:
-    """Locate blocks, output projections, MLPs and the final norm, or say what is missing."""
+    """Locate blocks, output projections, MLPs and the final norm, or say what is missing.
+
+    Found by the names transformers' decoder-only models use; whether the parts really add up to the
+    residual stream (sequential or parallel attention and MLP, no norm after either) is proven on every
+    explanation by the breakdown's own check, which refuses the model otherwise.
+    """
+    from .lens import final_norm
+
     base = getattr(model, "base_model", model)
-    blocks = getattr(base, "layers", None) or getattr(base, "h", None)
-    norm = getattr(base, "norm", None) or getattr(base, "ln_f", None)
+    blocks = next((getattr(base, a) for a in _BLOCKS if isinstance(getattr(base, a, None), torch.nn.ModuleList)), None)
     name = type(model).__name__
-    expected = (
-        "explanations need a llama-like model (model.layers[i].self_attn.o_proj, .mlp, model.norm) "
-        "or GPT-2 (transformer.h[i].attn.c_proj, .mlp, transformer.ln_f)"
-    )
+    try:
+        norm = final_norm(model)
+    except ValueError:
+        norm = None
+    expected = "explanations need decoder blocks with an attention output projection and an MLP, and a final norm"
     if blocks is None or norm is None:
         raise ExplainError(f"{name} has no list of decoder blocks or no final norm where expected: {expected}")
     out_proj, mlps = [], []
     for i, block in enumerate(blocks):
-        attn = getattr(block, "self_attn", None) or getattr(block, "attn", None)
-        proj = getattr(attn, "o_proj", None) or getattr(attn, "c_proj", None)
-        mlp = getattr(block, "mlp", None)
+        attn = next((getattr(block, a) for a in _ATTENTIONS if getattr(block, a, None) is not None), None)
+        proj = next((getattr(attn, p) for p in _PROJECTIONS if getattr(attn, p, None) is not None), None)
+        mlp = getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
         if proj is None or mlp is None:
-            raise ExplainError(f"{name} block {i} has no separate attention output projection or MLP: {expected}")
+            raise ExplainError(
+                f"{name} block {i} has no attention output projection or no MLP (a layer without attention, "
+                f"or another layout): {expected}"
+            )
         out_proj.append(proj)
         mlps.append(mlp)
     n_heads = int(model.config.num_attention_heads)
@@ -240,11 +255,17 @@ def breakdown(
     if abs(total - logit_diff) > SUM_TOLERANCE * max(1.0, abs(logit_diff)) or resid_error > 1e-3:
         raise ExplainError(
             f"{type(model).__name__}: the hooked parts do not rebuild the logit difference ({total:.4f} vs "
-            f"{logit_diff:.4f}; residual error {resid_error:.1e}); this architecture adds something between "
-            "the blocks' outputs and the residual stream (e.g. extra norms), so an exact breakdown is not available"
+            f"{logit_diff:.4f}; the residual rebuilt from them misses by {resid_error:.1e} of its size): this "
+            "architecture changes the blocks' outputs before they reach the residual stream or the logits (a norm "
+            "after attention or MLP, a scale, a soft-cap), so an exact breakdown is not available"
         )
     comps = Components(embed=embed, heads=heads, mlps=mlps, attn_bias=attn_bias, bias=bias)
     return comps, logit_diff, {"sum_of_parts": total, "sum_error": abs(total - logit_diff)}
+
+
+def _tensor(output):
+    """A module's main output: MoE blocks return (hidden, router scores)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _capture(model, parts: Parts, input_ids: torch.Tensor) -> dict:
@@ -263,14 +284,14 @@ def _capture(model, parts: Parts, input_ids: torch.Tensor) -> dict:
         def hook(_module, args, output):
             if mine():
                 got["z"][layer] = args[0][0, -1].float()
-                got["attn"][layer] = output[0, -1].float()
+                got["attn"][layer] = _tensor(output)[0, -1].float()
 
         return hook
 
     def on_mlp(layer):
         def hook(_module, _args, output):
             if mine():
-                got["mlp"][layer] = output[0, -1].float()
+                got["mlp"][layer] = _tensor(output)[0, -1].float()  # an MoE block's experts sum inside
 
         return hook
 

@@ -103,8 +103,10 @@ def probe_length(lm, windows: list[int]) -> int:
     return max(8, min(want, MAX_PROBE, ctx - NEW_TOKENS))
 
 
-def check(lm, use_disk: bool = True) -> Fidelity:
-    """Run the probe for a LoadedModel (or return the cached result)."""
+def check(lm, run_class, use_disk: bool = True) -> Fidelity:
+    """Run the probe for a LoadedModel with the step loop `run_class` (stepper.Run), or return the cached
+    result. It switches the model's attention implementation for its references: run it before the
+    model is shared between threads (stepper.check_fidelity)."""
     if id(lm.model) in _memo:
         return _memo[id(lm.model)]
     path = _disk_path(lm) if use_disk else None
@@ -116,7 +118,10 @@ def check(lm, use_disk: bool = True) -> Fidelity:
         except (ValueError, TypeError, KeyError):
             pass  # an old or damaged record: measure again
     start = time.perf_counter()
-    result = _probe(lm)
+    try:
+        result = _probe(lm, run_class)
+    except Exception as exc:  # noqa: BLE001 - a model the step loop cannot run at all: refused, with why
+        result = Fidelity(lm.source.name, 0, 0, windows_of(lm.model.config), None, [], [_failed("tokens", exc)])
     result.seconds = time.perf_counter() - start
     _memo[id(lm.model)] = result
     if path is not None:
@@ -145,9 +150,7 @@ def _disk_path(lm) -> Path | None:
     return cache_dir() / "fidelity" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
 
 
-def _probe(lm) -> Fidelity:
-    from .stepper import Run
-
+def _probe(lm, Run) -> Fidelity:  # noqa: N803 - the step loop's class, passed in (stepper imports this module)
     windows = windows_of(lm.model.config)
     length = probe_length(lm, windows)
     result = Fidelity(lm.source.name, length, NEW_TOKENS, windows, None, [])

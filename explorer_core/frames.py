@@ -286,3 +286,33 @@ def components_frame(expl: Explanation) -> pd.DataFrame:
     width = len(c.heads[0]) if c.heads else 0
     rows += [{"layer": layer, "column": "MLP", "order": width + 1, "value": v} for layer, v in enumerate(c.mlps)]
     return pd.DataFrame(rows, columns=["layer", "column", "order", "value"])
+
+
+def fidelity_frame(trace: Trace) -> pd.DataFrame:
+    """One row per feature the model's fidelity check measured: result, figure, tolerance, what was compared."""
+    info = trace.fidelity
+    rows = [
+        {
+            "feature": c.feature,
+            "result": "exact" if c.ok else "refused",
+            "measured": c.figure,
+            "tolerance": c.tolerance,
+            "compared": c.detail,
+        }
+        for c in (info.checks if info is not None else [])
+    ]
+    return pd.DataFrame(rows, columns=["feature", "result", "measured", "tolerance", "compared"])
+
+
+def fidelity_caption(trace: Trace) -> str:
+    info = trace.fidelity
+    if info is None:
+        return "This trace was made before the fidelity check existed (or by a tool that does not run it)."
+    windows = ", ".join(map(str, info.windows)) or "none"
+    way = {"own": "the model's own eager attention function", "fast": "a fast copy proven equal to it"}
+    source = way.get(info.way or "", "not recorded")
+    return (
+        f"Checked at load on a {info.probe_tokens}-token probe and {info.new_tokens} greedy steps (attention "
+        f"windows: {windows}) in {info.seconds:.1f} s, against transformers' generate(), eager output_attentions "
+        f"and the model's own logits. Recorded attention comes from {source}."
+    )

@@ -55,14 +55,7 @@ class LoadedModel:
     device: str
     dtype: str
     load_s: float
-    fidelity: Any = None  # explorer_core.fidelity.Fidelity: what the check at load measured
-
-    def check_fidelity(self) -> LoadedModel:
-        """Run (or reuse) the fidelity check; features it refuses are refused before a run starts."""
-        from . import fidelity
-
-        self.fidelity = fidelity.check(self)
-        return self
+    fidelity: Any = None  # explorer_core.fidelity.Fidelity, set by stepper.check_fidelity before the first run
 
     @property
     def n_layers(self) -> int:
@@ -222,10 +215,9 @@ def load(
     limits: Limits | None = None,
     device_map: str | dict = "none",
     offload_folder: str | Path | None = None,
-    check: bool = True,
 ) -> LoadedModel:
     """Load a model for inspection: its own attention implementation under the capture hook (capture.py),
-    eval mode, no grad, then the fidelity check (explorer_core.fidelity; check=False skips it).
+    eval mode, no grad. Its fidelity check (stepper.check_fidelity) runs before its first run.
 
     device_map "none" puts the whole model on `device`; "auto" (or an explicit accelerate map, module
     name -> GPU index, "cpu" or "disk") lets accelerate place the layers, offloading what does not fit
@@ -261,8 +253,7 @@ def load(
     prepare(model)
     elapsed = time.perf_counter() - start
     dev = str(input_device(model)) if placed else dev
-    lm = LoadedModel(model, tok, source, dev, str(torch_dtype).removeprefix("torch."), elapsed)
-    return lm.check_fidelity() if check else lm
+    return LoadedModel(model, tok, source, dev, str(torch_dtype).removeprefix("torch."), elapsed)
 
 
 def prepare(model) -> None:
@@ -373,7 +364,7 @@ def _explain_folder(source: ModelSource, folder: Path, text: str) -> str:
             "does not know: upgrade transformers or pick another model."
         )
     if not any(folder.glob("*.safetensors")):
-        return f"Model folder {source.name!r} has no *.safetensors weights; only safetensors checkpoints are loaded."
+        return f"Model folder {source.name!r} has no safetensors weights (*.safetensors); only safetensors checkpoints are loaded."
     if "tokenizer" in text.lower() or not any(folder.glob("tokenizer*")):
         return (
             f"Model folder {source.name!r}: its tokenizer could not be loaded ({first}); save the tokenizer there too."

@@ -61,7 +61,7 @@ def watch(model: Any, prompt: str, tokenizer: Any = None, **flags: Any) -> Trace
     transformers causal LM, which then needs its `tokenizer`. flags: GenerationConfig fields
     (temperature, top_p, max_new_tokens, chat, clean_stop, seed, ...), defaults as in the CLI.
     """
-    from . import models
+    from . import models, stepper
     from .stepper import Run
 
     config = _config(model, prompt, flags)
@@ -72,7 +72,7 @@ def watch(model: Any, prompt: str, tokenizer: Any = None, **flags: Any) -> Trace
     else:
         lm = models.LoadedModel.wrap(model, tokenizer, name=config.model)
     with _eval_mode(lm.model), capture_attention(lm.model, config.capture_attention):
-        lm.check_fidelity()
+        stepper.check_fidelity(lm)
         run = Run(lm, config)
         for _ in run:
             pass

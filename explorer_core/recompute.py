@@ -26,7 +26,7 @@ class _OneLayer:
         self.layer, self.q_lo, self.q_hi = layer, q_lo, q_hi
         self.parts: list[torch.Tensor] = []
 
-    def rows(self, layer: int, start: int, weights: torch.Tensor) -> None:
+    def rows(self, layer: int, start: int, weights: torch.Tensor, first_key: int = 0) -> None:
         if layer != self.layer:
             return
         a, b = max(self.q_lo, start), min(self.q_hi, start + weights.shape[1])
@@ -48,11 +48,16 @@ def prompt_rows(lm: LoadedModel, prompt_ids: list[int], layer: int, q_lo: int, q
         raise ValueError(f"{lm.source.name}'s attention cannot be captured, so it cannot be recomputed")
     capture.install(lm.model)
     sink = _OneLayer(layer, q_lo, q_hi)
+    fid = getattr(lm, "fidelity", None)
+    sink.way = (fid.way if fid is not None else None) or "own"  # the fast copy only where proven equal
     ids = torch.tensor([prompt_ids[:q_hi]], dtype=torch.long, device=lm.device)
     try:
         with capture.capturing(sink):
             lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
     except _Done:
         pass
-    rows = torch.cat(sink.parts, dim=1).cpu().numpy()  # (heads, q, q_hi): keys past q_hi are future positions
+    width = max(p.shape[-1] for p in sink.parts)  # chunks may stop at their own last key: pad to the widest
+    rows = (
+        torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in sink.parts], dim=1).cpu().numpy()
+    )  # (heads, q, q_hi): keys past q_hi are future positions
     return np.pad(rows, ((0, 0), (0, 0), (0, t - rows.shape[-1])))

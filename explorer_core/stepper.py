@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import capture
+from . import capture, fidelity
 from .attnstore import AttentionStore
 from .config import GenerationConfig
 from .lens import layer_logprobs
@@ -97,6 +97,8 @@ class Run:
         refuse what the model's fidelity check refused (off only for the check's own probe)."""
         self.loaded, self.config = loaded, config
         if check:
+            if loaded.fidelity is None:
+                check_fidelity(loaded)
             refuse_unfaithful(loaded, config)
         if limits is not None:
             limits.check_config(config)
@@ -455,6 +457,12 @@ def _cropped(cache, length: int):
     except (ValueError, RuntimeError, NotImplementedError):
         return None
     return copied if copied.get_seq_length() == length else None
+
+
+def check_fidelity(lm: LoadedModel) -> LoadedModel:
+    """Run (or reuse) the model's fidelity check; call it right after loading, before the model is shared."""
+    lm.fidelity = fidelity.check(lm, Run)
+    return lm
 
 
 def refuse_unfaithful(lm: LoadedModel, config: GenerationConfig) -> None:

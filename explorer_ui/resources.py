@@ -12,6 +12,7 @@ import streamlit as st
 from explorer_core import export_html, models
 from explorer_core.limits import Limits
 from explorer_core.models import LoadedModel, ModelLoadError
+from explorer_core.stepper import check_fidelity
 
 # what _load has returned, for size estimates; weak, so the cache's eviction really frees a model
 LOADED: weakref.WeakValueDictionary[tuple[str, str, str], LoadedModel] = weakref.WeakValueDictionary()
@@ -30,6 +31,7 @@ def canonical(name: str, dtype: str, device: str, device_map: str = "none") -> t
 @st.cache_resource(show_spinner=False, max_entries=3)
 def _load(key: tuple[str, str, str], name: str, dtype: str, device: str, device_map: str = "none") -> LoadedModel:
     lm = models.load(name, dtype=dtype, device=device, limits=limits(), device_map=device_map)
+    check_fidelity(lm)  # before the model is shared: the check switches implementations for its references
     LOADED[key] = lm
     return lm
 

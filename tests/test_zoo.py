@@ -1,0 +1,53 @@
+"""The architecture zoo: every tiny model of tests/zoo.py, windows shorter than the sequence, checked
+against transformers' own references (tests/zoo_check.py). Each feature is exact or refused by the
+fidelity check with a reason; a traceback or a differing number fails the test."""
+
+from __future__ import annotations
+
+import pytest
+
+from explorer_core import models
+from tests import zoo, zoo_check
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_architecture_is_faithful_or_refused(name):
+    row = zoo_check.check(name, window=zoo.SPECS[name].window)
+    assert row["tokens"] == "exact", row  # every architecture in the zoo generates as generate() does
+    for feature in ("attention", "lens", "explain", "branch"):
+        assert row[feature].startswith(("exact", "refused: ")), (feature, row)
+        assert row[feature] != "refused: ", (feature, row)
+
+
+@pytest.mark.parametrize("name", [n for n in zoo.NAMES if "sliding" in zoo.SPECS[n].family][:3])
+def test_windows_wider_than_the_sequence(name):
+    row = zoo_check.check(name, window=None)
+    assert row["tokens"] == "exact" and row["attention"].startswith("exact"), row
+
+
+def test_encoder_decoder_refused_at_load(tmp_path):
+    name = next(n for n, s in zoo.SPECS.items() if "encoder_decoder" in s.family)
+    with pytest.raises(models.ModelLoadError, match="encoder-decoder"):
+        models.load(str(zoo.save(name, tmp_path / name)))
+    model, tok = zoo.make(name)
+    with pytest.raises(models.ModelLoadError, match="encoder-decoder"):
+        models.LoadedModel.wrap(model, tok)
+
+
+def test_folder_errors_say_why(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(models.ModelLoadError, match="no config.json"):
+        models.load(str(empty))
+    folder = zoo.save("llama", tmp_path / "noweights")
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(models.ModelLoadError, match="safetensors"):
+        models.load(str(folder))
+
+
+def test_loading_by_folder_keeps_the_models_own_implementation(tmp_path):
+    """gpt-oss declares sdpa unsupported (its sinks): loaded by folder it must run eager, sinks kept."""
+    lm = models.load(str(zoo.save("gpt_oss", tmp_path / "gpt_oss")))
+    assert models.capture.native_of(lm.model) == "eager"
+    assert lm.fidelity.get("tokens").ok and lm.fidelity.get("attention").ok
