@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import lrp
 from .frames import METHOD_NAMES
 from .models import LoadedModel
 from .tokens import vocab_for
@@ -79,6 +80,8 @@ def find_parts(model) -> Parts:
     from .lens import final_norm
 
     base = getattr(model, "base_model", model)
+    if base is model:  # a base_model_prefix that names no attribute (Llama 4's text model)
+        base = getattr(model, "model", model)
     blocks = next((getattr(base, a) for a in _BLOCKS if isinstance(getattr(base, a, None), torch.nn.ModuleList)), None)
     name = type(model).__name__
     try:
@@ -213,19 +216,46 @@ def _frozen_norm(norm: torch.nn.Module, x: torch.Tensor, d: torch.Tensor) -> tup
     """Direction u with component·u = that component's share of the logit difference, and the norm bias's share.
 
     x: (d,) the residual entering the final norm; d: (d,) unembedding difference. The norm's scale is
-    frozen at its value for x, which makes the map from residual to logit difference linear.
+    frozen at its value for x, which makes the map from residual to logit difference linear. Which
+    formula the norm follows (LayerNorm or RMSNorm; scale w, 1 + w as in Gemma, or none as in OLMo) is
+    not assumed from its name: each is tried and the one that reproduces the norm's own output on x is used.
     """
-    weight = norm.weight.detach().float()
-    if isinstance(norm, torch.nn.LayerNorm):
-        std = torch.sqrt(x.var(unbiased=False) + norm.eps)
-        v = weight * d
-        bias = float(norm.bias.detach().float() @ d) if norm.bias is not None else 0.0
-        return (v - v.mean()) / std, bias  # centring folded into the direction: (c - mean c)·v = c·(v - mean v)
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
-    if "RMSNorm" not in type(norm).__name__ or eps is None:
-        raise ExplainError(f"final norm {type(norm).__name__} is neither LayerNorm nor RMSNorm: not supported")
-    scale = torch.rsqrt(x.pow(2).mean() + eps)
-    return weight * d * scale, 0.0
+    with torch.no_grad():
+        y = norm(x[None].to(_dtype(norm)))[0].float()
+    for centred, scale, bias in _norm_forms(norm):
+        h = x - x.mean() if centred else x
+        eps = _eps(norm)
+        inv = torch.rsqrt(h.pow(2).mean() + eps)
+        if torch.allclose(scale * h * inv + bias, y, atol=1e-4 * max(1.0, float(y.abs().max())), rtol=1e-3):
+            v = scale * d
+            share = float(bias @ d) if isinstance(bias, torch.Tensor) else 0.0
+            return ((v - v.mean()) if centred else v) * inv, share  # centring folded into the direction
+    raise ExplainError(
+        f"final norm {type(norm).__name__} is not a LayerNorm or RMSNorm with scale w, 1 + w or none "
+        "(tried each against its own output): an exact breakdown is not available"
+    )
+
+
+def _norm_forms(norm) -> list[tuple[bool, torch.Tensor | float, torch.Tensor | float]]:
+    """(centred, scale, bias) candidates for a final norm."""
+    w = getattr(norm, "weight", None)
+    b = getattr(norm, "bias", None)
+    w = w.detach().float() if isinstance(w, torch.Tensor) else None
+    b = b.detach().float() if isinstance(b, torch.Tensor) else 0.0
+    scales = [s for s in (w, None if w is None else 1.0 + w) if s is not None] or [1.0]
+    return [(centred, s, b) for centred in (True, False) for s in scales]
+
+
+def _eps(norm) -> float:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(norm, name, None)
+        if isinstance(value, float):
+            return value
+    return 1e-5
+
+
+def _dtype(module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters()), torch.float32)
 
 
 @torch.inference_mode()
@@ -485,7 +515,8 @@ def recomputed_blocks(blocks: Sequence[torch.nn.Module]) -> Iterator[None]:
         def forward(*args, _original=original, **kwargs):
             if threading.get_ident() != owner or not torch.is_grad_enabled():
                 return _original(*args, **kwargs)
-            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+            # the recomputation may run on autograd's thread: it carries this forward's LRP rules there
+            return checkpoint(_original, *args, use_reentrant=False, context_fn=lrp.recompute_contexts, **kwargs)
 
         block.forward = forward
     try:

@@ -17,12 +17,13 @@ import torch
 
 _local = threading.local()
 # where common architectures keep their final norm, under the model's inner (base) model
-_FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f", "final_norm")
+_FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f", "final_norm", "layer_norm")
 
 
 def final_norm(model) -> torch.nn.Module:
     base = getattr(model, "base_model", model)
-    for node in (base, getattr(base, "decoder", None)):
+    inner = getattr(model, "model", None)
+    for node in (base, getattr(base, "decoder", None), inner, getattr(inner, "decoder", None)):
         for attr in _FINAL_NORMS:
             norm = getattr(node, attr, None) if node is not None else None
             if isinstance(norm, torch.nn.Module):
@@ -34,6 +35,8 @@ def install(model) -> None:
     """Let the causal-LM's own forward run on given hidden states (a pass-through until `head_logits` asks)."""
     base = getattr(model, "base_model", None)
     if base is None or base is model:
+        base = getattr(model, "model", None)
+    if not isinstance(base, torch.nn.Module) or base is model:
         raise ValueError(
             f"{type(model).__name__} has no inner model under its head: the logit lens cannot use its head"
         )

@@ -13,12 +13,14 @@ the logit difference being explained is the model's own.
 Written here rather than taken from LXT (the authors' package), because LXT patches the modeling
 classes of transformers for the whole process (the app shares one model between sessions) and pulls in
 bitsandbytes, zennit and open_clip. Here the rules live in hooks on one model's modules, are active
-only inside `rules(model)` and only in the thread that entered it, and are removed on the way out;
+only inside `rules(model)` and only for forwards run in the thread that entered it (a recomputation of
+such a forward carries them to whichever thread runs it), and are removed on the way out;
 attention's divisors go through the capture function the model already runs (explorer_core.capture).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +33,28 @@ _local = threading.local()
 def active() -> bool:
     """Whether this thread is inside `rules(...)` (read by capture's attention function)."""
     return getattr(_local, "depth", 0) > 0
+
+
+@contextmanager
+def carried(on: bool) -> Iterator[None]:
+    """The rules on in this thread when they were on for the forward being recomputed.
+
+    A checkpointed block recomputes its forward during the backward pass, in whatever thread runs it
+    (on CUDA, autograd's own device thread): the rules must follow the forward they belong to, not the
+    thread (explain.recomputed_blocks passes this as checkpoint's recomputation context).
+    """
+    if on:
+        _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        if on:
+            _local.depth -= 1
+
+
+def recompute_contexts() -> tuple:
+    """checkpoint's context_fn: nothing around the original forward, this forward's rules around its recomputation."""
+    return contextlib.nullcontext(), carried(active())
 
 
 class _DivideGradient(torch.autograd.Function):

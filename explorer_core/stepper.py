@@ -127,6 +127,7 @@ class Run:
         self.stop_reason: str | None = None
         self.prefill_s = 0.0
         self._cache = None
+        self._uncached = False  # the model returns no cache (RWKV, RecurrentGemma): each step reruns the sequence
         self._logits: torch.Tensor | None = None  # (1, vocab) float32, for the next step
         self._pending_row: torch.Tensor | None = None  # (layers, heads, T+s) float32: next step's attention row
         self._pending_hidden: torch.Tensor | None = None  # (layers, d): next step's hidden states, for the lens
@@ -185,12 +186,13 @@ class Run:
         with capture.capturing(self.recorder):  # rows go to the recorder as each layer computes them
             out = self.loaded.model(
                 input_ids=input_ids,
-                use_cache=True,
+                use_cache=not self._uncached,
                 output_hidden_states=self.config.logit_lens,
                 logits_to_keep=1,  # a long prompt's full logits would be T × vocab floats
                 **kwargs,
             )
-        self._cache = out.cache
+        self._cache = getattr(out, "cache", None)
+        self._uncached = self._uncached or not hasattr(out, "cache")  # its own state is not ours to carry
         if out.hidden_states is not None:  # (layers+1) x (1, q, d): keep each layer's last position
             self._pending_hidden = torch.stack([h[0, -1] for h in out.hidden_states[1:]])
         # as generate(): float32 scores; on the ids' device (with a device map the head may sit elsewhere)
@@ -207,7 +209,7 @@ class Run:
         if s > 0:
             if self.recorder is not None:
                 self.recorder.positions = t + s  # a sliding layer's keys end here
-            self._forward(self.ids[:, t + s - 1 : t + s])
+            self._forward(self.ids[:, : t + s] if self._uncached else self.ids[:, t + s - 1 : t + s])
             if self.recorder is not None:  # (layers, heads, T+s): exactly the new query's row
                 self._pending_row = self.recorder.pending()
         seq = self.ids[:, : t + s]  # processors see the whole running sequence

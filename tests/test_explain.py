@@ -3,6 +3,7 @@ attribution method passes a known-answer case; IG is complete; bad input gets a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -358,3 +359,35 @@ def test_score_stream_shows_hostile_labels_as_text():
     html_out = score_stream_html(['<img src=x onerror="alert(1)">', "a'b"], [0.5, -0.2])
     assert "<img" not in html_out and 'onerror="' not in html_out and "a'b" not in html_out
     assert html_out.count("<span ") == 2
+
+
+def test_lrp_rules_follow_a_recomputation_to_another_thread(tiny_llama):
+    """On CUDA autograd recomputes checkpointed blocks on its own thread; here a backward run from another
+    thread forces that on the CPU: the gradient must be the one with the rules on, not plain autograd's."""
+    import threading
+
+    from explorer_core import capture, lrp
+    from explorer_core.explain import find_parts, logit_diff_fn, recomputed_blocks
+
+    model = tiny_llama.model
+    capture.install(model)
+    ids = torch.tensor([tiny_llama.tokenizer("Why is the sea salty? Cats and dogs.")["input_ids"]])
+    embeds = model.get_input_embeddings()(ids).float().detach()
+    f = logit_diff_fn(model, 5, 7)
+
+    def gradient(rules: bool, elsewhere: bool) -> torch.Tensor:
+        x = embeds.clone().requires_grad_(True)
+        ctx = lrp.rules(model) if rules else contextlib.nullcontext()
+        with recomputed_blocks(find_parts(model).blocks), ctx, torch.enable_grad():
+            y = f(x).sum()
+            if not elsewhere:
+                return torch.autograd.grad(y, x)[0]
+            box = {}
+            worker = threading.Thread(target=lambda: box.update(g=torch.autograd.grad(y, x)[0]))
+            worker.start()
+            worker.join()
+            return box["g"]
+
+    here, there, plain = gradient(True, False), gradient(True, True), gradient(False, False)
+    assert torch.equal(here, there)
+    assert not torch.allclose(here, plain, atol=1e-6)  # the rules do change the gradient on this model

@@ -16,7 +16,7 @@ from explorer_core import models
 from explorer_core.config import GenerationConfig
 from explorer_core.explain import ExplainError, explain
 from explorer_core.fidelity import reference_attentions
-from explorer_core.stepper import Run
+from explorer_core.stepper import Run, check_fidelity
 from tests import zoo
 
 PROMPT = "Cats and dogs are friends. Birds sing in the morning! Why is the sea salty? " * 3
@@ -27,7 +27,7 @@ SAMPLED = dict(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3, no_
 def load(name: str, window: int | None = 32) -> models.LoadedModel:
     model, tok = zoo.make(name, window)
     models.prepare(model)
-    return models.LoadedModel.wrap(model, tok, name=name).check_fidelity()
+    return check_fidelity(models.LoadedModel.wrap(model, tok, name=name))
 
 
 def run(lm, **flags) -> Run:
@@ -81,7 +81,9 @@ def check(name: str, window: int | None = 32) -> dict[str, str]:
     row["attention"] = f"exact ({rows_error(lm, greedy):.0e})" if attn else refused(lm, "attention")
     if greedy.recorder is not None and greedy.recorder.silent_layers():
         row["attention"] += f", layers {greedy.recorder.silent_layers()} have none"
-    row["lens"] = f"exact ({lens_error(greedy):.0e})" if lens else refused(lm, "lens", capture_attention=False)
+    row["lens"] = (
+        f"exact ({lens_error(greedy):.0e})" if lens else refused(lm, "lens", capture_attention=False, logit_lens=True)
+    )
     row["explain"] = explain_row(lm, greedy)
     row["branch"] = branch_row(lm, greedy)
     return row
