@@ -169,7 +169,16 @@ def explain(
     timing: dict[str, float] = {}
     vocab = vocab_for(lm.tokenizer)
     start = time.perf_counter()
-    comps, logit_diff, checks = breakdown(lm.model, parts, input_ids, target, other)
+    try:
+        comps, logit_diff, checks = breakdown(lm.model, parts, input_ids, target, other)
+    except ExplainError:
+        raise
+    except (RuntimeError, TypeError, IndexError, AttributeError, ValueError) as exc:  # a layout the hooks cannot read
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ExplainError(
+            f"{type(lm.model).__name__}: the breakdown cannot read this architecture's blocks "
+            f"({type(exc).__name__}: {first}), so an exact breakdown is not available"
+        ) from exc
     timing["components"] = time.perf_counter() - start
     scores: dict[str, list[float]] = {}
     spent = 0  # integrated gradients' gradient evaluations

@@ -236,6 +236,9 @@ def test_cli_ctrl_c_writes_partial_trace(tiny_llama_dir, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_sigint_in_a_real_process(default_model, tmp_path):
+    from explorer_core.stepper import check_fidelity
+
+    check_fidelity(default_model)  # its result is cached on disk: the CLI below starts generating at once
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
         [

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from explorer_core import models
+from explorer_core.stepper import check_fidelity
 from tests import zoo, zoo_check
 
 
@@ -48,6 +49,6 @@ def test_folder_errors_say_why(tmp_path):
 
 def test_loading_by_folder_keeps_the_models_own_implementation(tmp_path):
     """gpt-oss declares sdpa unsupported (its sinks): loaded by folder it must run eager, sinks kept."""
-    lm = models.load(str(zoo.save("gpt_oss", tmp_path / "gpt_oss")))
+    lm = check_fidelity(models.load(str(zoo.save("gpt_oss", tmp_path / "gpt_oss"))))
     assert models.capture.native_of(lm.model) == "eager"
     assert lm.fidelity.get("tokens").ok and lm.fidelity.get("attention").ok
