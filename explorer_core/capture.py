@@ -71,8 +71,13 @@ def capturing(sink: Sink | None) -> Iterator[None]:
 
 def native_function(native: str, module):
     """The attention function the model runs as loaded: its own file's eager function, or a registered one."""
+    return _native_function(native, type(module))
+
+
+@functools.cache
+def _native_function(native: str, module_class: type):  # resolved once: every layer calls it every token
     if native == "eager":
-        return eager_function(module)
+        return _eager_of(module_class)
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     return ALL_ATTENTION_FUNCTIONS[native]
@@ -232,10 +237,14 @@ def _eager_mask(mask, a: int, b: int, past: int, keys: int, query: torch.Tensor)
 
 def eager_function(module):
     """The eager attention function of the module's own modeling file (what output_attentions uses)."""
-    function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return _eager_of(type(module))
+
+
+def _eager_of(module_class: type):
+    function = getattr(sys.modules.get(module_class.__module__), "eager_attention_forward", None)
     if function is None:
         raise ValueError(
-            f"{type(module).__name__} has no eager_attention_forward in its modeling file, so "
+            f"{module_class.__name__} has no eager_attention_forward in its modeling file, so "
             "attention_precision=eager cannot reproduce it: use attention_precision=float32"
         )
     return function

@@ -77,11 +77,9 @@ def find_parts(model) -> Parts:
     residual stream (sequential or parallel attention and MLP, no norm after either) is proven on every
     explanation by the breakdown's own check, which refuses the model otherwise.
     """
-    from .lens import final_norm
+    from .lens import final_norm, inner_model
 
-    base = getattr(model, "base_model", model)
-    if base is model:  # a base_model_prefix that names no attribute (Llama 4's text model)
-        base = getattr(model, "model", model)
+    base = inner_model(model) or model
     blocks = next((getattr(base, a) for a in _BLOCKS if isinstance(getattr(base, a, None), torch.nn.ModuleList)), None)
     name = type(model).__name__
     try:
@@ -231,9 +229,9 @@ def _frozen_norm(norm: torch.nn.Module, x: torch.Tensor, d: torch.Tensor) -> tup
     """
     with torch.no_grad():
         y = norm(x[None].to(_dtype(norm)))[0].float()
+    eps = _eps(norm)
     for centred, scale, bias in _norm_forms(norm):
         h = x - x.mean() if centred else x
-        eps = _eps(norm)
         inv = torch.rsqrt(h.pow(2).mean() + eps)
         if torch.allclose(scale * h * inv + bias, y, atol=1e-4 * max(1.0, float(y.abs().max())), rtol=1e-3):
             v = scale * d

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,7 +87,12 @@ class Fidelity:
         return cls(**{**data, "checks": [Check(**c) for c in data["checks"]]})
 
 
-_memo: dict[int, Fidelity] = {}
+_memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Fidelity, gone with the model
+
+
+def way_of(lm) -> str:
+    """Where a run on this model takes its recorded weights: the fast copy only where the check proved it."""
+    return (lm.fidelity.way if lm.fidelity is not None else None) or "own"
 
 
 def windows_of(config) -> list[int]:
@@ -110,13 +116,13 @@ def check(lm, run_class, use_disk: bool = True) -> Fidelity:
     """Run the probe for a LoadedModel with the step loop `run_class` (stepper.Run), or return the cached
     result. It switches the model's attention implementation for its references: run it before the
     model is shared between threads (stepper.check_fidelity)."""
-    if id(lm.model) in _memo:
-        return _memo[id(lm.model)]
+    if lm.model in _memo:
+        return _memo[lm.model]
     path = _disk_path(lm) if use_disk else None
     if path is not None and path.is_file():
         try:
             result = Fidelity.from_dict(json.loads(path.read_text()))
-            _memo[id(lm.model)] = result
+            _memo[lm.model] = result
             return result
         except (ValueError, TypeError, KeyError):
             pass  # an old or damaged record: measure again
@@ -126,7 +132,7 @@ def check(lm, run_class, use_disk: bool = True) -> Fidelity:
     except Exception as exc:  # noqa: BLE001 - a model the step loop cannot run at all: refused, with why
         result = Fidelity(lm.source.name, 0, 0, windows_of(lm.model.config), None, [], [_failed("tokens", exc)])
     result.seconds = time.perf_counter() - start
-    _memo[id(lm.model)] = result
+    _memo[lm.model] = result
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

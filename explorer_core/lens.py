@@ -20,10 +20,18 @@ _local = threading.local()
 _FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f", "final_norm", "layer_norm")
 
 
+def inner_model(model) -> torch.nn.Module | None:
+    """The model under the head: its base model, or `.model` where base_model_prefix names no attribute
+    (Llama 4's text model); None when there is none."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        base = getattr(model, "model", None)
+    return base if isinstance(base, torch.nn.Module) and base is not model else None
+
+
 def final_norm(model) -> torch.nn.Module:
-    base = getattr(model, "base_model", model)
-    inner = getattr(model, "model", None)
-    for node in (base, getattr(base, "decoder", None), inner, getattr(inner, "decoder", None)):
+    inner = inner_model(model)
+    for node in (inner, getattr(inner, "decoder", None)):
         for attr in _FINAL_NORMS:
             norm = getattr(node, attr, None) if node is not None else None
             if isinstance(norm, torch.nn.Module):
@@ -33,10 +41,8 @@ def final_norm(model) -> torch.nn.Module:
 
 def install(model) -> None:
     """Let the causal-LM's own forward run on given hidden states (a pass-through until `head_logits` asks)."""
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        base = getattr(model, "model", None)
-    if not isinstance(base, torch.nn.Module) or base is model:
+    base = inner_model(model)
+    if base is None:
         raise ValueError(
             f"{type(model).__name__} has no inner model under its head: the logit lens cannot use its head"
         )

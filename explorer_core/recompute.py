@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import capture
+from . import capture, fidelity
 from .models import LoadedModel
 
 MAX_ROWS = 512
@@ -48,8 +48,7 @@ def prompt_rows(lm: LoadedModel, prompt_ids: list[int], layer: int, q_lo: int, q
         raise ValueError(f"{lm.source.name}'s attention cannot be captured, so it cannot be recomputed")
     capture.install(lm.model)
     sink = _OneLayer(layer, q_lo, q_hi)
-    fid = getattr(lm, "fidelity", None)
-    sink.way = (fid.way if fid is not None else None) or "own"  # the fast copy only where proven equal
+    sink.way = fidelity.way_of(lm)
     ids = torch.tensor([prompt_ids[:q_hi]], dtype=torch.long, device=lm.device)
     try:
         with capture.capturing(sink):

@@ -157,8 +157,7 @@ class Run:
             path, lm.n_layers, lm.n_heads, self.prompt_len, self.config.max_new_tokens, dtype, **kw
         )
         recorder.precision = self.config.attention_precision  # read by capture for half-precision models
-        fid = getattr(lm, "fidelity", None)
-        recorder.way = (fid.way if fid is not None else None) or "own"  # the fast copy only where proven equal
+        recorder.way = fidelity.way_of(lm)
         return recorder
 
     # -- the loop -------------------------------------------------------------------------------
@@ -469,7 +468,7 @@ def check_fidelity(lm: LoadedModel) -> LoadedModel:
 
 def refuse_unfaithful(lm: LoadedModel, config: GenerationConfig) -> None:
     """Raise, before anything runs, for a feature the model's fidelity check refused."""
-    fid = getattr(lm, "fidelity", None)
+    fid = lm.fidelity
     if fid is None:
         return
     wanted = [("tokens", True, ""), ("attention", config.capture_attention, ": turn attention capture off")]
@@ -489,10 +488,9 @@ class _Top:
 
 
 def fidelity_info(lm: LoadedModel) -> FidelityInfo | None:
-    fid = getattr(lm, "fidelity", None)
-    if fid is None:
+    if lm.fidelity is None:
         return None
-    data = fid.to_dict()
+    data = lm.fidelity.to_dict()
     data.pop("model", None)
     return FidelityInfo.model_validate(data)
 
