@@ -22,7 +22,11 @@ from .common import TABLE_HEAD, machine
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "BENCHMARKS.md"
 PNG = ROOT / "docs" / "bench_growth.png"
-HAND_RUN = ("8. Explaining one step", "9. Reading attention rows")  # heading prefixes of separately run sections
+HAND_RUN = (
+    "8. Explaining one step",
+    "9. Reading attention rows",
+    "10. The fidelity check",
+)  # heading prefixes of separately run sections
 GROUPS = ("trace", "overhead", "growth", "long", "processes", "gpu")
 
 

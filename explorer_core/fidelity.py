@@ -146,9 +146,9 @@ def _disk_path(lm) -> Path | None:
     """A cache file named by the weights' identity, for models loaded from a folder."""
     import transformers
 
-    from .models import cache_dir
+    from .models import cache_dir, converted_dir
 
-    folder = Path(lm.source.location)
+    folder = converted_dir() if lm.source.embedded else Path(lm.source.location)  # the folder weights came from
     if not folder.is_dir():
         return None
     weights = sorted(folder.glob("*.safetensors"))

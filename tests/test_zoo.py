@@ -52,3 +52,14 @@ def test_loading_by_folder_keeps_the_models_own_implementation(tmp_path):
     lm = check_fidelity(models.load(str(zoo.save("gpt_oss", tmp_path / "gpt_oss"))))
     assert models.capture.native_of(lm.model) == "eager"
     assert lm.fidelity.get("tokens").ok and lm.fidelity.get("attention").ok
+
+
+def test_fidelity_result_is_read_back_from_its_cache_file(tiny_llama_dir, monkeypatch):
+    """A later load of the same weights (a new process) reads the check's file instead of probing again."""
+    from explorer_core import fidelity
+
+    first = check_fidelity(models.load(str(tiny_llama_dir))).fidelity
+    fidelity._memo.clear()
+    monkeypatch.setattr(fidelity, "_probe", lambda *a: (_ for _ in ()).throw(AssertionError("probed again")))
+    again = check_fidelity(models.load(str(tiny_llama_dir))).fidelity
+    assert again.to_dict() == first.to_dict()
