@@ -44,6 +44,7 @@ PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Why is the sea salty?
 # (one bfloat16 step at 0.5-1); float32 is where the check is sharp.
 ROW_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 PROB_TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1e-2}  # |Δ| of a probability
+CACHE_FILES = 64  # results kept on disk, newest first (under a KB each)
 WINDOW_FIELDS = ("sliding_window", "attention_chunk_size", "window_size", "attention_window", "local_window_size")
 
 
@@ -137,9 +138,17 @@ def check(lm, run_class, use_disk: bool = True) -> Fidelity:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result.to_dict()))
+            _prune(path.parent)
         except OSError as exc:  # a read-only cache only costs the next load another probe
             log.info("fidelity result not cached: %s", exc)
     return result
+
+
+def _prune(folder: Path) -> None:
+    """Keep the newest CACHE_FILES results: a folder per model (tests make many) must not grow for good."""
+    files = sorted(folder.glob("*.json"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in files[CACHE_FILES:]:
+        old.unlink(missing_ok=True)
 
 
 def _disk_path(lm) -> Path | None:

@@ -312,7 +312,8 @@ def fidelity_caption(trace: Trace) -> str:
     way = {"own": "the model's own eager attention function", "fast": "a fast copy proven equal to it"}
     source = way.get(info.way or "", "not recorded")
     return (
-        f"Checked at load on a {info.probe_tokens}-token probe and {info.new_tokens} greedy steps (attention "
-        f"windows: {windows}) in {info.seconds:.1f} s, against transformers' generate(), eager output_attentions "
-        f"and the model's own logits. Recorded attention comes from {source}."
+        f"Checked when these weights were first loaded, on a {info.probe_tokens}-token probe and {info.new_tokens} "
+        f"greedy steps (attention windows: {windows}; the check took {info.seconds:.1f} s then, later loads read "
+        "its result back), against transformers' generate(), eager output_attentions and the model's own logits. "
+        f"Recorded attention comes from {source}."
     )

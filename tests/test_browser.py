@@ -168,6 +168,18 @@ def click_torn_step(pg, key: str, step: int | None = None) -> int:
     return step
 
 
+def test_fidelity_check_is_shown_with_the_run(page):
+    """Under the run's summary: what the model's fidelity check compared at load, and where rows come from."""
+    page.get_by_text("Fidelity check: every number shown is the model's own").first.click()
+    box = page.locator("[data-testid='stExpander']").filter(has_text="Fidelity check").first
+    box.get_by_text("Recorded attention comes from a fast copy proven equal to it").wait_for()
+    box.locator("[data-testid='stDataFrame']").wait_for()
+    no_exception(page)
+    box.scroll_into_view_if_needed()
+    box.screenshot(path=str(DOCS / "fidelity.png"))
+    page.get_by_text("Fidelity check: every number shown is the model's own").first.click()  # closed again
+
+
 def test_torn_step_opens_the_branch_form(page):
     """Generate page: a click on a torn step under the stream inspects it and opens the branch form there."""
     click_torn_step(page, "gen")

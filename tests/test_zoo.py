@@ -63,3 +63,12 @@ def test_fidelity_result_is_read_back_from_its_cache_file(tiny_llama_dir, monkey
     monkeypatch.setattr(fidelity, "_probe", lambda *a: (_ for _ in ()).throw(AssertionError("probed again")))
     again = check_fidelity(models.load(str(tiny_llama_dir))).fidelity
     assert again.to_dict() == first.to_dict()
+
+
+def test_fidelity_cache_folder_stays_bounded(tmp_path):
+    from explorer_core import fidelity
+
+    for i in range(fidelity.CACHE_FILES + 5):
+        (tmp_path / f"{i}.json").write_text("{}")
+    fidelity._prune(tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == fidelity.CACHE_FILES

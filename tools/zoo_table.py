@@ -24,7 +24,7 @@ INTRO = (
     "the logit difference, and a branch from the live run against the same branch prefilled. Figures in "
     "brackets are the largest difference measured. The same checks run on any model you load (the "
     "fidelity check: a short probe longer than every window, up to 512 tokens), and the app shows their "
-    "figures. Table written by `python -m tools.zoo_table --write`."
+    "figures under the run's summary (below, the default model). Table written by `python -m tools.zoo_table --write`."
 )
 
 
@@ -59,7 +59,8 @@ def main() -> None:
     print(body)
     print(f"\n{len(zoo.NAMES)} architectures in {took:.0f} s")
     if args.write:
-        mdsections.write(README, "Architectures", f"## Architectures\n\n{INTRO}\n\n{body}\n")
+        shot = "![The fidelity check under a run's summary](docs/fidelity.png)"
+        mdsections.write(README, "Architectures", f"## Architectures\n\n{INTRO}\n\n{shot}\n\n{body}\n")
 
 
 if __name__ == "__main__":
