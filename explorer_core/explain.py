@@ -68,6 +68,7 @@ class Parts:
 _BLOCKS = ("layers", "h", "blocks")
 _ATTENTIONS = ("self_attn", "attn", "attention", "self_attention")
 _PROJECTIONS = ("o_proj", "c_proj", "dense", "out_proj")
+_MLPS = ("mlp", "feed_forward", "block_sparse_moe", "ffn")
 
 
 def find_parts(model) -> Parts:
@@ -93,7 +94,7 @@ def find_parts(model) -> Parts:
     for i, block in enumerate(blocks):
         attn = next((getattr(block, a) for a in _ATTENTIONS if getattr(block, a, None) is not None), None)
         proj = next((getattr(attn, p) for p in _PROJECTIONS if getattr(attn, p, None) is not None), None)
-        mlp = getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
+        mlp = next((getattr(block, a) for a in _MLPS if getattr(block, a, None) is not None), None)
         if proj is None or mlp is None:
             raise ExplainError(
                 f"{name} block {i} has no attention output projection or no MLP (a layer without attention, "
@@ -269,35 +270,104 @@ def _dtype(module) -> torch.dtype:
 def breakdown(
     model, parts: Parts, input_ids: torch.Tensor, target: int, other: int
 ) -> tuple[Components, float, dict[str, float]]:
-    """One hooked forward: the logit difference at the last position and its exact split."""
+    """One hooked forward: the logit difference at the last position and its exact split.
+
+    Nothing about the layout is assumed from names; each step is checked against the model's own numbers:
+    - after the head: the model's logits are the head's times a constant (Cohere, Granite) or soft-capped
+      (Gemma 2); a soft-capped difference is split before the cap, which the checks state;
+    - each block adds α·attention + β·MLP to the residual, with α, β fitted to the block's own increment
+      (1 for most models; Granite's residual multiplier), where attention or MLP may pass through a norm
+      of their own first (Gemma 2/3, OLMo 2 sandwich norms), frozen at its scale as the final norm is;
+    - the parts must rebuild the residual and the difference, or the model is refused.
+    """
     last = _capture(model, parts, input_ids)
-    logits = last["logits"]  # (vocab,)
-    logit_diff = float(logits[target] - logits[other])
+    c, cap = _after_head(model, last)
+    raw_diff = float(last["raw"][target] - last["raw"][other])
+    logit_diff = c * raw_diff  # split before any soft-cap
     d, head_bias = _unembed_direction(model, target, other)
-    u, norm_bias = _frozen_norm(parts.final_norm, last["norm_in"], d)
+    u, norm_bias = _frozen_norm(parts.final_norm, last["norm_in"], c * d)
     embed = float(last["embed"] @ u)
-    heads, mlps, attn_bias = [], [], []
+    heads, mlps, attn_bias, rebuilt = [], [], [], last["embed"].clone()
     for layer, proj in enumerate(parts.out_proj):
+        a, m, u_a, b_a = _block_terms(model, last, layer, u)
         w = proj.weight.detach().float()
         w_in_out = w if parts.transposed else w.T  # (H*dh, d)
         z = last["z"][layer]  # (H*dh,) the projection's input at the last position
-        per_head = (z.view(parts.n_heads, -1) * (w_in_out @ u).view(parts.n_heads, -1)).sum(-1)  # (H,)
+        per_head = (z.view(parts.n_heads, -1) * (w_in_out @ u_a).view(parts.n_heads, -1)).sum(-1)  # (H,)
         heads.append(per_head.tolist())
-        attn_bias.append(float(proj.bias.detach().float() @ u) if proj.bias is not None else 0.0)
-        mlps.append(float(last["mlp"][layer] @ u))
-    bias = norm_bias + head_bias
+        attn_bias.append((float(proj.bias.detach().float() @ u_a) if proj.bias is not None else 0.0) + b_a)
+        mlps.append(float(m @ u))
+        rebuilt += a + m
+    bias = norm_bias + c * head_bias
     total = embed + sum(map(sum, heads)) + sum(mlps) + sum(attn_bias) + bias
-    rebuilt = last["embed"] + sum(last["attn"]) + sum(last["mlp"])  # (d,) residual from the hooked parts
     resid_error = float((rebuilt - last["norm_in"]).abs().max() / last["norm_in"].abs().max().clamp_min(1e-12))
     if abs(total - logit_diff) > SUM_TOLERANCE * max(1.0, abs(logit_diff)) or resid_error > 1e-3:
         raise ExplainError(
             f"{type(model).__name__}: the hooked parts do not rebuild the logit difference ({total:.4f} vs "
-            f"{logit_diff:.4f}; the residual rebuilt from them misses by {resid_error:.1e} of its size): this "
-            "architecture changes the blocks' outputs before they reach the residual stream or the logits (a norm "
-            "after attention or MLP, a scale, a soft-cap), so an exact breakdown is not available"
+            f"{logit_diff:.4f}; the residual rebuilt from them misses by {resid_error:.1e} of its size), so an "
+            "exact breakdown is not available"
         )
     comps = Components(embed=embed, heads=heads, mlps=mlps, attn_bias=attn_bias, bias=bias)
-    return comps, logit_diff, {"sum_of_parts": total, "sum_error": abs(total - logit_diff)}
+    checks = {"sum_of_parts": total, "sum_error": abs(total - logit_diff)}
+    if c != 1.0:
+        checks["logit_scale"] = c
+    if cap is not None:  # the split is of the difference before the cap; the model's own is this
+        checks["final_softcap"] = cap
+        checks["capped_logit_diff"] = float(last["logits"][target] - last["logits"][other])
+    return comps, logit_diff, checks
+
+
+def _after_head(model, last: dict) -> tuple[float, float | None]:
+    """(c, cap): the model's logits are c × the head's (cap None), or cap·tanh(head's / cap) (c = 1)."""
+    raw, logits = last["raw"], last["logits"]
+    tol = 1e-4 * max(1.0, float(logits.abs().max()))
+    c = float((raw @ logits) / (raw @ raw).clamp_min(1e-30))
+    c = 1.0 if abs(c - 1.0) < 1e-5 else c
+    if float((logits - c * raw).abs().max()) <= tol:
+        return c, None
+    cap = getattr(model.config, "final_logit_softcapping", None) or getattr(
+        getattr(model.config, "text_config", None), "final_logit_softcapping", None
+    )
+    if cap and float((logits - cap * torch.tanh(raw / cap)).abs().max()) <= tol:
+        return 1.0, float(cap)
+    raise ExplainError(
+        f"{type(model).__name__}'s logits are neither its head's output times a constant nor soft-capped: "
+        "an exact breakdown is not available"
+    )
+
+
+def _block_terms(model, last: dict, layer: int, u: torch.Tensor):
+    """Block `layer`'s attention and MLP contributions to the residual (d,), and the direction (and the
+    constant share) through which its heads reach the logit difference."""
+    a, m = last["attn"][layer], last["mlp"][layer]  # the output projection's and the MLP's outputs
+    post_a, post_m = _post_norm(last["norms"][layer], a), _post_norm(last["norms"][layer], m)
+    u_a, b_a = _frozen_norm(post_a[0], a, u) if post_a else (u, 0.0)
+    a = post_a[1] if post_a else a
+    m = post_m[1] if post_m else m
+    alpha, beta = _fit(last["delta"][layer], a, m, type(model).__name__, layer)
+    return alpha * a, beta * m, alpha * u_a, alpha * b_a
+
+
+def _post_norm(norms: list, x: torch.Tensor):
+    """(norm, its output) for the block's own norm that takes `x` as its input (a sandwich norm), or None."""
+    for norm, seen_in, seen_out in norms:
+        if seen_in.shape == x.shape and torch.allclose(seen_in, x, rtol=1e-5, atol=1e-6):
+            return norm, seen_out
+    return None
+
+
+def _fit(delta: torch.Tensor, a: torch.Tensor, m: torch.Tensor, name: str, layer: int) -> tuple[float, float]:
+    """α, β with delta = α·a + β·m (the block's own residual increment), or refuse."""
+    basis = torch.stack([a, m], dim=1).double()  # (d, 2)
+    coef = torch.linalg.lstsq(basis, delta.double()[:, None], driver="gelsd").solution[:, 0]  # SVD: a silent part is 0
+    alpha, beta = (1.0 if abs(float(x) - 1.0) < 1e-5 else float(x) for x in coef)
+    miss = float((alpha * a + beta * m - delta).abs().max() / delta.abs().max().clamp_min(1e-12))
+    if miss > 1e-3:
+        raise ExplainError(
+            f"{name}: block {layer} adds to the residual stream something other than a multiple of its "
+            f"attention and MLP outputs (misses by {miss:.1e} of its size), so an exact breakdown is not available"
+        )
+    return alpha, beta
 
 
 def _tensor(output):
@@ -305,14 +375,19 @@ def _tensor(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+def _is_norm(module) -> bool:
+    return isinstance(module, torch.nn.LayerNorm) or "Norm" in type(module).__name__
+
+
 def _capture(model, parts: Parts, input_ids: torch.Tensor) -> dict:
-    """Forward with hooks that keep the last position of each projection input/output, MLP output and norm input.
+    """Forward with hooks that keep the last position of each projection input/output, MLP output, each
+    block's own norms' inputs and outputs, and the final norm's input and output.
 
     The model is shared: the hooks record only calls from this thread, so another session's generation
     running at the same moment is neither recorded nor changed.
     """
     owner = threading.get_ident()
-    got: dict = {"z": {}, "attn": {}, "mlp": {}}
+    got: dict = {"z": {}, "attn": {}, "mlp": {}, "norms": {i: [] for i in range(len(parts.blocks))}}
 
     def mine() -> bool:
         return threading.get_ident() == owner
@@ -332,13 +407,22 @@ def _capture(model, parts: Parts, input_ids: torch.Tensor) -> dict:
 
         return hook
 
-    def on_norm(_module, args):
-        if mine():
-            got["norm_in"] = args[0][0, -1].float()
+    def on_block_norm(layer):
+        def hook(module, args, output):
+            if mine() and args and isinstance(output, torch.Tensor) and output.dim() == 3:
+                got["norms"][layer].append((module, args[0][0, -1].float(), output[0, -1].float()))
 
-    handles = [parts.final_norm.register_forward_pre_hook(on_norm)]
+        return hook
+
+    def on_norm(_module, args, output):
+        if mine():
+            got["norm_in"], got["norm_out"] = args[0][0, -1].float(), output[0, -1]
+
+    handles = [parts.final_norm.register_forward_hook(on_norm)]
     handles += [p.register_forward_hook(on_proj(i)) for i, p in enumerate(parts.out_proj)]
     handles += [m.register_forward_hook(on_mlp(i)) for i, m in enumerate(parts.mlps)]
+    for i, block in enumerate(parts.blocks):
+        handles += [n.register_forward_hook(on_block_norm(i)) for n in block.children() if _is_norm(n)]
     try:
         out = model(input_ids=input_ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
     finally:
@@ -347,10 +431,16 @@ def _capture(model, parts: Parts, input_ids: torch.Tensor) -> dict:
     n = len(parts.blocks)
     if len(got["z"]) != n or len(got["mlp"]) != n or "norm_in" not in got:
         raise ExplainError(f"{type(model).__name__}: not every block's projection and MLP ran; cannot break it down")
+    hidden = [h[0, -1].float() for h in out.hidden_states[:n]] + [
+        got["norm_in"]
+    ]  # each block's input, then the last output
     return {
         "logits": out.logits[0, -1].float(),
-        "embed": out.hidden_states[0][0, -1].float(),  # the first block's input: token (+ position) embedding
+        "raw": model.get_output_embeddings()(got["norm_out"][None])[0].float(),  # the head alone
+        "embed": hidden[0],  # the first block's input: token (+ position) embedding
         "norm_in": got["norm_in"],
+        "delta": [hidden[i + 1] - hidden[i] for i in range(n)],  # each block's own residual increment
+        "norms": got["norms"],
         "z": [got["z"][i] for i in range(n)],
         "attn": [got["attn"][i] for i in range(n)],
         "mlp": [got["mlp"][i] for i in range(n)],

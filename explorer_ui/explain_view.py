@@ -144,6 +144,13 @@ def _render_checks(e: Explanation) -> None:
     notes = []
     if "integrated_gradients" in e.inputs.methods:
         notes.append(f"Integrated gradients: {e.inputs.ig_steps} gradient passes from {e.inputs.baseline}")
+    if "final_softcap" in checks:
+        notes.append(
+            f"the model soft-caps its logits at {checks['final_softcap']:g}: the split is of the difference before "
+            f"the cap; after it the model's difference is {checks['capped_logit_diff']:.4f}"
+        )
+    if "logit_scale" in checks:
+        notes.append(f"the model scales its head's logits by {checks['logit_scale']:.4g}: the parts include it")
     if "attn_lrp_sum" in checks:
         notes.append(
             f"attention-aware LRP's scores add up to {checks['attn_lrp_sum']:.3f} against the logit difference "

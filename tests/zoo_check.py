@@ -122,6 +122,13 @@ def explain_row(lm, r: Run) -> str:
     error = abs(sum(map(sum, e.components.heads)) + sum(e.components.mlps) + e.components.embed
                 + sum(e.components.attn_bias) + e.components.bias - e.logit_diff)  # fmt: skip
     assert error < 1e-3 * max(1.0, abs(e.logit_diff)), f"breakdown misses the logit difference by {error:.2e}"
+    ids = torch.tensor([list(r.ids[0, : r.prompt_len + r.n - 1].tolist())])
+    with torch.inference_mode():  # the model's own difference, from a plain forward
+        logits = lm.model(input_ids=ids, use_cache=False).logits[0, -1].float()
+    own = float(logits[e.target.id] - logits[e.contrast.id])
+    cap = e.checks.get("final_softcap")
+    shown = cap * np.tanh(e.logit_diff / cap) if cap else e.logit_diff  # a soft-capped split is before the cap
+    assert abs(shown - own) < 1e-4 * max(1.0, abs(own)), f"the explained difference {shown} is not the model's {own}"
     return f"exact ({error:.0e})"
 
 
