@@ -21,6 +21,7 @@ from typing import Any
 from . import capture
 from .config import DEFAULT_MODEL
 from .limits import Limits
+from .shapes import heads_of, layers_of
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,12 @@ class LoadedModel:
 
     @property
     def n_layers(self) -> int:
-        cfg = self.model.config
-        return int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0))
+        return layers_of(self.model.config)
 
     @property
     def n_heads(self) -> int:
         """Attention heads per layer; 0 for an attention-free model (Mamba, RWKV)."""
-        cfg = self.model.config
-        return int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 0)
+        return heads_of(self.model.config)
 
     @property
     def vocab_size(self) -> int:

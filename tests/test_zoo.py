@@ -72,3 +72,23 @@ def test_fidelity_cache_folder_stays_bounded(tmp_path):
         (tmp_path / f"{i}.json").write_text("{}")
     fidelity._prune(tmp_path)
     assert len(list(tmp_path.glob("*.json"))) == fidelity.CACHE_FILES
+
+
+@pytest.mark.parametrize("name", ["gemma2", "lfm2", "mamba", "bloom"])
+def test_app_generates_on_architectures_by_folder(name, tmp_path):
+    """As a user would: a saved folder typed in the sidebar, Generate, the views below; a refused feature is a
+    sentence on the page (attention of an attention-free model), never an exception."""
+    from tests.apphelp import start, use_model
+
+    at = use_model(start(), zoo.save(name, tmp_path / name), max_new_tokens=40, min_new_tokens=40, chat=False)
+    at.button(key="gen_generate").click().run()
+    assert not at.exception, at.exception
+    errors = " ".join([e.value for e in at.error] + [t.value for t in at.text])  # the reason is plain text
+    lm = check_fidelity(models.load(str(tmp_path / name)))
+    if lm.fidelity.refusal("attention"):  # the sidebar records attention by default: refused in words
+        assert "attention refused by the fidelity check" in errors and "turn attention capture off" in errors
+        at.get_by_key("sidebar_capture_attention").set_value(False).run()
+        at.button(key="gen_generate").click().run()
+        assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert any("Fidelity check" in x.label for x in at.expander)
