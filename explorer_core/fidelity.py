@@ -358,7 +358,7 @@ def _why_unrecordable(lm) -> str:
         return "the model has no attention heads (an attention-free architecture)"
     return (
         f"{type(lm.model).__name__}'s attention layers compute their weights inside their own forward, not "
-        "through transformers' attention interface, so they cannot be recorded without changing how they run"
+        "through transformers' attention interface, which is where this tool reads them"
     )
 
 

@@ -16,9 +16,10 @@ from explorer_core.trace import Trace
 CELL_CHOICES = (40, 80, 160, 256, 512)
 
 
-def head_choice(n_layers: int, n_heads: int, key: str) -> tuple[int, int | None]:
+def head_choice(n_layers: int, n_heads: int, key: str, default_layer: int | None = None) -> tuple[int, int | None]:
     c1, c2 = st.columns(2)
-    layer = c1.number_input("Layer", 0, n_layers - 1, n_layers - 1, key=key + "_layer")
+    default = n_layers - 1 if default_layer is None else default_layer
+    layer = c1.number_input("Layer", 0, n_layers - 1, default, key=key + "_layer")
     options = ["mean over heads"] + [f"head {h}" for h in range(n_heads)]
     pick = c2.selectbox("Head", options, key=key + "_head")
     return int(layer), None if pick == options[0] else int(pick.split()[1])
@@ -37,6 +38,21 @@ def window_choice(length: int, key: str, default_bins: int = attnview.DEFAULT_BI
     return attnview.Window.clamp(lo, hi, length, bins)
 
 
+def attention_layer(trace: Trace, store: AttentionStore, key: str) -> tuple[int, int | None] | None:
+    """Layer and head picked; None (with a sentence) when the layer has no attention weights (a hybrid's
+    state-space or convolution layer). The pick starts on the last layer that has weights."""
+    silent = set(trace.attention.silent_layers) if trace.attention is not None else set()
+    default = max((i for i in range(store.layers) if i not in silent), default=store.layers - 1)
+    layer, head = head_choice(store.layers, store.heads, key, default)
+    if layer in silent:
+        having = [i for i in range(store.layers) if i not in silent]
+        st.info(
+            f"Layer {layer} has no attention weights (it is not an attention layer). Layers with attention: {having}."
+        )
+        return None
+    return layer, head
+
+
 def render_attention(
     trace: Trace, store: AttentionStore | None, step: int, key: str, lm=None, narrow: bool = False
 ) -> None:
@@ -46,7 +62,10 @@ def render_attention(
     if store is None:
         render_missing_attention(trace)
         return
-    layer, head = head_choice(store.layers, store.heads, key)
+    picked = attention_layer(trace, store, key)
+    if picked is None:
+        return
+    layer, head = picked
     who = "mean over heads" if head is None else f"head {head}"
     st.altair_chart(
         charts.row_chart(
@@ -114,7 +133,10 @@ def render_missing_attention(trace: Trace) -> None:
 
 def render_heads(trace: Trace, store: AttentionStore, step: int, key: str) -> None:
     """Several heads of one layer as small heatmaps (at most MAX_HEADS_SHOWN at once), then one head larger."""
-    layer, head = head_choice(store.layers, store.heads, key)
+    picked = attention_layer(trace, store, key)
+    if picked is None:
+        return
+    layer, head = picked
     first = 0
     if store.heads > attnview.MAX_HEADS_SHOWN:
         first = st.number_input(

@@ -72,7 +72,7 @@ def render_summary(trace: Trace) -> None:
         f"{trace.model.n_layers} layers × {trace.model.n_heads} heads"
     )
     if trace.attention is not None and trace.attention.silent_layers:
-        st.text(f"Layers without attention weights (their rows are zeros): {trace.attention.silent_layers}")
+        st.text(f"Layers without attention weights (not attention layers): {trace.attention.silent_layers}")
     with st.expander("Fidelity check: every number shown is the model's own"):
         st.caption(frames.fidelity_caption(trace))
         st.dataframe(frames.fidelity_frame(trace), hide_index=True)

@@ -92,3 +92,18 @@ def test_app_generates_on_architectures_by_folder(name, tmp_path):
         assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     assert any("Fidelity check" in x.label for x in at.expander)
+
+
+def test_app_attention_of_a_hybrid_names_its_layers_without_attention(tmp_path):
+    """LFM2 has convolution layers 0 and 2: the attention view opens on its attention layer, and picking a
+    convolution layer says so instead of drawing zeros."""
+    from tests.apphelp import start, use_model
+
+    at = use_model(start(), zoo.save("lfm2", tmp_path / "lfm2"), max_new_tokens=8, min_new_tokens=8, logit_lens=False)
+    at.button(key="gen_generate").click().run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    layer = next(w for w in at.number_input if w.key.endswith("_layer"))
+    assert layer.value == 1
+    layer.set_value(0).run()
+    assert any("Layer 0 has no attention weights" in i.value for i in at.info)
+    assert any("Layers without attention weights" in t.value for t in at.text)
