@@ -137,7 +137,8 @@ def _cells(grid: np.ndarray, edges: np.ndarray, labels: list[str], step_pos: int
 def row_frame(
     trace: Trace, store: AttentionStore, step: int, layer: int, head: int | None, max_bins: int = ROW_BINS
 ) -> pd.DataFrame:
-    """Where step `step`'s query looked: its row's attention mass per cell of positions (sums to 1)."""
+    """Where step `step`'s query looked: its row's attention mass per cell of positions (sums to 1, or to
+    less where the model's softmax also covers a sink outside the sequence: see row_sum)."""
     row = store.row(step, layer, head)
     edges = display_edges(0, len(row), max_bins, split=trace.prompt_len)
     mass = _row_means(row, edges) * np.diff(edges)
@@ -151,6 +152,14 @@ def row_frame(
             "part": np.where(edges[:-1] < trace.prompt_len, "prompt", "generated"),
         }
     )
+
+
+def row_sum(frame: pd.DataFrame) -> float:
+    """The attention a row puts on the sequence: 1 for most models, less with attention sinks (gpt-oss)."""
+    return float(frame["weight"].sum())
+
+
+SINK_NOTE_BELOW = 0.99  # float16 storage rounds a full row's sum by far less than this
 
 
 def heads_frame(

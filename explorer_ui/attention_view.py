@@ -67,14 +67,20 @@ def render_attention(
         return
     layer, head = picked
     who = "mean over heads" if head is None else f"head {head}"
+    row = attnview.row_frame(trace, store, step, layer, head)
     st.altair_chart(
         charts.row_chart(
-            attnview.row_frame(trace, store, step, layer, head),
+            row,
             f"Where step {step}'s query looked (layer {layer}, {who})",
             width=240 if narrow else 520,
         ),
         width="content",  # "stretch" let Streamlit's fit squash the plot to a strip
     )
+    if attnview.row_sum(row) < attnview.SINK_NOTE_BELOW:  # kept as the model computed it, never renormalised
+        st.caption(
+            f"This row's weights sum to {attnview.row_sum(row):.3f}: the rest of the query's attention went "
+            "outside the sequence, to the layer's attention sink."
+        )
     length = trace.prompt_len + step
     window = window_choice(length, key)
     exact = _exact_rows(trace, store, layer, head, window, key, lm)

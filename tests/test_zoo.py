@@ -107,3 +107,13 @@ def test_app_attention_of_a_hybrid_names_its_layers_without_attention(tmp_path):
     layer.set_value(0).run()
     assert any("Layer 0 has no attention weights" in i.value for i in at.info)
     assert any("Layers without attention weights" in t.value for t in at.text)
+
+
+def test_app_states_a_sink_row_sum(tmp_path):
+    """gpt-oss's softmax also covers a learned sink: its rows are kept as they are and the page says so."""
+    from tests.apphelp import start, use_model
+
+    at = use_model(start(), zoo.save("gpt_oss", tmp_path / "gpt_oss"), max_new_tokens=4, min_new_tokens=4)
+    at.button(key="gen_generate").click().run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    assert any("went outside the sequence, to the layer's attention sink" in c.value for c in at.caption)
