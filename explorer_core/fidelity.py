@@ -174,24 +174,42 @@ def _probe(lm, Run) -> Fidelity:  # noqa: N803 - the step loop's class, passed i
     result = Fidelity(lm.source.name, length, NEW_TOKENS, windows, None, [])
     cfg = _probe_config(lm, length)
     can_record = capture.supports(lm.model) and lm.n_heads > 0
+    runs: list = []  # every probe run, so their temporary companions are removed at the end
     try:
-        run = _run(Run, lm, cfg.replace(capture_attention=can_record, logit_lens=True), "own")
-    except Exception as exc:  # noqa: BLE001 - the lens or capture may fail on an architecture: say which
-        log.info("probe with attention and lens failed: %s", exc)
-        run, result.checks = None, [_failed("lens", exc)]
-    if run is None:  # find out which of the two failed, and whether plain generation works
-        run = _run(Run, lm, cfg.replace(capture_attention=False, logit_lens=False), "own")
-        if can_record:
-            result.checks.append(_attention_alone(Run, lm, cfg, result))
-    result.checks.insert(0, _tokens(lm, run))
-    if run.recorder is not None:
-        _attention(Run, lm, cfg, run, result)
-    elif not can_record and result.get("attention") is None:
-        result.checks.append(Check("attention", False, None, None, _why_unrecordable(lm)))
-    if cfg.logit_lens and run.config.logit_lens and result.get("lens") is None:
-        result.checks.append(_lens(lm, run))
-    result.checks.append(_explain(lm, run))
+        try:
+            run = _run(Run, lm, cfg.replace(capture_attention=can_record), "own", runs)
+        except Exception as exc:  # noqa: BLE001 - the lens or capture failed on this architecture: find which
+            log.info("probe with attention and lens failed: %s", exc)
+            run = _separately(Run, lm, cfg, can_record, runs, result)
+        else:
+            if run.recorder is not None:
+                _attention(Run, lm, cfg, run, result, runs)
+            result.checks.append(_lens(lm, run))
+        if result.get("attention") is None:
+            result.checks.append(Check("attention", False, None, None, _why_unrecordable(lm)))
+        result.checks.insert(0, _tokens(lm, run))
+        result.checks.append(_explain(lm, run))
+    finally:
+        for r in runs:
+            if r.recorder is not None:
+                r.recorder.discard()
     return result
+
+
+def _separately(Run, lm, cfg, can_record: bool, runs: list, result: Fidelity):  # noqa: N803
+    """Plain generation, the lens alone and attention alone, each refused with its own error."""
+    run = _run(Run, lm, cfg.replace(capture_attention=False, logit_lens=False), "own", runs)
+    try:
+        result.checks.append(_lens(lm, _run(Run, lm, cfg.replace(capture_attention=False), "own", runs)))
+    except Exception as exc:  # noqa: BLE001
+        result.checks.append(_failed("lens", exc))
+    if can_record:
+        try:
+            alone = _run(Run, lm, cfg.replace(logit_lens=False), "own", runs)
+            _attention(Run, lm, cfg.replace(logit_lens=False), alone, result, runs)
+        except Exception as exc:  # noqa: BLE001
+            result.checks.append(_failed("attention", exc))
+    return run
 
 
 def _probe_config(lm, length: int) -> GenerationConfig:
@@ -215,8 +233,9 @@ def _probe_config(lm, length: int) -> GenerationConfig:
     )
 
 
-def _run(run_class, lm, cfg: GenerationConfig, way: str):
+def _run(run_class, lm, cfg: GenerationConfig, way: str, runs: list):
     run = run_class(lm, cfg, attention_dtype="float32", check=False)
+    runs.append(run)
     if run.recorder is not None:
         run.recorder.way = way
     for _ in run:
@@ -227,16 +246,6 @@ def _run(run_class, lm, cfg: GenerationConfig, way: str):
 def _failed(feature: str, exc: Exception) -> Check:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return Check(feature, False, None, None, f"{type(exc).__name__}: {text}")
-
-
-def _attention_alone(run_class, lm, cfg, result: Fidelity) -> Check:
-    """Attention without the lens, to tell which of the two failed the combined probe."""
-    try:
-        run = _run(run_class, lm, cfg.replace(logit_lens=False), "own")
-    except Exception as exc:  # noqa: BLE001
-        return _failed("attention", exc)
-    _attention(run_class, lm, cfg.replace(logit_lens=False), run, result)
-    return result.checks.pop()
 
 
 def _tokens(lm, run) -> Check:
@@ -266,7 +275,7 @@ def _tokens(lm, run) -> Check:
     return Check("tokens", ok, figure, tol, f"{n} greedy tokens and their probabilities against generate()")
 
 
-def _attention(run_class, lm, cfg, run, result: Fidelity) -> None:
+def _attention(run_class, lm, cfg, run, result: Fidelity, runs: list) -> None:
     """Recorded rows against eager output_attentions; then the fast copy, where the native function gives none."""
     ids = run.ids[:, : run.prompt_len + run.n]
     try:
@@ -283,7 +292,7 @@ def _attention(run_class, lm, cfg, run, result: Fidelity) -> None:
     result.way, result.silent_layers = "own", silent
     if capture.native_of(lm.model) != "eager" and lm.dtype == "float32":
         try:
-            fast, _ = compare_rows(_run(run_class, lm, cfg, "fast"), reference, silent)
+            fast, _ = compare_rows(_run(run_class, lm, cfg, "fast", runs), reference, silent)
         except Exception as exc:  # noqa: BLE001 - the fast copy is optional: the model's own function stays
             log.info("fast attention copy failed: %s", exc)
             fast = None

@@ -4,6 +4,8 @@ fidelity check with a reason; a traceback or a differing number fails the test."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from explorer_core import models
@@ -117,3 +119,20 @@ def test_app_states_a_sink_row_sum(tmp_path):
     at.button(key="gen_generate").click().run()
     assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
     assert any("went outside the sequence, to the layer's attention sink" in c.value for c in at.caption)
+
+
+def test_the_check_leaves_no_recording_behind(tiny_llama_dir):
+    """The probe records attention into temporary companions; none may stay in the temp folder."""
+    import tempfile
+
+    from explorer_core import fidelity
+    from explorer_core.recorder import TEMP_PREFIX
+    from explorer_core.stepper import Run
+
+    def ours() -> set:
+        return {p.name for p in Path(tempfile.gettempdir()).glob(TEMP_PREFIX + "*")}
+
+    before = ours()
+    lm = models.load(str(tiny_llama_dir))
+    assert fidelity.check(lm, Run, use_disk=False).get("attention").ok
+    assert ours() == before
