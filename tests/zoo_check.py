@@ -74,6 +74,14 @@ def check(name: str, window: int | None = 32) -> dict[str, str]:
     attn = not lm.fidelity.refusal("attention")
     lens = not lm.fidelity.refusal("lens")
     greedy = run(lm, temperature=0.0, repetition_penalty=1.0, capture_attention=attn, logit_lens=lens)
+    try:
+        return _checked(lm, row, greedy, attn, lens)
+    finally:
+        if greedy.recorder is not None:  # its temporary companion goes with the check
+            greedy.recorder.discard()
+
+
+def _checked(lm, row: dict, greedy: Run, attn: bool, lens: bool) -> dict[str, str]:
     assert greedy.output_ids() == generate_ids(lm, greedy, False), "greedy tokens differ from generate()"
     sampled = run(lm, capture_attention=False, **SAMPLED)
     assert sampled.output_ids() == generate_ids(lm, sampled, True), "sampled tokens differ from generate()"
