@@ -12,14 +12,16 @@ Layout (standard safetensors, readable by `safetensors.numpy.load_file` or any o
 The writer reserves room for the header, streams each row to disk as the run goes (nothing grows in
 memory) and fills in the header when the run ends, so the file is complete or refused as truncated.
 safetensors' own writer needs every tensor in memory at once, hence this small incremental writer.
-The reader checks the header's sizes before mapping anything and maps the file (numpy memmap), so a
-view reads one layer or head of one step without inflating the rest.
+The reader checks the header against the trace's declared sizes and the file's real size before it
+builds anything, and reads one layer of one tensor at a time, so a view costs what it shows.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,8 @@ DTYPES = {"float16": ("F16", np.float16), "float32": ("F32", np.float32)}
 HEADER_LIMIT = 8 * 1024 * 1024  # a header bigger than this is refused before parsing
 ROW_ENTRY_BYTES = 128  # header room reserved per step
 MAX_CELLS = 1024  # prompt cells per axis: one head's cells are at most 4 MiB as float32 in a view
+# the trace schema's bounds (trace.py), repeated here so the store needs nothing from the schema
+MAX_LAYERS, MAX_PROMPT, MAX_ROWS = 1024, 8192, 4096
 
 
 class AttentionFileError(ValueError):
@@ -91,6 +95,7 @@ class AttentionWriter:
 
     def __init__(self, path: str | Path, shape: Shape, max_steps: int) -> None:
         self.path, self.shape = Path(path), shape
+        self.run = secrets.token_hex(8)  # written in the metadata and in trace.json: binds the pair
         self.header_room = _round8(1024 + ROW_ENTRY_BYTES * (max_steps + 2))
         self.index: dict[str, dict] = {}
         self.end = 0  # bytes of data written after the header room
@@ -100,18 +105,47 @@ class AttentionWriter:
         self._fh.write(b"\0" * (8 + self.header_room))  # no valid header until finish(): a killed run is refused
 
     def write_prompt(self, cells, edges: np.ndarray) -> None:
-        """cells: (layers, heads, B, B) pooled prompt attention (numpy or torch); edges: (B+1,) positions.
-
-        Converted to the file's dtype one layer at a time: a whole float16 copy of the cells (tens of MB
-        at the default budget) would sit beside the float32 sums at the run's peak."""
+        """cells: (layers, heads, B, B) pooled prompt attention (numpy or torch); edges: (B+1,) positions."""
         s = self.shape
         if tuple(cells.shape) != (s.layers, s.heads, s.bins, s.bins):
             raise ValueError(
                 f"attention prompt_bins has shape {tuple(cells.shape)}; expected {(s.layers, s.heads, s.bins, s.bins)}"
             )
-        parts = (_as(cells[i], s.dtype) for i in range(s.layers))
+        self.write_prompt_layers((cells[i] for i in range(s.layers)), edges)
+
+    def write_prompt_layers(self, layers, edges: np.ndarray) -> None:
+        """The prompt cells from an iterable of per-layer (heads, B, B) arrays, converted to the file's
+        dtype one layer at a time: a whole float16 copy of the cells (tens of MB at the default budget)
+        would sit beside the float32 sums at the run's peak."""
+        s = self.shape
+        parts = (_checked(_as(a, s.dtype), (s.heads, s.bins, s.bins)) for a in layers)
+        start = self.end
         self._put_parts("prompt_bins", parts, (s.layers, s.heads, s.bins, s.bins), DTYPES[s.dtype][0])
+        if self.end - start != s.layers * s.heads * s.bins * s.bins * s.itemsize:
+            raise ValueError(f"attention prompt_bins: expected {s.layers} layers")
         self._put("prompt_edges", np.ascontiguousarray(edges, dtype=np.int64), (s.bins + 1,))
+
+    def reserve_rows(self, steps: int) -> list[int]:
+        """Room for `steps` rows at once, filled later by position (a converter writes them out of
+        order); returns each row's absolute offset in the file."""
+        s, starts = self.shape, []
+        for step in range(self.steps, self.steps + steps):
+            size = s.row_bytes(step)
+            self.index[f"row.{step:05d}"] = {
+                "dtype": DTYPES[s.dtype][0],
+                "shape": [s.layers, s.heads, s.prompt_len + step],
+                "data_offsets": [self.end, self.end + size],
+            }
+            starts.append(8 + self.header_room + self.end)
+            self.end += size
+        self.steps += steps
+        self._fh.flush()
+        self._fh.truncate(8 + self.header_room + self.end)
+        self._fh.seek(0, os.SEEK_END)
+        return starts
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
 
     def write_row(self, row) -> None:
         """row: (layers, heads, T+s) for the next step s (numpy or torch)."""
@@ -148,6 +182,7 @@ class AttentionWriter:
             "bins": str(s.bins),
             "steps": str(self.steps),
             "dtype": s.dtype,
+            "run": self.run,
         }
 
     def flush(self) -> None:
@@ -171,7 +206,7 @@ class AttentionWriter:
     def reader(self) -> AttentionStore:
         """A reader over what is written so far (works while the run goes on)."""
         self.flush()
-        return AttentionStore(self.path, self.shape, self.steps, dict(self.index), 8 + self.header_room)
+        return AttentionStore(self.path, self.shape, self.steps, dict(self.index), 8 + self.header_room, self.run)
 
     def close(self) -> None:
         if not self._fh.closed:
@@ -187,6 +222,12 @@ def _as(a, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=DTYPES[dtype][1])
 
 
+def _checked(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if a.shape != shape:
+        raise ValueError(f"attention layer has shape {a.shape}; expected {shape}")
+    return a
+
+
 def _round8(n: int) -> int:
     return (n + 7) // 8 * 8
 
@@ -194,10 +235,11 @@ def _round8(n: int) -> int:
 class AttentionStore:
     """Read side of a companion: rows and prompt cells on demand, as float32 numpy arrays."""
 
-    def __init__(self, path: Path, shape: Shape, steps: int, index: dict, data_start: int) -> None:
+    def __init__(
+        self, path: Path, shape: Shape, steps: int, index: dict, data_start: int, run: str | None = None
+    ) -> None:
         self.path, self.shape, self.steps, self._index, self._start = Path(path), shape, steps, index, data_start
-        self._map: np.memmap | None = None
-        self._mapped_size = -1
+        self.run = run  # the run id binding this companion to its trace.json (None in older files)
 
     # -- facts ------------------------------------------------------------------------------------
     @property
@@ -220,43 +262,46 @@ class AttentionStore:
         return self._start + max((e["data_offsets"][1] for e in self._index.values()), default=0)
 
     # -- reading ----------------------------------------------------------------------------------
-    def _array(self, name: str) -> np.ndarray:
+    def _array(self, name: str, first: int | None = None) -> np.ndarray:
+        """A tensor, or its slice `first` along the first axis, read from the file (never mapped: a file
+        truncated by someone else while open gives a clear error here, not a SIGBUS in the server)."""
         entry = self._index.get(name)
         if entry is None:
             raise KeyError(f"attention companion has no {name}")
         a, b = entry["data_offsets"]
+        shape = list(entry["shape"])
+        if first is not None:
+            per = (b - a) // shape[0]
+            a, b, shape = a + first * per, a + (first + 1) * per, shape[1:]
         dt = np.int64 if entry["dtype"] == "I64" else DTYPES[self.shape.dtype][1]
-        mm = self._mapping(self._start + b)
-        return mm[self._start + a : self._start + b].view(dt).reshape(entry["shape"])
-
-    def _mapping(self, need: int) -> np.memmap:
-        if self._map is None or self._mapped_size < need:  # a live run's file grows: map it again
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-            self._mapped_size = self._map.shape[0]
-        if self._mapped_size < need:
+        try:
+            with open(self.path, "rb") as fh:
+                data = os.pread(fh.fileno(), b - a, self._start + a)
+        except OSError as exc:
+            raise AttentionFileError(f"cannot read attention companion {self.path.name}: {exc.strerror}") from None
+        if len(data) != b - a:
             raise AttentionFileError(f"attention companion {self.path.name} is truncated")
-        return self._map
+        return np.frombuffer(data, dtype=dt).reshape(shape)
 
     def edges(self) -> np.ndarray:
         return np.asarray(self._array("prompt_edges"))
 
     def prompt_cells(self, layer: int, head: int | None) -> np.ndarray:
         """(B, B) pooled prompt attention of one layer; head None = mean over heads."""
-        cells = self._array("prompt_bins")[layer]
-        return _pick(cells, head)
+        return _pick(self._array("prompt_bins", layer), head)
 
     def row(self, step: int, layer: int, head: int | None) -> np.ndarray:
         """(T+step,) attention row of the query that chose step `step`; head None = mean over heads."""
         if not 0 <= step < self.steps:
             raise IndexError(f"step {step} is outside the {self.steps} recorded steps")
-        return _pick(self._array(f"row.{step:05d}")[layer], head)
+        return _pick(self._array(f"row.{step:05d}", layer), head)
 
     def row_all(self, step: int) -> np.ndarray:
         """(layers, heads, T+step) float32: every layer and head of one step's row."""
         return self._array(f"row.{step:05d}").astype(np.float32)
 
     def close(self) -> None:
-        self._map = None
+        """Nothing is held open between reads; kept for callers that release a store."""
 
     # -- writing a self-contained copy ----------------------------------------------------------
     def header(self) -> bytes:
@@ -266,6 +311,7 @@ class AttentionStore:
             **{k: str(v) for k, v in vars(self.shape).items() if k != "dtype"},
             "dtype": self.shape.dtype,
             "steps": str(self.steps),
+            **({"run": self.run} if self.run else {}),
         }
         body = json.dumps({"__metadata__": meta, **self._index}, separators=(",", ":")).encode()
         body += b" " * (_round8(len(body)) - len(body))
@@ -297,11 +343,16 @@ def _pick(a: np.ndarray, head: int | None) -> np.ndarray:
     return a.astype(np.float32).mean(axis=0) if head is None else a[head].astype(np.float32)
 
 
-def open_store(path: str | Path) -> AttentionStore:
-    """Open a finished companion, checking its header against its own sizes before mapping data."""
+def open_store(path: str | Path, expect: tuple[Shape, int] | None = None) -> AttentionStore:
+    """Open a finished companion, checking its header before anything is built or read.
+
+    expect: the (shape, steps) the trace declares; the metadata must match them before the header's
+    entries are looked at, so a claimed size never drives any work."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise AttentionFileError(f"{path.name} is not a regular file")
         with open(path, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
@@ -309,53 +360,99 @@ def open_store(path: str | Path) -> AttentionStore:
             (n,) = struct.unpack("<Q", head)
             if n == 0:
                 raise AttentionFileError(f"{path.name} was not finished (the run writing it did not end): record again")
-            if n > HEADER_LIMIT or 8 + n > size:
+            if n > HEADER_LIMIT or 8 + n > st.st_size:
                 raise AttentionFileError(f"{path.name} has a header of {n} bytes, which the file cannot hold")
             header = json.loads(fh.read(n))
     except OSError as exc:
         raise AttentionFileError(f"cannot read {path.name}: {exc.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AttentionFileError(f"{path.name} is not an attention companion: {exc}") from None
-    shape, steps, index = _check_header(header, path.name)
-    data = size - 8 - n
-    end = max((e["data_offsets"][1] for e in index.values()), default=0)
-    if end != data:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # bad JSON, deep nesting, huge numbers
+        raise AttentionFileError(f"{path.name} is not an attention companion: {str(exc)[:200]}") from None
+    shape, steps, run = _check_meta(header, path.name)
+    if expect is not None and (shape, steps) != expect:
+        names = "layers, heads, prompt tokens, prompt cells, dtype"
+        got = (*vars(shape).values(), steps)
         raise AttentionFileError(
-            f"{path.name} holds {data} bytes of data; its header describes {end}: truncated or padded"
+            f"attention companion is for ({names}, steps) = {got}; this trace needs {(*vars(expect[0]).values(), expect[1])}"
         )
-    return AttentionStore(path, shape, steps, index, 8 + n)
+    data = st.st_size - 8 - n
+    if file_bytes(shape, steps) != data:
+        raise AttentionFileError(
+            f"{path.name} holds {data} bytes of data; its metadata describes {file_bytes(shape, steps)}: "
+            "truncated or padded"
+        )
+    index = _check_entries(header, shape, steps, path.name)
+    return AttentionStore(path, shape, steps, index, 8 + n, run)
 
 
-def _check_header(header: dict, name: str) -> tuple[Shape, int, dict]:
-    """Validate the metadata and every tensor entry: names, dtypes, shapes and contiguous offsets."""
-    meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
+def _check_meta(header, name: str) -> tuple[Shape, int, str | None]:
+    """The metadata alone, within the schema's bounds, before any entry is looked at."""
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AttentionFileError(f"{name} is not an attention companion of format {FORMAT}")
     try:
-        ints = {k: int(meta[k]) for k in ("layers", "heads", "prompt_len", "bins", "steps")}
-        shape = Shape(ints["layers"], ints["heads"], ints["prompt_len"], ints["bins"], str(meta["dtype"]))
+        ints = {k: _small_int(meta[k]) for k in ("layers", "heads", "prompt_len", "bins", "steps")}
+        shape = Shape(ints["layers"], ints["heads"], ints["prompt_len"], ints["bins"], str(meta["dtype"])[:16])
     except (KeyError, ValueError, TypeError) as exc:
-        raise AttentionFileError(f"{name}: bad metadata ({exc})") from None
-    if shape.dtype not in DTYPES or min(ints.values()) < 0 or min(shape.layers, shape.heads, shape.prompt_len) < 1:
-        raise AttentionFileError(f"{name}: metadata out of range {meta}")
+        raise AttentionFileError(f"{name}: bad metadata ({str(exc)[:200]})") from None
+    bounds = {
+        "layers": (1, MAX_LAYERS),
+        "heads": (1, MAX_LAYERS),
+        "prompt_len": (1, MAX_PROMPT),
+        "steps": (0, MAX_ROWS),
+    }
+    bad = next((k for k, (low, top) in bounds.items() if not low <= ints[k] <= top), None)
+    if shape.dtype not in DTYPES or bad is not None:
+        raise AttentionFileError(f"{name}: metadata {bad or 'dtype'} out of range")
     if not 1 <= shape.bins <= min(shape.prompt_len, MAX_CELLS):
         raise AttentionFileError(f"{name}: {shape.bins} prompt cells for a {shape.prompt_len}-token prompt")
+    run = meta.get("run")
+    if run is not None and not (isinstance(run, str) and len(run) <= 64):
+        raise AttentionFileError(f"{name}: bad run id in its metadata")
+    return shape, ints["steps"], run
+
+
+def _small_int(v) -> int:
+    """A metadata count: a decimal string of at most 9 digits (a longer one is refused, never parsed)."""
+    if not isinstance(v, str) or not v.isascii() or not v.isdigit() or len(v) > 9:
+        raise ValueError(f"{str(v)[:20]!r} is not a count")
+    return int(v)
+
+
+def _check_entries(header: dict, shape: Shape, steps: int, name: str) -> dict:
+    """Every tensor entry: names, dtypes, shapes and back-to-back offsets (metadata already bounded)."""
+    index = {k: v for k, v in header.items() if k != "__metadata__"}
+    if len(index) != steps + 2:
+        raise AttentionFileError(f"{name}: its tensors do not match its metadata ({len(index)} vs {steps + 2})")
     want = {"prompt_bins": ([shape.layers, shape.heads, shape.bins, shape.bins], DTYPES[shape.dtype][0])}
     want["prompt_edges"] = ([shape.bins + 1], "I64")
-    for s in range(ints["steps"]):
+    for s in range(steps):
         want[f"row.{s:05d}"] = ([shape.layers, shape.heads, shape.prompt_len + s], DTYPES[shape.dtype][0])
-    if set(header) != set(want):
-        raise AttentionFileError(f"{name}: its tensors do not match its metadata ({len(header)} vs {len(want)})")
     pos = 0
-    for key in want:  # written in this order, back to back
-        e = header[key]
-        itemsize = 8 if want[key][1] == "I64" else shape.itemsize
-        nbytes = int(np.prod(want[key][0])) * itemsize
-        if (
-            e.get("shape") != want[key][0]
-            or e.get("dtype") != want[key][1]
-            or e.get("data_offsets") != [pos, pos + nbytes]
-        ):
-            raise AttentionFileError(f"{name}: tensor {key} is {e}; expected {want[key]} at offset {pos}")
+    for key, (dims, code) in want.items():  # written in this order, back to back
+        e = index.get(key)
+        nbytes = int(np.prod(dims)) * (8 if code == "I64" else shape.itemsize)
+        ok = isinstance(e, dict) and e.get("shape") == dims and e.get("dtype") == code
+        if not ok or e.get("data_offsets") != [pos, pos + nbytes]:
+            raise AttentionFileError(f"{name}: tensor {key} is {str(e)[:200]}; expected {dims} {code} at offset {pos}")
         pos += nbytes
-    return shape, ints["steps"], header
+    return index
+
+
+def check_values(store: AttentionStore, piece: int = 4 * 1024 * 1024) -> None:
+    """Every weight finite and within [0, 1] (float16 rounding allowed), read in pieces: a companion with
+    NaN, infinite, negative or larger values is refused when admitted, not found out by a view later."""
+    dt = DTYPES[store.shape.dtype][1]
+    item = np.dtype(dt).itemsize
+    spans = [e["data_offsets"] for k, e in store._index.items() if k != "prompt_edges"]
+    with open(store.path, "rb") as fh:
+        for a, b in spans:
+            for pos in range(a, b, piece):
+                n = min(piece, b - pos) // item * item
+                data = os.pread(fh.fileno(), n, store._start + pos)
+                if len(data) != n:
+                    raise AttentionFileError(f"attention companion {store.path.name} is truncated")
+                v = np.frombuffer(data, dtype=dt)
+                if v.size and not (np.isfinite(v).all() and v.min() >= 0 and v.max() <= 1.001):
+                    raise AttentionFileError(
+                        f"attention companion {store.path.name} holds weights outside [0, 1] or not finite"
+                    )

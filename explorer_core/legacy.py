@@ -1,40 +1,40 @@
-"""Schema-1 attention companions (`trace.attn.npz`): read them safely and convert to the current store.
+"""Schema-1 attention companions (`trace.attn.npz`): checked, then converted to the current store in a stream.
 
 A schema-1 companion held the prompt's full (layers, heads, T, T) attention and every step's row,
-float16 as byte planes inside a compressed npz. Reading checks the .npy headers against the trace
-before inflating anything; conversion pools the prompt to the same byte budget a new run uses.
+float16 split into two byte planes (low bytes, then high bytes) inside a compressed npz. The .npy
+headers are checked against the trace, and the converted file's size against the budget a new run
+gets, before anything is inflated. Conversion then reads both planes side by side in pieces: the
+prompt is pooled one query cell at a time, and each (layer, head)'s rows are written straight to
+their place in the new file. Memory stays at a few cell rows whatever the prompt's length.
 """
 
 from __future__ import annotations
 
-import io
+import os
 import zipfile
 import zlib
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
-from .attnstore import AttentionStore, pooling_edges, prompt_layout
+from .attnstore import AttentionStore, AttentionWriter, Shape, file_bytes, open_store, prompt_layout
 from .recorder import PROMPT_BUDGET_BYTES
 from .trace import Trace, TraceError
 
 MAX_INFLATED_BYTES = 2 * 1024**3
+ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError)
 
 
-def _headers(data: bytes) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of each array, read from the .npy headers before any data."""
-    out = {}
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        names = zf.namelist()
-        if len(names) != len(set(names)):
-            raise TraceError("attention companion holds the same member twice")
-        for name in ("prompt", "rows", "lengths"):
-            with zf.open(name + ".npy") as fh:
-                version = np.lib.format.read_magic(fh)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read(fh)
-            out[name] = (tuple(shape), np.dtype(dtype))
-    return out
+def _header(zf: zipfile.ZipFile, name: str):
+    """An open member positioned at its data, with the shape and dtype its .npy header declares."""
+    fh = zf.open(name + ".npy")
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(fh)
+    if fortran:
+        raise TraceError(f"attention companion's {name} is stored in Fortran order, which schema 1 never wrote")
+    return fh, tuple(shape), np.dtype(dtype)
 
 
 def _check(headers: dict, trace: Trace) -> None:
@@ -43,7 +43,7 @@ def _check(headers: dict, trace: Trace) -> None:
     want = {
         "prompt": ((2, info.layers * info.heads * t * t), "uint8"),  # byte planes of float16
         "rows": ((2, info.layers * info.heads * total), "uint8"),
-        "lengths": ((n,), "int64"),
+        "lengths": ((n,), "<i8"),
     }
     for name, (shape, dtype) in want.items():
         got_shape, got_dtype = headers[name]
@@ -54,70 +54,113 @@ def _check(headers: dict, trace: Trace) -> None:
     size = 2 * (info.layers * info.heads * (t * t + total))
     if size > MAX_INFLATED_BYTES:
         raise TraceError(
-            f"attention companion would take {size / 2**30:.1f} GiB in memory, over the "
+            f"attention companion would inflate to {size / 2**30:.1f} GiB, over the "
             f"{MAX_INFLATED_BYTES / 2**30:.0f} GiB limit for schema-1 companions"
         )
 
 
-def _unplane(planes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    return planes.T.copy().view(np.float16).reshape(shape)
+def target_shape(trace: Trace) -> Shape:
+    """The current store a schema-1 companion of this trace converts to (the rule a new run uses)."""
+    info, t = trace.attention, trace.prompt_len
+    _, edges = prompt_layout(PROMPT_BUDGET_BYTES, info.layers, info.heads, t)
+    return Shape(info.layers, info.heads, t, len(edges) - 1)
 
 
-def read_npz(data: bytes, trace: Trace) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(prompt (layers, heads, T, T), rows [(layers, heads, T+s)]) float16 from a schema-1 companion."""
-    errors = (
-        OSError,
-        ValueError,
-        KeyError,
-        zipfile.BadZipFile,
-        EOFError,
-        zlib.error,
-        NotImplementedError,
-        RuntimeError,
-    )
+def converted_bytes(trace: Trace) -> int:
+    return file_bytes(target_shape(trace), len(trace.steps))
+
+
+class _Planes:
+    """Reads float16 values from two byte planes of one member, opened twice and read side by side."""
+
+    def __init__(self, zf: zipfile.ZipFile, name: str, stack: ExitStack) -> None:
+        self.lo, shape, _ = _header(zf, name)
+        self.hi, _, _ = _header(zf, name)
+        stack.enter_context(self.lo)
+        stack.enter_context(self.hi)
+        _skip(self.hi, shape[1])
+
+    def read(self, n: int) -> np.ndarray:
+        lo, hi = self.lo.read(n), self.hi.read(n)
+        if len(lo) != n or len(hi) != n:
+            raise TraceError("attention companion ends early: truncated")
+        v = (np.frombuffer(hi, np.uint8).astype(np.uint16) << 8 | np.frombuffer(lo, np.uint8)).view(np.float16)
+        if v.size and not (np.isfinite(v).all() and v.min() >= 0 and v.max() <= 1.001):
+            raise TraceError("attention companion holds values outside [0, 1] or not finite")
+        return v
+
+
+def _skip(fh, n: int, piece: int = 1 << 20) -> None:
+    while n > 0:
+        got = len(fh.read(min(piece, n)))
+        if got == 0:
+            raise TraceError("attention companion ends early: truncated")
+        n -= got
+
+
+def _prompt_layers(planes: _Planes, shape: Shape, edges: np.ndarray):
+    """Yield each layer's (heads, B, B) pooled cells: the mean weight over each cell's query-key pairs."""
+    t, sizes = shape.prompt_len, np.diff(edges).astype(np.float32)
+    for _ in range(shape.layers):
+        cells = np.zeros((shape.heads, shape.bins, shape.bins), np.float32)
+        for h in range(shape.heads):
+            for c, (q0, q1) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+                block = planes.read(int(q1 - q0) * t).reshape(int(q1 - q0), t).astype(np.float32)
+                cells[h, c] = np.add.reduceat(block, edges[:-1], axis=1).sum(axis=0)
+        yield cells / (sizes[:, None] * sizes[None, :])
+
+
+def _rows(planes: _Planes, writer: AttentionWriter, lengths: np.ndarray) -> None:
+    """Source order is (layer, head, step); each segment goes to its place in step s's (layers, heads, T+s)."""
+    s, fd = writer.shape, writer.fileno()
+    starts = writer.reserve_rows(len(lengths))
+    for layer in range(s.layers):
+        for head in range(s.heads):
+            for step, n in enumerate(lengths.tolist()):
+                seg = planes.read(n)
+                os.pwrite(fd, seg.tobytes(), starts[step] + (layer * s.heads + head) * n * 2)
+
+
+def convert(source: Path, trace: Trace, path: Path, budget_bytes: int | None = None) -> tuple[Trace, AttentionStore]:
+    """Write a schema-1 companion's contents as a current store at `path`; return the trace that names it.
+
+    budget_bytes: the most a new run may record (Limits.attention_budget_mb); a conversion that would
+    write more is refused before anything is inflated."""
+    shape = target_shape(trace)
+    size = converted_bytes(trace)
+    if budget_bytes is not None and size > budget_bytes:
+        raise TraceError(
+            f"converting this schema-1 attention writes {size / 2**20:,.0f} MB, over the budget of "
+            f"{budget_bytes / 2**20:,.0f} MB a new run gets (EXPLORER_ATTENTION_BUDGET_MB)"
+        )
     try:
-        _check(_headers(data), trace)
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            prompt_planes, row_planes, lengths = npz["prompt"], npz["rows"], npz["lengths"]
+        return _convert(source, trace, path, shape)
     except TraceError:
         raise
-    except errors as exc:
-        raise TraceError(f"attention companion is not readable: {exc}") from None
-    t, info = trace.prompt_len, trace.attention
-    if not np.array_equal(lengths, np.arange(len(trace.steps)) + t):
-        raise TraceError(f"attention companion's row lengths do not match the trace's {len(trace.steps)} steps")
-    prompt = _unplane(prompt_planes, (info.layers, info.heads, t, t))
-    rows = _unplane(row_planes, (info.layers, info.heads, int(lengths.sum())))
-    for name, arr in (("prompt", prompt), ("rows", rows)):
-        if arr.size and (not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1.001):
-            raise TraceError(f"attention companion's {name} holds values outside [0, 1] or not finite")
-    split = np.cumsum(lengths)[:-1]
-    return prompt, (list(np.split(rows, split, axis=-1)) if len(lengths) else [])
+    except ERRORS as exc:
+        raise TraceError(f"attention companion is not readable: {str(exc)[:200]}") from None
 
 
-def pool(prompt: np.ndarray, width: int) -> np.ndarray:
-    """(layers, heads, T, T) -> (layers, heads, B, B): mean weight over each cell's query-key pairs."""
-    layers, heads, t, _ = prompt.shape
-    edges = pooling_edges(t, width)
-    sums = np.add.reduceat(np.add.reduceat(prompt.astype(np.float32), edges[:-1], axis=2), edges[:-1], axis=3)
-    sizes = np.diff(edges).astype(np.float32)
-    return sums / (sizes[:, None] * sizes[None, :])
-
-
-def convert(data: bytes, trace: Trace, path: Path) -> tuple[Trace, AttentionStore]:
-    """Write a schema-1 companion's contents as a current store at `path`; return the trace that names it."""
-    from .attnstore import AttentionWriter, Shape, open_store
-
-    prompt, rows = read_npz(data, trace)
-    layers, heads, t, _ = prompt.shape
-    width, edges = prompt_layout(PROMPT_BUDGET_BYTES, layers, heads, t)
-    writer = AttentionWriter(path, Shape(layers, heads, t, len(edges) - 1), max_steps=len(rows))
-    try:
-        writer.write_prompt(pool(prompt, width), edges)
-        for r in rows:
-            writer.write_row(r)
+def _convert(source: Path, trace: Trace, path: Path, shape: Shape) -> tuple[Trace, AttentionStore]:
+    with zipfile.ZipFile(source) as zf, ExitStack() as stack:
+        names = zf.namelist()
+        if len(names) != len(set(names)):
+            raise TraceError("attention companion holds the same member twice")
+        headers = {}
+        for name in ("prompt", "rows", "lengths"):
+            fh, dims, dtype = _header(zf, name)
+            fh.close()
+            headers[name] = (dims, dtype)
+        _check(headers, trace)
+        with _header(zf, "lengths")[0] as fh:
+            lengths = np.frombuffer(fh.read(8 * len(trace.steps)), "<i8")
+        if not np.array_equal(lengths, np.arange(len(trace.steps)) + trace.prompt_len):
+            raise TraceError(f"attention companion's row lengths do not match the trace's {len(trace.steps)} steps")
+        _, edges = prompt_layout(PROMPT_BUDGET_BYTES, shape.layers, shape.heads, shape.prompt_len)
+        writer = AttentionWriter(path, shape, max_steps=len(lengths))
+        stack.callback(writer.close)
+        writer.write_prompt_layers(_prompt_layers(_Planes(zf, "prompt", stack), shape, edges), edges)
+        _rows(_Planes(zf, "rows", stack), writer, lengths)
         writer.finish()
-    finally:
-        writer.close()
-    info = trace.attention.model_copy(update={"file": path.name, "prompt_cells": len(edges) - 1})
+    info = trace.attention.model_copy(update={"file": path.name, "prompt_cells": shape.bins, "run": writer.run})
     return trace.model_copy(update={"attention": info}), open_store(path)

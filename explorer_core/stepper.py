@@ -418,6 +418,7 @@ class Run:
                 silent_layers=self.recorder.silent_layers(),
                 snapshot_layer=lm.n_layers - 1,
                 snapshot_every=cfg.attn_every,
+                run=self.recorder.writer.run,
             )
         return Trace(
             created=self.created,

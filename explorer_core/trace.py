@@ -171,6 +171,11 @@ class AttentionInfo(_Strict):
         max_length=1024,
         description="Layers without attention weights (state-space, convolution, recurrent layers): rows of zeros.",
     )
+    run: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{1,64}$",
+        description="Run id also written in the companion's metadata: a companion of another run is refused.",
+    )
 
 
 class FidelityCheck(_Strict):
@@ -224,10 +229,13 @@ class Components(_Strict):
     """The logit difference split into direct contributions (final norm scale frozen); they sum to it."""
 
     embed: Score
-    heads: list[list[Score]] = Field(max_length=1024, description="heads[layer][head]")
+    heads: list[list[Score]] = Field(max_length=1024, description="heads[layer][head]; one row per layer, rows equal")
     mlps: list[Score] = Field(max_length=1024)
     attn_bias: list[Score] = Field(max_length=1024, description="Each attention output projection's bias.")
     bias: Score = Field(description="Final norm's and output head's biases (0 for llama-like models).")
+
+
+MAX_COMPONENT_CELLS = 65_536  # layers × heads of one breakdown: what its heatmap may draw
 
 
 class Explanation(_Strict):
@@ -291,6 +299,7 @@ class Trace(_Strict):
                 if s.step != b.at_step + j or s.position != t + s.step:
                     raise ValueError(f"branch {b.id}: step {j} is numbered {s.step}; expected {b.at_step + j}")
             known[b.id] = b.at_step + len(b.steps)
+        self._check_explanations(known)
         return self
 
     def _check_ids(self) -> None:
@@ -308,6 +317,24 @@ class Trace(_Strict):
         bad = next((i for i in ids if i >= v), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the model's vocabulary of {v}")
+
+    def _check_explanations(self, ends: dict[int, int]) -> None:
+        """Each kept explanation names a step of an existing path and has the model's shape: one row of
+        heads per layer, rows of one length, so its views cost what the model's shape allows."""
+        t = len(self.prompt_ids)
+        for i, e in enumerate(self.explanations):
+            c, where = e.components, f"explanation {i}"
+            if e.branch not in ends or e.step >= ends[e.branch]:
+                raise ValueError(f"{where} is of step {e.step} of branch {e.branch}, which the trace does not hold")
+            widths = {len(row) for row in c.heads}
+            if not len(c.heads) == len(c.mlps) == len(c.attn_bias) == self.model.n_layers or len(widths) > 1:
+                raise ValueError(f"{where}: its breakdown needs {self.model.n_layers} layers of equal head rows")
+            if len(c.heads) * max(widths, default=0) > MAX_COMPONENT_CELLS:
+                raise ValueError(f"{where}: its breakdown has over {MAX_COMPONENT_CELLS:,} layer × head cells")
+            if any(not 0 <= p < t + e.step for p in e.inputs.positions):
+                raise ValueError(
+                    f"{where}: an input position is outside the {t + e.step} positions before step {e.step}"
+                )
 
     def _check_config(self) -> None:
         GenerationConfig.from_dict(self.config)  # raises ValueError naming a bad setting
@@ -334,8 +361,11 @@ class Trace(_Strict):
 
 
 def dumps(trace: Trace) -> str:
-    """trace.json text, checked by the same parser that reads it: the tool never writes a file it would refuse."""
-    text = trace.model_dump_json(indent=1)
+    """trace.json text, checked by the same parser that reads it: the tool never writes a file it would refuse.
+
+    Compact (no indentation): a file accepted under the size cap is written back no larger than
+    admission measured it (`admission.py` measures this same text)."""
+    text = trace.model_dump_json()
     parse(text)
     return text
 

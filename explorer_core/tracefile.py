@@ -3,8 +3,8 @@
 `save` writes the companion under a fresh name (`trace.<id>.attn.safetensors`), then trace.json
 naming it, each by an atomic rename: a kill at any moment leaves either the old pair or the new one,
 never a trace.json whose companion was replaced. Leftovers of earlier pairs and of killed saves are
-removed once the new trace.json is in place. `load` and `open_companion` check the companion
-against the trace before any view reads it; schema-1 `.attn.npz` companions are converted.
+removed once the new trace.json is in place. `load` and `open_companion` go through admission.py,
+the one door every trace comes in by.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import legacy
-from .attnstore import AttentionFileError, AttentionStore, open_store
-from .trace import MAX_TRACE_BYTES, Trace, TraceError, dumps, parse
+from .admission import admit_companion, admit_file
+from .attnstore import AttentionStore
+from .trace import Trace, dumps
 
 SUFFIX = ".attn.safetensors"
 STALE_S = 600  # a temporary file older than this belongs to a save that was killed
@@ -94,50 +94,11 @@ def _atomic_write(path: Path, data) -> None:
         raise
 
 
-def check_companion(store: AttentionStore, trace: Trace) -> AttentionStore:
-    """The companion must describe exactly this trace's attention: same shape, steps and cells."""
-    info = trace.attention
-    if info is None:
-        raise TraceError("trace has no attention section, so no companion belongs to it")
-    s = store.shape
-    want = (info.layers, info.heads, trace.prompt_len, info.prompt_cells, len(trace.steps), info.dtype)
-    got = (s.layers, s.heads, s.prompt_len, s.bins, store.steps, s.dtype)
-    if got != want:
-        names = "layers, heads, prompt tokens, prompt cells, steps, dtype"
-        raise TraceError(f"attention companion is for ({names}) = {got}; this trace needs {want}")
-    edges = store.edges()
-    if edges[0] != 0 or edges[-1] != trace.prompt_len or (edges[1:] <= edges[:-1]).any():
-        raise TraceError("attention companion's prompt cell edges are not increasing from 0 to the prompt length")
-    return store
-
-
 def open_companion(path: Path, trace: Trace, work_dir: Path | None = None) -> tuple[Trace, AttentionStore]:
-    """Open (or, for a schema-1 .attn.npz, convert into work_dir) the companion of `trace`."""
-    if path.name.endswith(".attn.npz"):
-        folder = work_dir or Path(tempfile.mkdtemp(prefix="explorer-load-"))
-        return legacy.convert(path.read_bytes(), trace, folder / ("converted" + SUFFIX))
-    try:
-        return trace, check_companion(open_store(path), trace)
-    except AttentionFileError as exc:
-        raise TraceError(str(exc)) from None
+    """Open (or, for a schema-1 .attn.npz, convert into work_dir) the companion of `trace` (admission.py)."""
+    return admit_companion(path, trace, work_dir)
 
 
 def load(json_path: str | Path) -> tuple[Trace, AttentionStore | None]:
-    """Load trace.json and, when it names one that exists, its attention companion."""
-    json_path = Path(json_path)
-    try:
-        size = json_path.stat().st_size
-        if size > MAX_TRACE_BYTES:
-            raise TraceError(
-                f"{json_path.name} is {size / 2**20:.1f} MiB, over the {MAX_TRACE_BYTES / 2**20:.0f} MiB limit for traces"
-            )
-        trace = parse(json_path.read_bytes())
-    except OSError as exc:
-        raise TraceError(f"cannot read {json_path}: {exc.strerror}") from None
-    info = trace.attention
-    if info is None or info.file is None:
-        return trace, None
-    comp = json_path.parent / Path(info.file).name  # never follow a path out of the trace's folder
-    if not comp.is_file():
-        return trace, None
-    return open_companion(comp, trace)
+    """Load trace.json and, when it names one that exists, its attention companion (admission.py)."""
+    return admit_file(json_path)

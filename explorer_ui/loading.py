@@ -16,8 +16,8 @@ from pathlib import Path
 
 import streamlit as st
 
+from explorer_core import admission, tracefile
 from explorer_core import trace as trace_io
-from explorer_core import tracefile
 from explorer_core.attnstore import AttentionStore
 from explorer_core.recorder import TEMP_PREFIX
 from explorer_core.trace import Trace, TraceError
@@ -105,7 +105,7 @@ def from_uploads(files: list) -> tuple[Trace, AttentionStore | None]:
         raise TraceError("upload one trace.json, optionally with its one attention companion")
     js = by_kind["json"][0]
     _check_size(js.name, js.size, min(MAX_TRACE_BYTES, upload_cap()))
-    trace = trace_io.parse(js.getvalue())
+    trace = admission.admit_trace(js.getvalue())
     if not by_kind["companion"] or trace.attention is None:
         return trace, None
     comp = by_kind["companion"][0]
@@ -121,7 +121,7 @@ def _open(trace: Trace, name: str, write) -> tuple[Trace, AttentionStore]:
     try:
         with open(path, "wb") as fh:
             write(fh)
-        return tracefile.open_companion(path, trace, folder)
+        return admission.admit_companion(path, trace, folder)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -155,7 +155,7 @@ def from_zip(data: bytes) -> tuple[Trace, AttentionStore | None]:
                 _check_size(info.filename, info.file_size, cap)  # what the directory claims, before inflating
             buf = io.BytesIO()
             read_member(zf, zf.getinfo("trace.json"), min(cap, MAX_TRACE_BYTES), buf)
-            trace = trace_io.parse(buf.getvalue())
+            trace = admission.admit_trace(buf.getvalue())
             comps = [i for i in infos if _kind(i.filename) == "companion"]
             if len(comps) > 1:
                 raise TraceError("the archive holds more than one attention companion")

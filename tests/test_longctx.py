@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import json
 import struct
 
@@ -17,7 +18,6 @@ from explorer_core import attnview, recompute, tracefile
 from explorer_core.attnstore import AttentionFileError, open_store
 from explorer_core.cli import main as cli_main
 from explorer_core.config import GenerationConfig
-from explorer_core.legacy import pool
 from explorer_core.limits import Limits
 from explorer_core.stepper import Run
 from explorer_core.trace import TraceError
@@ -33,6 +33,15 @@ def long_run(lm, n: int = 6, budget: int | None = None, dtype: str = "float16", 
     for _ in run:
         pass
     return run
+
+
+def pool(prompt: np.ndarray, width: int) -> np.ndarray:
+    """Reference pooling, whole matrix at once: (layers, heads, T, T) -> mean over each cell's pairs."""
+    t = prompt.shape[-1]
+    edges = np.append(np.arange(0, t, width), t)
+    sums = np.add.reduceat(np.add.reduceat(prompt.astype(np.float32), edges[:-1], axis=2), edges[:-1], axis=3)
+    sizes = np.diff(edges).astype(np.float32)
+    return sums / (sizes[:, None] * sizes[None, :])
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +87,23 @@ def test_companion_is_standard_safetensors_and_read_lazily(pooled, tmp_path):
     plain = load_file(str(store.path))  # safetensors' own reader agrees with ours
     assert len(plain) == 2 + store.steps
     np.testing.assert_array_equal(plain["row.00003"][1, 2], store.row(3, 1, 2).astype(np.float16))
-    assert store._map is None or store._mapped_size == store.path.stat().st_size
-    one = store.row(2, 0, None)  # the mean over heads of one layer of one step
+    reads = []
+    real = os.pread
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "pread", lambda fd, n, off: reads.append(n) or real(fd, n, off))
+        one = store.row(2, 0, None)  # the mean over heads of one layer of one step
     assert one.shape == (trace.prompt_len + 2,) and abs(one.sum() - 1) < 1e-2
+    assert reads == [store.heads * (trace.prompt_len + 2) * 2]  # that layer of that step, nothing more
+
+
+def test_companion_truncated_while_open_is_an_error_not_a_crash(pooled, tmp_path):
+    """A file cut short by someone else after it was admitted: the next view reads a clear error (a
+    mapped file would have killed the server with SIGBUS)."""
+    run, _ = pooled
+    _, store = tracefile.load(tracefile.save(run.trace(), run.attention(), tmp_path / "trace.json"))
+    os.truncate(store.path, store.nbytes() // 2)
+    with pytest.raises(AttentionFileError, match="truncated"):
+        store.row(store.steps - 1, 0, None)
 
 
 def _finished(run, tmp_path):
