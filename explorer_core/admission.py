@@ -99,9 +99,14 @@ def admit_companion(
     except OSError as exc:
         raise TraceError(f"cannot read {path.name}: {exc.strerror}") from None
     if path.name.endswith(".attn.npz"):
+        lim = limits or Limits.from_env()
+        if lim.hosted and trace.prompt_len > lim.max_prompt_tokens:  # converting costs like recording
+            raise TraceError(
+                f"converting this schema-1 trace's {trace.prompt_len}-token prompt is over this host's limit of "
+                f"{lim.max_prompt_tokens} (EXPLORER_MAX_PROMPT_TOKENS); convert it locally and upload the result"
+            )
         folder = work_dir or Path(tempfile.mkdtemp(prefix="explorer-load-"))
-        budget = (limits or Limits.from_env()).attention_budget_mb * 2**20
-        return legacy.convert(path, trace, folder / CONVERTED, budget)
+        return legacy.convert(path, trace, folder / CONVERTED, lim.attention_budget_mb * 2**20)
     try:
         store = open_store(path, expect=(companion_shape(trace), len(trace.steps)))
         _check_pair(store, trace)

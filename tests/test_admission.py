@@ -1,0 +1,231 @@
+"""Admission (admission.py): every file is built here, small on disk and large in what it declares; each
+is refused before its declared sizes drive any work, or admitted and then bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from explorer_core import admission, tracefile
+from explorer_core.attnstore import FORMAT
+from explorer_core.trace import Components, Explanation, InputScores, TokenRef, TraceError, dumps
+from tests import crafted
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _header_file(path: Path, header, data: bytes = b"") -> Path:
+    body = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+    return path
+
+
+def _pair(tmp_path: Path, steps: int = 3) -> tuple[Path, Path]:
+    path = crafted.saved_pair(tmp_path, crafted.trace(8, steps, layers=2, heads=2))
+    return path, tmp_path / "trace.crafted.attn.safetensors"
+
+
+def _meta(**over) -> dict:
+    meta = {"format": FORMAT, "layers": "2", "heads": "2", "prompt_len": "8", "bins": "8", "steps": "3"}
+    meta["dtype"] = "float16"
+    return {"__metadata__": meta | over}
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        _meta(steps=str(10**12)),  # drove a loop over every claimed step: 2.7 GiB in 33 s
+        _meta(steps="1" * 5000),  # a count too long to parse
+        _meta(steps="4000"),  # within the schema's bounds, but not this trace's 3 steps
+        _meta(layers="1024", heads="1024"),
+        b"[" * 1_000_000 + b"]" * 1_000_000,  # nesting a million deep
+        _meta() | {"prompt_bins": "a string"},
+        json.dumps(_meta()).encode()[:-1] + b', "prompt_bins": {"data_offsets": [0, ' + b"9" * 5000 + b"]}}",
+        b'{"__metadata__": ' + b"1" * 5000 + b"}",  # a 5,000-digit number in the header
+    ],
+    ids=["steps-1e12", "steps-5000-digits", "steps-of-another-run", "1024x1024", "deep", "string-entry",
+         "huge-offset", "huge-number"],
+)  # fmt: skip
+def test_companion_headers_are_refused_before_any_work(tmp_path, header):
+    path, comp = _pair(tmp_path)
+    _header_file(comp, header)
+    start = time.perf_counter()
+    with pytest.raises(TraceError):
+        tracefile.load(path)
+    assert time.perf_counter() - start < 5  # a claimed size drove no loop (the test of old code never ended)
+
+
+def _rewrite_weights(comp: Path, value: float) -> None:
+    """Put `value` in the first weight of the companion's data, keeping its header."""
+    raw = bytearray(comp.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    raw[8 + n : 8 + n + 2] = np.float16(value).tobytes()
+    comp.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5, 3.0])
+def test_weights_that_are_not_probabilities_are_refused(tmp_path, value):
+    path, comp = _pair(tmp_path)
+    _rewrite_weights(comp, value)
+    with pytest.raises(TraceError, match="outside \\[0, 1\\] or not finite"):
+        tracefile.load(path)
+
+
+def test_companion_of_another_run_of_the_same_shape_is_refused(tiny_llama, tmp_path):
+    from explorer_core.config import GenerationConfig
+    from explorer_core.stepper import Run
+
+    paths = []
+    for name in ("a", "b"):  # two runs of one shape: only the run id tells their companions apart
+        run = Run(tiny_llama, GenerationConfig(model="x", max_new_tokens=3, min_new_tokens=3))
+        for _ in run:
+            pass
+        paths.append(tracefile.save(run.trace(), run.attention(), tmp_path / name / "trace.json"))
+    a, b = (tracefile.load(p) for p in paths)
+    assert a[0].attention.run == a[1].run != b[1].run
+    b[1].path.replace(a[1].path)
+    with pytest.raises(TraceError, match="belongs to another run"):
+        tracefile.load(paths[0])
+
+
+def test_links_pipes_and_devices_are_refused_at_once(tmp_path):
+    path, comp = _pair(tmp_path)
+    link = tmp_path / "zero" / "trace.json"
+    link.parent.mkdir()
+    link.symlink_to("/dev/zero")
+    fifo = tmp_path / "fifo" / "trace.json"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    for bad in (link, fifo):
+        with pytest.raises(TraceError, match="not a regular file"):
+            tracefile.load(bad)
+    comp.unlink()
+    comp.symlink_to("/dev/zero")  # a companion that links anywhere is refused too
+    with pytest.raises(TraceError, match="not a regular file"):
+        tracefile.load(path)
+
+
+def _explanation(layers: int, heads: int, width: int | None = None, step: int = 0) -> Explanation:
+    rows = [[0.0] * (width if width is not None and i == 0 else heads) for i in range(layers)]
+    return Explanation(
+        step=step, target=TokenRef(id=1, label="a"), contrast=TokenRef(id=2, label="b"), logit_diff=0.0,
+        inputs=InputScores(positions=[0], labels=["x"], methods={}, baseline="pad", ig_steps=1),
+        components=Components(embed=0.0, heads=rows, mlps=[0.0] * layers, attn_bias=[0.0] * layers, bias=0.0),
+        checks={}, timing_s={},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("layers", "width", "step", "reason"),
+    [(2, 100_000, 0, "equal head rows"), (3, None, 0, "2 layers"), (2, None, 9, "does not hold")],
+)
+def test_kept_explanations_have_the_model_shape(layers, width, step, reason):
+    tr = crafted.trace(8, 3, layers=2, heads=2)
+    bad = tr.model_copy(update={"explanations": [_explanation(layers, 2, width, step)]})
+    with pytest.raises(TraceError, match=reason):
+        admission.admit_trace(bad.model_dump_json())
+    good = tr.model_copy(update={"explanations": [_explanation(2, 2)]})
+    assert admission.admit_trace(dumps(good)).explanations[0].components.heads == [[0.0, 0.0]] * 2
+
+
+def _integral_floats_as_ints(obj):
+    if isinstance(obj, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_integral_floats_as_ints(v) for v in obj]
+    return int(obj) if isinstance(obj, float) and obj.is_integer() else obj
+
+
+def test_a_file_that_would_grow_when_written_back_is_refused(monkeypatch):
+    """Spelled short ("1" for 1.0), a file under the cap is written back longer: refused when admitted,
+    never at the download button later."""
+    tr = crafted.trace(16, 200, snapshots=True)
+    short = json.dumps(_integral_floats_as_ints(json.loads(tr.model_dump_json())), separators=(",", ":"))
+    monkeypatch.setattr(admission, "MAX_TRACE_BYTES", len(short) + 10)
+    assert len(tr.model_dump_json()) > len(short) + 10
+    with pytest.raises(TraceError, match="written back takes"):
+        admission.admit_trace(short)
+    monkeypatch.setattr(admission, "MAX_TRACE_BYTES", len(tr.model_dump_json()))
+    assert len(dumps(admission.admit_trace(short))) <= admission.MAX_TRACE_BYTES
+
+
+# -- schema 1 --------------------------------------------------------------------------------------
+def _npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def write_v1(path: Path, layers: int, heads: int, t: int, steps: int) -> None:
+    """A schema-1 npz streamed to disk: prompt row q of every head is (q % 7) / 8; step s's row of
+    (layer, head) is the constant ((layer * heads + head) * steps + s) % 97 / 128."""
+    prompt = lambda: (np.full(t, (q % 7) / 8, np.float16) for _ in range(layers * heads) for q in range(t))  # noqa: E731
+    value = lambda lh, s: ((lh * steps + s) % 97) / 128  # noqa: E731
+    rows = lambda: (np.full(t + s, value(lh, s), np.float16) for lh in range(layers * heads) for s in range(steps))  # noqa: E731
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, make, n in (("prompt", prompt, layers * heads * t * t),
+                              ("rows", rows, layers * heads * sum(t + s for s in range(steps)))):  # fmt: skip
+            with zf.open(name + ".npy", "w", force_zip64=True) as fh:
+                fh.write(_npy_header((2, n), "|u1"))
+                for plane in (0, 1):
+                    for arr in make():
+                        fh.write(arr.view(np.uint8)[plane::2].tobytes())
+        with zf.open("lengths.npy", "w") as fh:
+            fh.write(_npy_header((steps,), "<i8") + (np.arange(steps, dtype=np.int64) + t).tobytes())
+
+
+def v1_pair(folder: Path, layers: int, heads: int, t: int, steps: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_v1(folder / "trace.attn.npz", layers, heads, t, steps)
+    data = json.loads(crafted.trace(t, steps, layers=layers, heads=heads).model_dump_json())
+    data["schema_version"] = 1
+    data["attention"] = {k: v for k, v in data["attention"].items() if k not in ("prompt_cells", "run")}
+    data["attention"]["file"] = "trace.attn.npz"
+    (folder / "trace.json").write_text(json.dumps(data))
+    return folder / "trace.json"
+
+
+def test_schema_1_conversion_is_streamed_and_correct(tmp_path):
+    """8,192-token prompt: 128 MiB of float16 inflated and pooled into 1,024 cells per axis. Converted
+    in a fresh process whose peak memory is measured; the cells and rows are checked against the rule
+    the file was made by."""
+    path = v1_pair(tmp_path, layers=1, heads=2, t=8192, steps=3)
+    assert path.with_name("trace.attn.npz").stat().st_size < 3 * 2**20
+    script = textwrap.dedent(f"""
+        import re
+        from explorer_core import tracefile
+        hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
+        before = hwm()
+        trace, store = tracefile.load({str(path)!r})
+        print(hwm() - before, store.shape.bins)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grew_mb, bins = map(int, out.stdout.split())
+    assert bins == 1024 and grew_mb < 150  # the whole-matrix conversion took 6.4 GiB on a file like this
+    trace, store = tracefile.load(path)  # converted again, in this process, to read the result
+    q = np.arange(8192)
+    want = np.add.reduceat(((q % 7) / 8).astype(np.float16).astype(np.float32), store.edges()[:-1]) / 8
+    np.testing.assert_allclose(store.prompt_cells(0, 1)[:, 5], want, rtol=1e-3)
+    for s in range(3):
+        for layer_head in range(2):
+            assert np.allclose(store.row(s, 0, layer_head), ((layer_head * 3 + s) % 97) / 128)
+
+
+def test_schema_1_conversion_over_the_new_run_budget_is_refused_before_inflating(tmp_path, monkeypatch):
+    path = v1_pair(tmp_path, layers=2, heads=2, t=300, steps=2)
+    monkeypatch.setenv("EXPLORER_ATTENTION_BUDGET_MB", "0")
+    with pytest.raises(TraceError, match="over the budget of 0 MB a new run gets"):
+        tracefile.load(path)
