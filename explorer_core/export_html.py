@@ -3,7 +3,8 @@
 Vega, Vega-Lite and Vega-Embed are bundled into the page by vl-convert. Each chart's spec is built
 once; the page swaps in the data of the clicked step. Token text enters the page only escaped
 (`markup.escape_text`) or inside a JSON data block whose `<`, `>` and `&` are escaped, so no token can
-close the script tag or add markup. Branches are included: click any of their tokens too.
+close the script tag or add markup. Branches are included: click any of their tokens too. The page
+holds each stored step once (a branch carries only its own steps), so its size is linear in the trace's.
 """
 
 from __future__ import annotations
@@ -64,10 +65,12 @@ function heat(path, step) {{
 }}
 if (D.prompt_spec) vegaEmbed('#prompt', D.prompt_spec, opts);
 function show(path, step) {{
+  const rows = D.topk[path] && D.topk[path][step - D.start[path]];  // a branch stores its own steps only
+  if (!rows) return;  // an empty run: nothing to inspect
   document.querySelectorAll('.tok').forEach(e => e.classList.toggle('sel',
     Number(e.dataset.path) === path && Number(e.dataset.step) === step));
   document.getElementById('sel').textContent = (path ? 'branch ' + path : 'main run') + ', step ' + step;
-  vegaEmbed('#topk', withData(D.topk_spec, D.topk[path][step]), opts); heat(path, step);
+  vegaEmbed('#topk', withData(D.topk_spec, rows), opts); heat(path, step);
 }}
 document.querySelectorAll('.tok').forEach(e => e.addEventListener('click',
   () => show(Number(e.dataset.path), Number(e.dataset.step))));
@@ -96,6 +99,11 @@ def _bundle() -> str:
     except OSError as exc:
         log.warning("could not cache the Vega bundle in %s: %s", path.parent, exc)
     return bundle
+
+
+def vega_bundle() -> str:
+    """The bundled Vega, Vega-Lite and Vega-Embed script (the notebook's views share one copy)."""
+    return _bundle()
 
 
 def warm() -> None:
@@ -155,14 +163,27 @@ def _attention(trace: Trace, attention: AttentionStore) -> dict:
     }
 
 
+def _topk(trace: Trace) -> dict:
+    """Top-k rows of every stored step, once: the main run's, then each branch's own steps.
+
+    A branch's path shares its steps before at_step with its ancestors; copying them per path made the
+    page grow with the paths' lengths (64 chained branches of a 4,096-step run: over a gigabyte). Only a
+    branch's own tokens are clickable, and their data-step is absolute, so the page indexes
+    topk[path][step - start[path]]."""
+    own = {0: (0, trace.steps)} | {b.id: (b.at_step, b.steps) for b in trace.branches}
+    return {
+        "topk": {pid: [frames.topk_rows(s) for s in steps] for pid, (_, steps) in own.items()},
+        "start": {pid: start for pid, (start, _) in own.items()},
+    }
+
+
 def build(trace: Trace, attention: AttentionStore | None, vega_js: str | None = None) -> str:
     """The whole page as a string. vega_js replaces the bundled Vega script (a notebook shares one copy)."""
-    paths = {0: trace.steps} | {b.id: trace.path_steps(b.id) for b in trace.branches}
     first = frames.topk_frame(trace.steps[0]) if trace.steps else pd.DataFrame(columns=["label", "prob"])
     data = {
         "timeline": _spec(charts.timeline_chart(frames.timeline_frame(trace))),
         "topk_spec": _spec(charts.topk_chart(first, "Top candidates")),
-        "topk": {pid: [frames.topk_rows(s) for s in steps] for pid, steps in paths.items()},
+        **_topk(trace),
         "labels": trace.labels_upto(len(trace.steps)),
         "rows": None,
     }

@@ -4,6 +4,10 @@ already loaded, and returns a Trace that draws itself inline (the one-file HTML 
 Each inline view is an iframe (its own document, so two traces in one notebook never share element ids).
 Vega travels once per kernel: the first view carries the bundle as inert text beside its iframe, and every
 view's iframe evaluates that text in its own window (srcdoc frames share the notebook page's origin).
+
+A watched trace's attention is recorded in a temporary folder, removed when the last trace reading it is
+collected (or at exit); a saved trace has its own copy. Runs on one model may overlap (threads): the
+model's mode and attention implementation are lent to them together and given back by the last.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import contextlib
 import dataclasses
 import html
 import json
+import logging
+import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,7 @@ from .attnstore import AttentionStore
 from .config import GenerationConfig
 from .trace import Trace as PlainTrace
 
+log = logging.getLogger(__name__)
 _vega_sent = False  # whether a view shown by this kernel already carried the Vega bundle
 HEAT_WINDOW = 64  # positions in a step's heatmap: a bounded number of marks however long the run
 
@@ -60,6 +68,8 @@ def watch(model: Any, prompt: str, tokenizer: Any = None, **flags: Any) -> Trace
     model: a name as --model takes it (the embedded default, a hub id, a local folder), or a loaded
     transformers causal LM, which then needs its `tokenizer`. flags: GenerationConfig fields
     (temperature, top_p, max_new_tokens, chat, clean_stop, seed, ...), defaults as in the CLI.
+    Interrupted (Ctrl-C, the kernel's stop button), it returns the steps so far, stopped by "interrupted".
+    Several threads may watch one model at once.
     """
     from . import models, stepper
     from .stepper import Run
@@ -71,12 +81,58 @@ def watch(model: Any, prompt: str, tokenizer: Any = None, **flags: Any) -> Trace
         lm = models.load(model, dtype=config.dtype, device=config.device, device_map=config.device_map)
     else:
         lm = models.LoadedModel.wrap(model, tokenizer, name=config.model)
-    with _eval_mode(lm.model), capture_attention(lm.model, config.capture_attention):
-        stepper.check_fidelity(lm)
+    with borrowed(lm.model, config.capture_attention):
+        with _probe_lock:  # the probe switches the model's attention: one at a time, the others reuse its result
+            stepper.check_fidelity(lm)
         run = Run(lm, config)
+        reason = _drive(run)
+    return _result(run, reason)
+
+
+def _drive(run: Any) -> str | None:
+    """Generate to the end. A KeyboardInterrupt stops the run and keeps the steps so far, as the CLI does
+    (a step is committed whole, so the one it cut short is simply absent). Any other error removes the
+    run's temporary recording before it propagates: nothing will ever read it."""
+    try:
         for _ in run:
             pass
-    return attach(run.trace(), run.attention())
+    except KeyboardInterrupt:
+        return "interrupted"
+    except BaseException:
+        if run.recorder is not None:
+            run.recorder.discard()
+        raise
+    return None
+
+
+def _result(run: Any, reason: str | None) -> Trace:
+    """The run as a notebook trace. Its temporary recording lives as long as the attention store reading it
+    (every copy of the trace shares that store), then goes, or at interpreter exit at the latest."""
+    trace, store = run.trace(stop_reason=reason), run.attention()
+    if run.error:
+        log.warning("%s; the %d steps before it are kept", run.error, len(trace.steps))
+    if run.recorder is None:
+        return attach(trace, None)
+    if store is not None and store.steps != len(trace.steps):
+        log.warning("interrupted between a step's attention and its record: this trace keeps no attention")
+        store, trace = None, trace.model_copy(update={"attention": None})
+    if store is None:  # stopped before the prompt was read, or dropped above: nothing worth keeping
+        run.recorder.discard()
+        return attach(trace, None)
+    run.recorder.finish()  # a complete file, and its handle closed now rather than whenever the run is collected
+    weakref.finalize(store, _remove_recording, store.path)
+    return attach(trace, store)
+
+
+def _remove_recording(path: Path) -> None:
+    """Remove a run's temporary companion and then its folder, unless the folder holds anything else (the
+    user saved a trace into it): only what the run made goes."""
+    from .recorder import TEMP_PREFIX
+
+    with contextlib.suppress(OSError):  # a file still open elsewhere (Windows) stays; a finalizer must not raise
+        path.unlink(missing_ok=True)
+        if path.parent.name.startswith(TEMP_PREFIX):
+            path.parent.rmdir()  # refused when not empty: someone else's files stay
 
 
 def _config(model: Any, prompt: str, flags: dict[str, Any]) -> GenerationConfig:
@@ -95,38 +151,71 @@ def _config(model: Any, prompt: str, flags: dict[str, Any]) -> GenerationConfig:
     return GenerationConfig(prompt=prompt, model=name or type(model).__name__, **flags)
 
 
+@dataclasses.dataclass
+class _Loan:
+    """What a model had before the first of its concurrent watch() runs changed it."""
+
+    users: int
+    implementation: str | None
+    training: bool
+
+
+_loans: dict[int, _Loan] = {}  # id(model) -> its loan, while any watch() uses the model
+_loans_lock = threading.Lock()
+_probe_lock = threading.Lock()
+
+
 @contextlib.contextmanager
-def capture_attention(model: Any, needed: bool = True) -> Iterator[None]:
-    """Route the model's attention through the capture function for the run (sdpa underneath, whatever
-    the user loaded), then give it back the implementation it had."""
+def borrowed(model: Any, capture_needed: bool = True) -> Iterator[None]:
+    """The model in eval mode (dropout off: the trace shows the model's own distribution) with its attention
+    routed through the capture function when needed, for a block. Runs on one model share the loan: the
+    first changes the model, the last to leave gives back what it had, so one run ending never pulls
+    capture from under another."""
+    _lend(model, capture_needed)
+    try:
+        yield
+    finally:
+        _give_back(model)
+
+
+def _lend(model: Any, capture_needed: bool) -> None:
     from . import capture
 
-    before = getattr(model.config, "_attn_implementation", None)
-    if not needed or capture.installed(model):
-        yield
-        return
-    if not capture.supports(model):
-        raise ValueError(
-            f"{type(model).__name__}'s attention does not go through transformers' attention interface, so its "
-            "weights cannot be recorded: pass capture_attention=False"
+    with _loans_lock:
+        loan = _loans.get(id(model)) or _Loan(
+            0, getattr(model.config, "_attn_implementation", None), bool(model.training)
         )
-    capture.install(model)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
+        try:
+            if capture_needed and not capture.installed(model):
+                if not capture.supports(model):
+                    raise ValueError(
+                        f"{type(model).__name__}'s attention does not go through transformers' attention "
+                        "interface, so its weights cannot be recorded: pass capture_attention=False"
+                    )
+                capture.install(model)
+        except BaseException:
+            if loan.users == 0:
+                _restore(model, loan)
+            raise
+        model.eval()
+        loan.users += 1
+        _loans[id(model)] = loan
 
 
-@contextlib.contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    """Dropout off for the run, so the trace shows the model's own distribution; training mode comes back after."""
-    was_training = bool(model.training)
-    model.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()
+def _give_back(model: Any) -> None:
+    with _loans_lock:
+        loan = _loans[id(model)]
+        loan.users -= 1
+        if loan.users == 0:
+            del _loans[id(model)]
+            _restore(model, loan)
+
+
+def _restore(model: Any, loan: _Loan) -> None:
+    if getattr(model.config, "_attn_implementation", None) != loan.implementation:
+        model.set_attn_implementation(loan.implementation)
+    if loan.training:
+        model.train()
 
 
 class Trace(PlainTrace):
@@ -181,10 +270,10 @@ def _vega_carrier() -> str:
     global _vega_sent
     if _vega_sent:
         return ""
-    import vl_convert as vlc
+    from . import export_html
 
-    _vega_sent = True
-    return f'<script type="text/plain" class="explorer-vega">{vlc.javascript_bundle()}</script>'
+    _vega_sent = True  # the export's cached bundle: building it anew costs seconds
+    return f'<script type="text/plain" class="explorer-vega">{export_html.vega_bundle()}</script>'
 
 
 def _frame(page: str, height: int, title: str) -> str:

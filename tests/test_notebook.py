@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -237,3 +238,115 @@ def test_notebook_views_render_offline_in_chromium(executed_notebook, tmp_path):
         browser.close()
     assert not any(from_views), "a notebook view asked the network for something"
     assert not errors
+
+
+def test_two_threads_watch_one_model(gpt2_objects):
+    """The first watch() to finish leaves capture installed while the second still records (it once put
+    the model's own attention back mid-run, and the second run lost its attention rows)."""
+    import threading
+
+    model, tok = gpt2_objects
+    explorer_core.watch(model, "Hi", tokenizer=tok, max_new_tokens=1)  # the fidelity check, done once
+    first_running, second_running, first_done = threading.Event(), threading.Event(), threading.Event()
+    results, errors = {}, []
+
+    def hold(module, args, kwargs):
+        """The first run starts, waits for the second to start, and returns while the second is held mid-run."""
+        name = threading.current_thread().name
+        if name == "first":
+            first_running.set()
+            assert second_running.wait(120), "the second watch() never started"
+        elif name == "second" and not second_running.is_set():
+            second_running.set()
+            assert first_done.wait(120), "the first watch() never returned"
+
+    def work(name: str) -> None:
+        try:
+            results[name] = explorer_core.watch(model, "Why?", tokenizer=tok, max_new_tokens=5, min_new_tokens=5)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(f"{name}: {exc!r}")
+        finally:
+            if name == "first":
+                first_done.set()
+
+    handle = model.register_forward_pre_hook(hold, with_kwargs=True)
+    try:
+        first = threading.Thread(target=work, args=("first",), name="first")
+        first.start()
+        assert first_running.wait(120), "the first watch() never reached the model"
+        second = threading.Thread(target=work, args=("second",), name="second")
+        second.start()
+        first.join(300), second.join(300)
+    finally:
+        handle.remove()
+    assert not errors, errors
+    assert set(results) == {"first", "second"}
+    for trace in results.values():
+        assert len(trace.steps) == 5 and notebook.attention_of(trace).steps == 5
+    assert model.config._attn_implementation == "sdpa"  # put back once, by the last to leave
+
+
+def recording_folder(trace: Trace) -> Path:
+    from explorer_core.recorder import TEMP_PREFIX
+
+    folder = notebook.attention_of(trace).path.parent
+    assert folder.name.startswith(TEMP_PREFIX) and folder.is_dir()
+    return folder
+
+
+def test_a_dropped_trace_takes_its_temporary_recording_along(gpt2_objects, tmp_path):
+    """watch() left one temporary folder per call (1,221 of them, 1.66 GB, on one machine)."""
+    import gc
+
+    model, tok = gpt2_objects
+    trace = explorer_core.watch(model, "Hi", tokenizer=tok, max_new_tokens=3, min_new_tokens=3)
+    folder = recording_folder(trace)
+    copy = trace.model_copy()  # shares the recording: the folder stays while any copy lives
+    saved = trace.save(tmp_path / "kept")
+    del trace
+    gc.collect()
+    assert folder.is_dir()
+    del copy
+    gc.collect()
+    assert not folder.exists()
+    again = Trace.load(saved)  # the saved pair has its own companion
+    assert notebook.attention_of(again).steps == 3 and len(again.steps) == 3
+
+
+def test_a_trace_saved_into_its_temporary_folder_stays(gpt2_objects):
+    import gc
+
+    model, tok = gpt2_objects
+    trace = explorer_core.watch(model, "Hi", tokenizer=tok, max_new_tokens=2, min_new_tokens=2)
+    folder = recording_folder(trace)
+    try:
+        trace.save(folder)
+        del trace
+        gc.collect()
+        assert (folder / "trace.json").is_file()  # the user's files are not the run's to remove
+        assert notebook.attention_of(Trace.load(folder)).steps == 2
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # this test's own leftover
+
+
+def test_an_interrupted_watch_returns_the_steps_so_far(gpt2_objects, tmp_path):
+    """Ctrl-C (the kernel's stop button) mid-run: the partial trace comes back, as the CLI writes it."""
+    model, tok = gpt2_objects
+    explorer_core.watch(model, "Hi", tokenizer=tok, max_new_tokens=1)  # the fidelity check, done once
+    calls = []
+
+    def interrupt(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the prefill, steps 1 and 2, then step 3's forward is interrupted
+            raise KeyboardInterrupt
+
+    handle = model.register_forward_pre_hook(interrupt, with_kwargs=True)
+    try:
+        trace = explorer_core.watch(model, "Why is the sea salty?", tokenizer=tok, max_new_tokens=10, min_new_tokens=10)
+    finally:
+        handle.remove()
+    assert trace.stop_reason == "interrupted" and len(trace.steps) == 3
+    assert notebook.attention_of(trace).steps == 3
+    assert model.config._attn_implementation == "sdpa" and not model.training
+    again = Trace.load(trace.save(tmp_path / "partial"))  # the partial pair is a valid one
+    assert again.steps == trace.steps and notebook.attention_of(again).steps == 3
