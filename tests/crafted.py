@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +69,27 @@ def saved_pair(folder: Path, tr: Trace, cells: int | None = None) -> Path:
     path = folder / "trace.json"
     path.write_text(dumps(tr.model_copy(update={"attention": info})), encoding="utf-8")
     return path
+
+
+def _npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def write_v1(path: Path, layers: int, heads: int, t: int, steps: int) -> None:
+    """A schema-1 npz streamed to disk: prompt row q of every head is (q % 7) / 8; step s's row of
+    (layer, head) is the constant ((layer * heads + head) * steps + s) % 97 / 128."""
+    prompt = lambda: (np.full(t, (q % 7) / 8, np.float16) for _ in range(layers * heads) for q in range(t))  # noqa: E731
+    value = lambda lh, s: ((lh * steps + s) % 97) / 128  # noqa: E731
+    rows = lambda: (np.full(t + s, value(lh, s), np.float16) for lh in range(layers * heads) for s in range(steps))  # noqa: E731
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, make, n in (("prompt", prompt, layers * heads * t * t),
+                              ("rows", rows, layers * heads * sum(t + s for s in range(steps)))):  # fmt: skip
+            with zf.open(name + ".npy", "w", force_zip64=True) as fh:
+                fh.write(_npy_header((2, n), "|u1"))
+                for plane in (0, 1):
+                    for arr in make():
+                        fh.write(arr.view(np.uint8)[plane::2].tobytes())
+        with zf.open("lengths.npy", "w") as fh:
+            fh.write(_npy_header((steps,), "<i8") + (np.arange(steps, dtype=np.int64) + t).tobytes())
