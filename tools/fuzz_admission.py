@@ -253,6 +253,52 @@ def ask(proc: subprocess.Popen, folder: Path) -> dict:
     raise RuntimeError(f"the fuzz worker died on {folder} (memory cap or crash)")
 
 
+# -- the report ------------------------------------------------------------------------------------
+def run_logged(examples: int, log: Path) -> None:
+    """Run the fuzz test with `examples` files, keeping every result line in `log`."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", EXPLORER_FUZZ_EXAMPLES=str(examples), EXPLORER_FUZZ_LOG=str(log))
+    test = "tests/test_fuzz_admission.py"
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=ROOT, env=env, check=True
+    )
+
+
+def table(log: Path) -> str:
+    """RELIABILITY.md's section from a log: what was tried, what was said, the largest cost."""
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    admitted = [r for r in rows if r["result"]["outcome"] == "admitted"]
+    refused = [r for r in rows if r["result"]["outcome"] == "refused"]
+    worst = lambda group, key: max((r["result"][key] for r in group), default=0)  # noqa: E731
+    kinds: dict[str, list[int]] = {}
+    for r in rows:
+        k = f"{r['spec']['companion']} companion, trace {r['spec']['trace_mutation']}"
+        kinds.setdefault(k, [0, 0])[r["result"]["outcome"] != "admitted"] += 1
+    lines = [
+        "## Admission fuzzer",
+        "",
+        f"`python -m tools.reliability_report` ran {len(rows)} files made by the structure fuzzer "
+        "(`tests/test_fuzz_admission.py`, `tools/fuzz_admission.py`; CI runs 40): declared prompts of 1 to 8,192 "
+        "tokens, 0 to 400 steps, 1 to 1,024 layers and heads, 0 to 64 chained branches and kept explanations, "
+        "companions honest, lying in one metadata field, with string entries, nested a million deep, truncated, "
+        "holding a NaN, linked to /dev/zero, FIFOs, schema-1 npz honest or of another shape; trace.json nested, "
+        "with a field of the wrong type, a 5,000-digit number, numbers spelled short, or an explanation row of "
+        "100,000 heads. Each went through `tracefile.load` and the Trace viewer upload (AppTest) in a worker whose "
+        f"address space was capped at its own plus {AS_BUDGET / 2**30:.0f} GiB; each admitted file then through the "
+        "downloads, the one-file export and the notebook view.",
+        "",
+        f"- refused with a sentence: {len(refused)}; admitted: {len(admitted)}; anything else (an exception, "
+        f"an error after admission, a worker killed): {len(rows) - len(refused) - len(admitted)}",
+        f"- largest cost of an admitted file: {worst(admitted, 'peak_mb'):,.0f} MB above the worker, "
+        f"{worst(admitted, 'seconds'):.1f} s (every door and every output); of a refused one: "
+        f"{worst(refused, 'peak_mb'):,.0f} MB, {worst(refused, 'seconds'):.1f} s",
+        "",
+        "| kind of file | admitted | refused |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {a} | {b} |" for k, (a, b) in sorted(kinds.items())]
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     if "--worker" in sys.argv:
         worker()

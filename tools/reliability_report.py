@@ -7,13 +7,15 @@ Sections that take minutes to measure are written by their own tools and kept he
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from explorer_core import trace as trace_io
 from tests import corpus
-from tools import bounded_cost, mdsections
+from tools import bounded_cost, fuzz_admission, mdsections
 
 ROOT = Path(__file__).resolve().parents[1]
+FUZZ_FILES = 200  # files the admission fuzzer makes for the report (CI's test makes 40)
 # heading -> the command that writes it; kept from the file as it was when this report is regenerated
 HAND_RUN = {
     "Attention memory estimate vs measured": "python -m bench.attnmem --write",
@@ -79,7 +81,11 @@ def main() -> None:
         except trace_io.TraceError as exc:
             outcome = str(exc).replace("|", "\\|")
         lines.append(f"| {name} | {len(data):,} B | {outcome} |")
-    text = "\n".join(lines) + "\n" + OTHER_FAULTS + "\n" + bounded_cost.table()
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "fuzz.jsonl"
+        fuzz_admission.run_logged(FUZZ_FILES, log)
+        fuzzed = fuzz_admission.table(log)
+    text = "\n".join(lines) + "\n" + OTHER_FAULTS + "\n" + bounded_cost.table() + "\n" + fuzzed
     path = ROOT / "RELIABILITY.md"
     path.write_text(keep_hand_run(text, path.read_text(encoding="utf-8") if path.exists() else ""), encoding="utf-8")
     print("wrote RELIABILITY.md")
