@@ -93,13 +93,13 @@ def admit_companion(
     """Open (or, for a schema-1 .attn.npz, convert into work_dir) the companion of an admitted trace."""
     if trace.attention is None:
         raise TraceError("trace has no attention section, so no companion belongs to it")
+    lim = limits or Limits.from_env()
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             raise TraceError(f"{path.name} is not a regular file (a link, a pipe or a device): refused")
     except OSError as exc:
         raise TraceError(f"cannot read {path.name}: {exc.strerror}") from None
     if path.name.endswith(".attn.npz"):
-        lim = limits or Limits.from_env()
         if lim.hosted and trace.prompt_len > lim.max_prompt_tokens:  # converting costs like recording
             raise TraceError(
                 f"converting this schema-1 trace's {trace.prompt_len}-token prompt is over this host's limit of "
@@ -107,6 +107,12 @@ def admit_companion(
             )
         folder = work_dir or Path(tempfile.mkdtemp(prefix="explorer-load-"))
         return legacy.convert(path, trace, folder / CONVERTED, lim.attention_budget_mb * 2**20)
+    declared = cost_of(trace).companion_bytes
+    if declared > lim.attention_budget_mb * 2**20:  # the same budget a new run's recording is held to
+        raise TraceError(
+            f"this trace's attention companion takes {declared / 2**20:,.0f} MB, over the budget of "
+            f"{lim.attention_budget_mb:,} MB a run may record here (EXPLORER_ATTENTION_BUDGET_MB)"
+        )
     try:
         store = open_store(path, expect=(companion_shape(trace), len(trace.steps)))
         _check_pair(store, trace)

@@ -202,3 +202,11 @@ def test_schema_1_conversion_over_the_new_run_budget_is_refused_before_inflating
     monkeypatch.setenv("EXPLORER_ATTENTION_BUDGET_MB", "0")
     with pytest.raises(TraceError, match="over the budget of 0 MB a new run gets"):
         tracefile.load(path)
+
+
+def test_a_companion_over_the_recording_budget_is_refused_before_it_is_opened(tmp_path, monkeypatch):
+    path, comp = _pair(tmp_path)
+    monkeypatch.setenv("EXPLORER_ATTENTION_BUDGET_MB", "0")
+    comp.write_bytes(b"never read")  # refused from the trace's declared shape alone
+    with pytest.raises(TraceError, match="over the budget of 0 MB a run may record here"):
+        tracefile.load(path)
