@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -51,6 +51,29 @@ SUM_TOLERANCE = 1e-2  # the parts must rebuild the logit difference this closely
 
 class ExplainError(ValueError):
     """A step cannot be explained; the message names the problem and what to do."""
+
+
+class Cancelled(ExplainError):
+    """An explanation stopped between two passes: its caller asked (a closed session, a time limit)."""
+
+
+# `cancel` is asked before every forward or backward pass: falsy to go on, else the reason to stop (a
+# threading.Event's is_set works). A caller may also raise from it (Streamlit's Stop does).
+Cancel = Callable[[], object] | None
+
+
+class _Passes:
+    """Counts passes and asks `cancel` before each, so a shared model is never held past a stop request."""
+
+    def __init__(self, cancel: Cancel = None) -> None:
+        self.cancel, self.done = cancel, 0
+
+    def __call__(self) -> None:
+        reason = self.cancel() if self.cancel is not None else None
+        if reason:
+            why = reason if isinstance(reason, str) else "cancelled by its caller"
+            raise Cancelled(f"explanation stopped after {self.done} model passes: {why}")
+        self.done += 1
 
 
 @dataclass
@@ -117,7 +140,10 @@ def resolve_contrast(lm: LoadedModel, step: StepRecord, contrast: int | str | No
         if not others:
             raise ExplainError(f"step {step.step} recorded no candidate besides the chosen one: give a contrast token")
         return others[0]
-    if isinstance(contrast, int) or (isinstance(contrast, str) and contrast.strip().isdigit()):
+    # ASCII digits only: str.isdigit() takes "٣" (Arabic-Indic three), which int() reads as id 3
+    if isinstance(contrast, int) or (
+        isinstance(contrast, str) and contrast.strip().isascii() and contrast.strip().isdigit()
+    ):
         token = int(contrast)
     else:
         ids = lm.tokenizer(contrast, add_special_tokens=False)["input_ids"]
@@ -156,8 +182,12 @@ def explain(
     branch: int = 0,
     methods: Sequence[str] = METHODS,
     ig_steps: int = IG_STEPS,
+    cancel: Cancel = None,
 ) -> Explanation:
-    """Explain why step `step` chose its token over `contrast` (default: the best other processed candidate)."""
+    """Explain why step `step` chose its token over `contrast` (default: the best other processed candidate).
+
+    `cancel` is asked before every pass (see Cancel); a stop raises Cancelled and keeps nothing."""
+    passes = _Passes(cancel)
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ExplainError(f"unknown attribution method {bad[0]!r}: choose from {', '.join(METHODS)}")
@@ -168,6 +198,7 @@ def explain(
     timing: dict[str, float] = {}
     vocab = vocab_for(lm.tokenizer)
     start = time.perf_counter()
+    passes()
     try:
         comps, logit_diff, checks = breakdown(lm.model, parts, input_ids, target, other)
     except ExplainError:
@@ -183,7 +214,7 @@ def explain(
     spent = 0  # integrated gradients' gradient evaluations
     for method in methods:
         start = time.perf_counter()
-        values, error, used = attribute(lm.model, input_ids, target, other, method, ig_steps)
+        values, error, used = attribute(lm.model, input_ids, target, other, method, ig_steps, passes)
         timing[method] = time.perf_counter() - start
         scores[method] = values
         if error is not None:
@@ -485,7 +516,7 @@ class _Piece:
 
 
 def integrated_gradients(
-    f, x: torch.Tensor, base: torch.Tensor, n_steps: int = IG_STEPS, tolerance: float = IG_TOLERANCE
+    f, x: torch.Tensor, base: torch.Tensor, n_steps: int = IG_STEPS, tolerance: float = IG_TOLERANCE, check=None
 ) -> tuple[torch.Tensor, float, int]:
     """(1, T, d) attributions along the straight path from `base` to `x`, the relative completeness
     error |Σ scores − (f(x) − f(base))| / |f(x) − f(base)|, and the gradient evaluations spent.
@@ -496,20 +527,23 @@ def integrated_gradients(
     up to at most `tolerance` of the whole change, or `n_steps` gradient evaluations are spent. A
     fixed grid does not do on real models: f along the path is rough (the default model's swings by
     ±2 logits within alpha < 0.05), and 16–64 fixed nodes missed completeness by 16–330 %.
+    `check()` runs before every batched pass (it raises to stop: see _Passes).
     """
+    check = check or _Passes()
     first = max(1, min(IG_PIECES, n_steps // 2))
     edges = torch.linspace(0, 1, first + 1)
-    fs = _f_at(f, x, base, edges).tolist()
-    pieces = _pieces(f, x, base, [(float(a), float(b), fa, fb) for a, b, fa, fb in zip(edges, edges[1:], fs, fs[1:])])
+    fs = _f_at(f, x, base, edges, check).tolist()
+    spans = [(float(a), float(b), fa, fb) for a, b, fa, fb in zip(edges, edges[1:], fs, fs[1:])]
+    pieces = _pieces(f, x, base, spans, check)
     gap, spent = fs[-1] - fs[0], 2 * first
     while spent + 4 <= n_steps and sum(p.error for p in pieces) > tolerance * max(abs(gap), 1e-6):
         room = (n_steps - spent) // 4
         worst = sorted(pieces, key=lambda p: p.error, reverse=True)[: min(room, IG_SPLITS_PER_ROUND)]
         mids = [(p.t0 + p.t1) / 2 for p in worst]
-        fm = _f_at(f, x, base, torch.tensor(mids)).tolist()
+        fm = _f_at(f, x, base, torch.tensor(mids), check).tolist()
         halves = [(p.t0, m, p.f0, v) for p, m, v in zip(worst, mids, fm)]
         halves += [(m, p.t1, v, p.f1) for p, m, v in zip(worst, mids, fm)]
-        pieces = [p for p in pieces if all(p is not w for w in worst)] + _pieces(f, x, base, halves)
+        pieces = [p for p in pieces if all(p is not w for w in worst)] + _pieces(f, x, base, halves, check)
         spent += 4 * len(worst)
     attr = sum(p.grads for p in pieces) * (x - base)
     return attr, abs(float(attr.sum()) - gap) / max(abs(gap), 1e-6), spent
@@ -521,14 +555,20 @@ def _points(x: torch.Tensor, base: torch.Tensor, t: torch.Tensor) -> torch.Tenso
     return base + alpha * (x - base)
 
 
-def _f_at(f, x: torch.Tensor, base: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _f_at(f, x: torch.Tensor, base: torch.Tensor, t: torch.Tensor, check) -> torch.Tensor:
     """f at path parameters t, forward only, batched within IG_TOKENS_PER_BATCH."""
     batch = max(1, IG_TOKENS_PER_BATCH // x.shape[1])
-    with torch.no_grad():
-        return torch.cat([f(_points(x, base, t[i : i + batch])).float().cpu() for i in range(0, len(t), batch)])
+    out = []
+    for i in range(0, len(t), batch):
+        check()
+        with torch.no_grad():
+            out.append(f(_points(x, base, t[i : i + batch])).float().cpu())
+    return torch.cat(out)
 
 
-def _pieces(f, x: torch.Tensor, base: torch.Tensor, spans: list[tuple[float, float, float, float]]) -> list[_Piece]:
+def _pieces(
+    f, x: torch.Tensor, base: torch.Tensor, spans: list[tuple[float, float, float, float]], check
+) -> list[_Piece]:
     """Quadrature of each span (t0, t1, f0, f1): two Gauss-Legendre nodes, gradients batched."""
     nodes, weights = [], []
     for t0, t1, _, _ in spans:
@@ -537,7 +577,7 @@ def _pieces(f, x: torch.Tensor, base: torch.Tensor, spans: list[tuple[float, flo
             t = mid + half * u
             nodes.append(t)
             weights.append(half * IG_WARP * t ** (IG_WARP - 1))  # dalpha = IG_WARP t^(IG_WARP-1) dt
-    grads = _grads(f, x, base, torch.tensor(nodes)) * torch.tensor(weights).view(-1, 1, 1).to(x.device)
+    grads = _grads(f, x, base, torch.tensor(nodes), check) * torch.tensor(weights).view(-1, 1, 1).to(x.device)
     d = x - base
     out = []
     for i, (t0, t1, f0, f1) in enumerate(spans):
@@ -546,11 +586,12 @@ def _pieces(f, x: torch.Tensor, base: torch.Tensor, spans: list[tuple[float, flo
     return out
 
 
-def _grads(f, x: torch.Tensor, base: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _grads(f, x: torch.Tensor, base: torch.Tensor, t: torch.Tensor, check) -> torch.Tensor:
     """(n, T, d) gradients of f at path parameters t, batched within IG_TOKENS_PER_BATCH."""
     batch = max(1, IG_TOKENS_PER_BATCH // x.shape[1])
     out = []
     for i in range(0, len(t), batch):
+        check()
         points = _points(x, base, t[i : i + batch]).requires_grad_(True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(f(points).sum(), points)
@@ -559,18 +600,21 @@ def _grads(f, x: torch.Tensor, base: torch.Tensor, t: torch.Tensor) -> torch.Ten
 
 
 def attribute(
-    model, input_ids: torch.Tensor, target: int, other: int, method: str, ig_steps: int = IG_STEPS
+    model, input_ids: torch.Tensor, target: int, other: int, method: str, ig_steps: int = IG_STEPS, check=None
 ) -> tuple[list[float], float | None, int]:
     """One score per position (summed over the embedding), IG's relative completeness error and the
-    gradient evaluations it spent (None and 1 for gradient x input)."""
+    gradient evaluations it spent (None and 1 for gradient x input). `check()` runs before each pass."""
+    check = check or _Passes()
     f = logit_diff_fn(model, target, other)
     with torch.no_grad():
         embeds = model.get_input_embeddings()(input_ids).float()  # (1, T, d)
     with recomputed_blocks(find_parts(model).blocks):
-        return _attribute(model, f, embeds, input_ids, target, other, method, ig_steps)
+        return _attribute(model, f, embeds, input_ids, target, other, method, ig_steps, check)
 
 
-def _attribute(model, f, embeds, input_ids, target, other, method, ig_steps):
+def _attribute(model, f, embeds, input_ids, target, other, method, ig_steps, check):
+    if method != "integrated_gradients":
+        check()  # one backward; integrated gradients checks before each of its own passes
     if method == "attn_lrp":
         from . import capture, lrp
 
@@ -585,7 +629,7 @@ def _attribute(model, f, embeds, input_ids, target, other, method, ig_steps):
         with torch.enable_grad():
             attr = InputXGradient(f).attribute(embeds.clone().requires_grad_(True))  # (1, T, d)
         return attr[0].sum(-1).tolist(), None, 1
-    attr, error, spent = integrated_gradients(f, embeds, baseline_embeds(model, input_ids), ig_steps)
+    attr, error, spent = integrated_gradients(f, embeds, baseline_embeds(model, input_ids), ig_steps, check=check)
     return attr[0].sum(-1).tolist(), error, spent
 
 
@@ -678,6 +722,7 @@ def cli_main(argv: list[str]) -> int:
             raise ExplainError(f"the trace has no branch {args.branch}")
         limits = Limits.from_env()
         limits.check_replay(trace)  # the app's caps: explaining re-runs the prompt and steps up to this one
+        limits.check_explain(args.ig_steps)
         lm = models.load(args.model or trace.model.name, limits=limits)
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         result = explain(lm, trace, args.step, args.contrast, args.branch, methods, args.ig_steps)

@@ -35,6 +35,8 @@ class Limits:
     attention_budget_mb: int = 4096  # attention one run records (the companion on disk, float16)
     prompt_attention_mb: int = 40  # of which the prompt's own pooled T×T attention
     max_model_mb: int = 8192  # weights in the chosen dtype
+    max_ig_passes: int = 1024  # integrated gradients' gradient passes in one explanation
+    max_explain_s: int = 3600  # wall time of one explanation, checked between its passes
     allowed_models: tuple[str, ...] = field(default=())
 
     @classmethod
@@ -48,6 +50,8 @@ class Limits:
                 max_top_n=20,
                 attention_budget_mb=600,
                 max_model_mb=1200,
+                max_ig_passes=256,  # the default: about 11 min at 500 prompt tokens on 2 cores
+                max_explain_s=180,  # one visitor holds the only model slot for at most 3 minutes
                 allowed_models=HOSTED_MODELS,
             )
             if hosted
@@ -62,6 +66,8 @@ class Limits:
             attention_budget_mb=_env_int("EXPLORER_ATTENTION_BUDGET_MB", base.attention_budget_mb),
             prompt_attention_mb=_env_int("EXPLORER_PROMPT_ATTENTION_MB", base.prompt_attention_mb),
             max_model_mb=_env_int("EXPLORER_MAX_MODEL_MB", base.max_model_mb),
+            max_ig_passes=_env_int("EXPLORER_MAX_IG_PASSES", base.max_ig_passes),
+            max_explain_s=_env_int("EXPLORER_MAX_EXPLAIN_S", base.max_explain_s),
             allowed_models=tuple(m.strip() for m in allowed.split(",") if m.strip())
             if allowed
             else base.allowed_models,
@@ -108,6 +114,14 @@ class Limits:
             raise ValueError(
                 f"replaying this trace runs {t} prompt tokens and {n} steps, over this host's limits of "
                 f"{self.max_prompt_tokens} and {self.max_new_tokens} (EXPLORER_MAX_PROMPT_TOKENS, EXPLORER_MAX_NEW_TOKENS)"
+            )
+
+    def check_explain(self, ig_passes: int) -> None:
+        """Integrated gradients costs about one backward per pass: the host caps the passes it may ask for."""
+        if ig_passes > self.max_ig_passes:
+            raise ValueError(
+                f"{ig_passes} integrated-gradients passes are over this host's limit of {self.max_ig_passes} "
+                f"(EXPLORER_MAX_IG_PASSES): ask for at most {self.max_ig_passes}"
             )
 
     def prompt_attention_bytes(self) -> int:

@@ -15,12 +15,14 @@ from explorer_core.attnstore import AttentionStore
 from explorer_core.config import GenerationConfig
 from explorer_core.markup import escape_text
 from explorer_core.stepper import Run
-from explorer_core.trace import Trace
+from explorer_core.trace import Branch, Trace
 
 from . import live, resources
-from .base import stream_html
+from .base import clip, schema_limit, stream_html
 
-MAX_BRANCHES = 64  # the trace schema's limit
+MAX_BRANCHES = schema_limit(Trace, "branches")  # the trace schema's limits: refused before a branch runs
+MAX_BRANCH_ID = schema_limit(Branch, "id", "le")
+MAX_TYPED = 100  # characters of a typed token; Streamlit cuts a longer value at max_chars on the server too
 BRANCH_TAB = "Branch from here"  # the step inspector's tab holding the form
 MAX_TORN_PILLS = 60  # a long sampled run can be torn hundreds of times: the rest stay on the slider
 
@@ -111,12 +113,17 @@ def render_branch_form(trace: Trace, parent_id: int, step: int, state_key: str, 
             ),
             key=f"{state_key}_branch_pick",
         )
-        typed = st.text_input("…or type a token (its first token is used)", key=f"{state_key}_branch_typed")
-        go = st.form_submit_button("Continue from here")
-    if not go:
-        return
-    if len(trace.branches) >= MAX_BRANCHES:
-        st.text(f"This trace already has {MAX_BRANCHES} branches, the most one trace keeps.")
+        typed = st.text_input(
+            "…or type a token (its first token is used)", key=f"{state_key}_branch_typed", max_chars=MAX_TYPED
+        )
+        full_up = len(trace.branches) >= MAX_BRANCHES
+        if full_up:
+            st.caption(
+                f"This trace already has {MAX_BRANCHES} branches, the most one trace keeps: download it, "
+                "then load it again without some of them to branch further."
+            )
+        go = st.form_submit_button("Continue from here", disabled=full_up)
+    if not go or full_up:
         return
     child = _start_branch(trace, parent_id, step, pick, typed, live_run)
     if child is None:
@@ -135,8 +142,8 @@ def _start_branch(trace: Trace, parent_id: int, step: int, pick: int, typed: str
     except ValueError as exc:
         st.text(f"This trace's settings are not valid here: {exc}")
         return None
-    st.text(f"Branching with the model named in the trace: {config.model}")
-    lm = resources.get_model(config.model, config.dtype, config.device, config.device_map)
+    st.text(f"Branching with the model named in the trace: {clip(config.model, 80)}")
+    lm = resources.get_model(config.model, config.dtype, config.device, config.device_map, fix=resources.TRACE_FIX)
     if lm is None:
         return None
     token = pick
@@ -158,7 +165,7 @@ def _start_branch(trace: Trace, parent_id: int, step: int, pick: int, typed: str
             prompt_ids=trace.prompt_ids,
         )
     except (ValueError, IndexError, RuntimeError) as exc:  # a model that does not fit the trace
-        st.text(f"Cannot branch here: {exc}")
+        st.text(f"Cannot branch here: {clip(str(exc))}")
         return None
 
 
@@ -169,9 +176,18 @@ def settle_branch(state_key: str) -> None:
         return
     child, parent_id = pending
     trace, attn = st.session_state[state_key]
-    new_id = max([b.id for b in trace.branches], default=0) + 1
-    branches = trace.branches + [child.branch_record(new_id, parent_id)]
+    if len(trace.branches) >= MAX_BRANCHES:  # the form refuses first; never store a trace that does not validate
+        return
+    branches = trace.branches + [child.branch_record(next_branch_id(trace), parent_id)]
     st.session_state[state_key] = (trace.model_copy(update={"branches": branches}), attn)
+
+
+def next_branch_id(trace: Trace) -> int:
+    """The next id after the highest; past the schema's 1000 (a loaded trace may use it), the lowest free one.
+    A trace holds at most 64 branches, so a free id always exists."""
+    used = {b.id for b in trace.branches}
+    nxt = max(used, default=0) + 1
+    return nxt if nxt <= MAX_BRANCH_ID else next(i for i in range(1, MAX_BRANCH_ID + 1) if i not in used)
 
 
 def render_branches(trace: Trace) -> None:

@@ -6,16 +6,22 @@ the session (per trace, path and step) and can be kept in the trace, so they com
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 from explorer_core import charts, frames
 from explorer_core.explain import FAST_METHODS, IG_STEPS, METHOD_NAMES, ExplainError, explain, top_components
-from explorer_core.markup import escape_text
 from explorer_core.trace import Explanation, Trace
 
 from . import resources
+from .base import clip, escape_text, schema_limit
 
 RESULTS = "explain_results"  # session entry: {(trace id, branch, step): Explanation}, newest last
+MAX_EXPLANATIONS = schema_limit(Trace, "explanations")  # what one trace may keep
+# characters of a typed contrast: one token's text or its id, never a document. Streamlit cuts a longer
+# value at max_chars on the server too (the browser shows the count), so no echo or tokenizer sees more.
+MAX_TYPED = 100
 
 
 def _trace_id(trace: Trace) -> tuple:
@@ -49,27 +55,31 @@ def render_explain(trace: Trace, branch: int, step: int, key: str, state_key: st
             format_func=lambda i: "(no other candidate recorded)" if i is None else f"{labels.get(i, '?')}  (id {i})",
             key=f"{key}_explain_pick",
         )
-        typed = st.text_input("…or type one token (or its id)", key=f"{key}_explain_typed")
+        typed = st.text_input(
+            "…or type one token (or its id)", key=f"{key}_explain_typed", max_chars=MAX_TYPED, help=TYPED_HELP
+        )
         with_ig = st.checkbox(
             "Also integrated gradients (slower: on 2 CPU cores about 30 s at 50 prompt tokens, 11 min at 500)",
             key=f"{key}_explain_with_ig",
             help="Gradient × input and attention-aware LRP take one backward pass each. Integrated gradients "
             "refines its path until its scores add up to the change from the baseline.",
         )
+        cap = resources.limits().max_ig_passes
         ig_steps = st.number_input(
             "Integrated gradients: most gradient passes",
             4,
-            1024,
-            IG_STEPS,
+            max(4, cap),
+            min(IG_STEPS, max(4, cap)),
             step=4,
             key=f"{key}_explain_ig_steps",
             help="Integrated gradients refines its path where the scores do not yet add up, and stops "
-            "once they do (within 4 %) or after this many passes. Each pass costs about one backward.",
+            f"once they do (within 4 %) or after this many passes. Each pass costs about one backward. "
+            f"This host allows {cap} (EXPLORER_MAX_IG_PASSES).",
         )
         go = st.form_submit_button("Explain")
     if go:
         methods = FAST_METHODS + (("integrated_gradients",) if with_ig else ())
-        _run(trace, branch, step, typed.strip() or pick, int(ig_steps), methods)
+        _run(trace, branch, step, _contrast(typed, pick), int(ig_steps), methods)
     result = current(trace, branch, step)
     if result is not None:
         render_result(result, key)
@@ -77,26 +87,73 @@ def render_explain(trace: Trace, branch: int, step: int, key: str, state_key: st
     render_uncertainty(trace.model_copy(update={"steps": trace.path_steps(branch)}), step)
 
 
+TYPED_HELP = f"ASCII digits are a token id; anything else is the token's text (at most {MAX_TYPED} characters)."
+
+
+def _contrast(typed: str, pick):
+    """The typed contrast as an id (ASCII digits only: "٣" is text, not id 3), as text, or else the pick."""
+    typed = typed.strip()
+    if not typed:
+        return pick
+    return int(typed) if typed.isascii() and typed.isdigit() else typed
+
+
 def _run(trace: Trace, branch: int, step: int, contrast, ig_steps: int, methods: tuple[str, ...]) -> None:
     if contrast is None:
         st.text("Type a contrast token: this step recorded no other candidate.")
+        return
+    limits = resources.limits()
+    try:
+        limits.check_explain(ig_steps if "integrated_gradients" in methods else 0)
+    except ValueError as exc:
+        st.error(str(exc))  # our own words and numbers only
         return
     lm = resources.model_for_trace(trace, "explain")
     if lm is None:
         return
     try:
         with resources.model_job(), st.spinner("Explaining: one forward for the breakdown, then the gradients…"):
-            result = explain(lm, trace, step, contrast, branch=branch, methods=methods, ig_steps=ig_steps)
-    except (ExplainError, ValueError, RuntimeError) as exc:  # a model that does not fit, a bad token
-        st.text(f"Cannot explain this step: {exc}")
+            cancel = stop_check(time.monotonic() + limits.max_explain_s, limits.max_explain_s)
+            result = explain(lm, trace, step, contrast, branch, methods, ig_steps, cancel=cancel)
+    except (ExplainError, ValueError, RuntimeError) as exc:  # a model that does not fit, a bad token, a stop
+        st.text(f"Cannot explain this step: {clip(str(exc))}")
         return
     st.session_state.setdefault(RESULTS, {})[(_trace_id(trace), branch, step)] = result
+
+
+def stop_check(deadline: float, limit_s: int):
+    """explain()'s cancel: asked between passes, it stops work nobody is waiting for any more.
+
+    Touching session state is a Streamlit yield point: a Stop, a rerun, or a closed tab (its session's
+    script is asked to stop) raises there, between two passes, and model_job frees the slot. Past the
+    host's time limit it returns the reason, and explain raises Cancelled with it."""
+
+    def check() -> str | None:
+        st.session_state.get(RESULTS)
+        if time.monotonic() > deadline:
+            return (
+                f"it ran past this host's limit of {limit_s} s per explanation (EXPLORER_MAX_EXPLAIN_S): "
+                "allow fewer integrated-gradients passes, or explain a shorter sequence"
+            )
+        return None
+
+    return check
 
 
 def _keep_button(trace: Trace, result: Explanation, key: str, state_key: str | None) -> None:
     if state_key is None or result in trace.explanations:
         return
-    if st.button("Keep this explanation in the trace (saved with it)", key=f"{key}_explain_keep"):
+    full, _ = st.session_state[state_key]
+    full_up = len(full.explanations) >= MAX_EXPLANATIONS  # refused before: a 65th would not validate
+    if full_up:
+        st.caption(
+            f"This trace already keeps {MAX_EXPLANATIONS} explanations, the most one trace holds: "
+            "download it, then load it again without some of them to keep more."
+        )
+    clicked = st.button(
+        "Keep this explanation in the trace (saved with it)", key=f"{key}_explain_keep", disabled=full_up
+    )
+    if clicked and not full_up:
         full, attn = st.session_state[state_key]
         st.session_state[state_key] = (full.model_copy(update={"explanations": full.explanations + [result]}), attn)
         st.rerun()
@@ -137,13 +194,14 @@ def _render_checks(e: Explanation) -> None:
         f"embedding + heads + MLPs + biases = {checks.get('sum_of_parts', float('nan')):.4f}"
     )
     errors = [
-        f"{METHOD_NAMES.get(m, m)} completeness error {checks[f'{m}_completeness_error']:.1%}"
+        f"{_method_label(m)} completeness error {checks[f'{m}_completeness_error']:.1%}"
         for m in e.inputs.methods
         if f"{m}_completeness_error" in checks
     ]
     notes = []
     if "integrated_gradients" in e.inputs.methods:
-        notes.append(f"Integrated gradients: {e.inputs.ig_steps} gradient passes from {e.inputs.baseline}")
+        # the baseline's words come from the file: escaped, or a kept explanation could load images and links
+        notes.append(f"Integrated gradients: {e.inputs.ig_steps} gradient passes from {escape_text(e.inputs.baseline)}")
     if "final_softcap" in checks:
         notes.append(
             f"the model soft-caps its logits at {checks['final_softcap']:g}: the split is of the difference before "
@@ -165,12 +223,17 @@ def _render_checks(e: Explanation) -> None:
         )
 
 
+def _method_label(m: str) -> str:
+    """A method's name for Markdown labels: a kept explanation's method names come from the file."""
+    return escape_text(METHOD_NAMES.get(m, m))
+
+
 def _render_inputs(e: Explanation, key: str) -> None:
     """Input attribution: the tokens shaded by one method's scores, and each method's top positions."""
     method = st.radio(
         "Shade the tokens by",
         list(e.inputs.methods),
-        format_func=lambda m: METHOD_NAMES.get(m, m),
+        format_func=_method_label,  # radio labels are Markdown
         horizontal=True,
         key=f"{key}_explain_method",
     )

@@ -11,7 +11,7 @@ import streamlit as st
 
 from explorer_core.config import GenerationConfig
 
-from . import resources, sidebar
+from . import resources, sidebar, tempfiles
 
 # (script relative to app.py, label, icon)
 PAGES = [
@@ -31,6 +31,7 @@ def page(title: str) -> GenerationConfig | None:
     st.set_page_config(page_title=f"{title} · Model Interpret Explorer", page_icon=":material/search:", layout="wide")
     st.html(_HIDE_TOOLBAR_STOP)
     resources.warm_export()
+    tempfiles.sweep_once()  # folders a crashed earlier server left in the temporary folder
     with st.sidebar:
         for path, label, icon in PAGES:
             st.page_link(path, label=label, icon=icon)

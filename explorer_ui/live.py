@@ -8,15 +8,17 @@ so the next rerun turns the unfinished Run into a partial trace with stop reason
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import streamlit as st
 
 from explorer_core.config import GenerationConfig
 from explorer_core.models import LoadedModel
+from explorer_core.recorder import TEMP_PREFIX
 from explorer_core.stepper import Run
 
-from . import resources
+from . import resources, tempfiles
 from .base import stream_html
 
 # The browser shares the CPU with the model (2 cores): redraws start at 4 a second, so a run feels
@@ -60,12 +62,28 @@ def generate_live(
     notice = st.empty()
     lock = resources.acquire_generation_slot(notice)
     try:
-        run = Run(lm, config, resources.limits())
+        path = recording_path(config)
+        try:
+            run = Run(lm, config, resources.limits(), attention_path=path)
+        except BaseException:
+            if path is not None:
+                shutil.rmtree(os.path.dirname(path), ignore_errors=True)  # refused before it recorded anything
+            raise
         st.session_state[run_key] = run
         stream_run(run, config)
     finally:
         lock.release()  # no Streamlit calls here: this also runs when the script is interrupted
     settle(run_key, trace_key, keep_live)
+
+
+def recording_path(config: GenerationConfig) -> str | None:
+    """Where a run records attention: a folder of this session's (named with the server's pid), so the
+    session's end, the server's exit or the next start removes it (see tempfiles); None records nothing."""
+    if not config.capture_attention:
+        return None
+    folder = tempfiles.new_folder(TEMP_PREFIX)
+    tempfiles.track_folder(folder)  # tracked before the run starts: a session closed mid-run leaves nothing
+    return str(folder / "attention.safetensors")
 
 
 def stream_run(run: Run, config: GenerationConfig) -> None:

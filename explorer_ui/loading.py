@@ -8,8 +8,9 @@ a temporary folder and mapped from there, so a view reads only what it shows.
 from __future__ import annotations
 
 import io
+import os
 import shutil
-import tempfile
+import stat
 import zipfile
 import zlib
 from pathlib import Path
@@ -19,8 +20,9 @@ import streamlit as st
 from explorer_core import admission, tracefile
 from explorer_core import trace as trace_io
 from explorer_core.attnstore import AttentionStore
-from explorer_core.recorder import TEMP_PREFIX
 from explorer_core.trace import Trace, TraceError
+
+from . import tempfiles
 
 MAX_TRACE_BYTES = trace_io.MAX_TRACE_BYTES  # trace.json; a 512-step run is about 1 MB
 COMPANION_SUFFIXES = (".attn.safetensors", ".safetensors", ".attn.npz", ".npz")
@@ -68,14 +70,15 @@ def _kind(name: str) -> str | None:
 
 
 def work_dir() -> Path:
-    """A fresh temporary folder for one loaded trace's companion (the caller removes it with `forget`)."""
-    return Path(tempfile.mkdtemp(prefix="explorer-upload-"))
+    """A fresh temporary folder for one loaded trace's companion (the caller removes it with `forget`; its
+    session's end, or the server's, removes it otherwise: see tempfiles)."""
+    return tempfiles.new_folder(tempfiles.UPLOAD_PREFIX)
 
 
 def forget(store: AttentionStore | None) -> None:
     """Remove the temporary folder behind an uploaded companion or an app run's recording; a companion
     anywhere else (an example, a saved run) is never touched."""
-    if store is not None and store.path.parent.name.startswith(("explorer-upload-", TEMP_PREFIX)):
+    if store is not None and store.path.parent.name.startswith(tempfiles.PREFIXES):
         store.close()
         shutil.rmtree(store.path.parent, ignore_errors=True)
 
@@ -170,3 +173,45 @@ def example_traces() -> dict[str, Path]:
     if not EXAMPLES.is_dir():
         return {}
     return {p.parent.name: p for p in sorted(EXAMPLES.glob("*/trace.json"))}
+
+
+# Saved runs: the folder a visitor types is walked without following links, and only regular files named
+# trace.json are listed: a link to /dev/zero or a FIFO named trace.json is never opened (the read itself
+# goes through admission, which checks again and caps the bytes).
+SAVED_MAX_FOUND = 200
+SAVED_MAX_ENTRIES = 20_000  # directory entries looked at: a typed "/" lists what it finds so far, then stops
+
+
+def saved_traces(folder: str) -> tuple[list[Path], str | None]:
+    """Regular trace.json files under `folder` (links never followed), and a note when the walk was cut."""
+    try:
+        root = Path(folder).expanduser()
+    except RuntimeError as exc:  # "~nosuchuser": no home directory to expand
+        raise TraceError(f"cannot read the folder {folder[:200]!r}: {exc}") from None
+    found: list[Path] = []
+    pending, seen = [root], 0
+    while pending and len(found) < SAVED_MAX_FOUND:
+        try:
+            with os.scandir(pending.pop()) as it:
+                for entry in it:  # d_type from the directory itself: no stat, and no link is followed
+                    seen += 1
+                    if seen > SAVED_MAX_ENTRIES:
+                        return sorted(found), f"Stopped after {SAVED_MAX_ENTRIES:,} entries: type a narrower folder."
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(Path(entry.path))
+                    elif entry.name == "trace.json" and entry.is_file(follow_symlinks=False):
+                        found.append(Path(entry.path))
+        except OSError:
+            continue  # unreadable, or not a folder
+    return sorted(found)[:SAVED_MAX_FOUND], None
+
+
+def from_saved(path: Path) -> tuple[Trace, AttentionStore | None]:
+    """A listed trace.json and its companion, re-checked now: a regular file, not a link (it may have changed)."""
+    try:
+        regular = stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError as exc:
+        raise TraceError(f"cannot read {path.name}: {exc.strerror}") from None
+    if not regular:
+        raise TraceError(f"{path} is not a regular file (a link, a pipe or a device): refused")
+    return tracefile.load(path)

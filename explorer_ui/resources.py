@@ -14,6 +14,8 @@ from explorer_core.limits import Limits
 from explorer_core.models import LoadedModel, ModelLoadError
 from explorer_core.stepper import check_fidelity
 
+from .base import clip
+
 # what _load has returned, for size estimates; weak, so the cache's eviction really frees a model
 LOADED: weakref.WeakValueDictionary[tuple[str, str, str], LoadedModel] = weakref.WeakValueDictionary()
 
@@ -49,8 +51,8 @@ def loaded_already(name: str, dtype: str, device: str, device_map: str = "none")
     """The model if this process has loaded it, without loading it."""
     try:
         return LOADED.get(canonical(name, dtype, device, device_map))
-    except (ModelLoadError, ValueError, TypeError, AttributeError):
-        return None
+    except (ModelLoadError, ValueError, TypeError, AttributeError, OSError, RuntimeError):
+        return None  # a name no path can hold ("~nosuchuser/x", 300 characters): not loaded, and never will be
 
 
 # One per process, shared by every session: 2 CPU cores run one generation well, not two.
@@ -61,20 +63,41 @@ def generation_lock() -> threading.Lock:
     return GENERATION_LOCK
 
 
-def get_model(name: str, dtype: str = "auto", device: str = "auto", device_map: str = "none") -> LoadedModel | None:
+# What a model name can raise before any model code runs: "~nosuchuser/x" makes Path.expanduser raise
+# RuntimeError, a 300-character name OSError (File name too long); models.load wraps only its own failures.
+LOAD_FAILURES = (ModelLoadError, OSError, RuntimeError, ValueError)
+SIDEBAR_FIX = "type a hub id (owner/name) or an existing local folder in the sidebar"
+TRACE_FIX = 'set the trace\'s config "model" to a hub id (owner/name) or an existing local folder and load it again'
+
+
+def load_problem(name: str, exc: BaseException, fix: str = SIDEBAR_FIX) -> str:
+    """One sentence: which model, why it cannot be loaded, and what to do."""
+    if isinstance(exc, ModelLoadError):
+        return str(exc)  # models.load's own messages already name the model and the fix
+    reason = (str(exc).splitlines() or [""])[0]
+    return f"Model {clip(name, 80)!r} cannot be loaded ({type(exc).__name__}: {clip(reason, 160)}): {fix}."
+
+
+def get_model(
+    name: str, dtype: str = "auto", device: str = "auto", device_map: str = "none", fix: str = SIDEBAR_FIX
+) -> LoadedModel | None:
     """Load (once per process) with a status box; None, with a clear message shown, when it fails."""
     first = models.is_default(name) and not (models.converted_dir() / "model.safetensors").is_file()
     note = " (first use: converting the embedded model, about 25 s)" if first and models.embedded_gguf() else ""
     start = time.perf_counter()
+    problem = None
     with st.status(f"Loading model{note}…", expanded=False) as status:
         try:
             # hashed by the canonical key only: the other arguments are the first spelling that loaded it
             lm = _load_once(canonical(name, dtype, device, device_map), name.strip(), dtype, device, device_map)
-        except ModelLoadError as exc:
+        except LOAD_FAILURES as exc:
             status.update(label="Model could not be loaded", state="error")
-            st.text(str(exc))  # plain text: the message may quote user input
-            return None
-        status.update(label=f"Model ready ({time.perf_counter() - start:.1f} s)", state="complete")
+            problem = load_problem(name, exc, fix)
+        else:
+            status.update(label=f"Model ready ({time.perf_counter() - start:.1f} s)", state="complete")
+    if problem is not None:
+        st.text(problem)  # plain text, outside the folded status box: the message quotes the name from the file
+        return None
     return lm
 
 
@@ -107,9 +130,9 @@ def model_for_trace(trace, what: str) -> LoadedModel | None:
         config = GenerationConfig.from_dict(trace.config)
         limits().check_replay(trace)  # re-running a trace costs what generating it did: the same caps
     except ValueError as exc:
-        st.text(f"Cannot {what} here: {exc}")
+        st.text(f"Cannot {what} here: {clip(str(exc))}")
         return None
-    return get_model(config.model, config.dtype, config.device, config.device_map)
+    return get_model(config.model, config.dtype, config.device, config.device_map, fix=TRACE_FIX)
 
 
 @contextlib.contextmanager

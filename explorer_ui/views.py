@@ -18,20 +18,21 @@ from explorer_core.trace import Trace
 
 from . import branching, explain_view, insight
 from .attention_view import head_choice, render_attention, render_missing_attention  # noqa: F401 - shared names
-from .base import render_stream
+from .base import guarded, render_stream
 
 
 def render_cost_estimate(config, lm, limits) -> None:
     """Before a run: the weights' size for the chosen model and dtype, and what recording attention will
     take (that part needs the tokenizer, so it shows once the model is loaded), against the limits."""
     from explorer_core import plan
-    from explorer_core.models import ModelLoadError
     from explorer_core.stepper import format_prompt
+
+    from .resources import LOAD_FAILURES
 
     try:
         shape = plan.shape_of_model(lm.model) if lm is not None else plan.shape_for_name(config.model.strip())
-    except ModelLoadError:
-        return  # the model is not readable yet; loading it will say why
+    except LOAD_FAILURES:
+        return  # the model is not readable yet (or no path can hold its name); loading it will say why
     t = None
     if lm is not None:
         try:
@@ -194,7 +195,8 @@ def render_trace(source: str | tuple[Trace, AttentionStore | None], key: str, li
     """Every view of a finished (or partial) trace, the same for live runs and loaded files.
 
     `source` is either the data itself, or the name of the session entry holding it; only a trace
-    kept in the session can grow branches.
+    kept in the session can grow branches. Each view is drawn through `guarded`: a file that one view
+    cannot read shows an error in that view's place, and every other view is still drawn.
     """
     state_key = source if isinstance(source, str) else None
     if state_key is not None:
@@ -205,46 +207,50 @@ def render_trace(source: str | tuple[Trace, AttentionStore | None], key: str, li
     if not trace.steps:
         st.warning("This trace has no generated tokens.")
         return
-    branch_id = branching.path_choice(trace, key + "_path")
-    view, view_attn = branching.path_view(trace, attn, branch_id)
-    render_summary(view)
+    branch_id = guarded("Path", branching.path_choice, trace, key + "_path", default=0)
+    view, view_attn = guarded("Path", branching.path_view, trace, attn, branch_id, default=(trace, attn))
+    guarded("Summary", render_summary, view)
     st.subheader("Output")
-    render_stream(view.steps)
+    guarded("Output", render_stream, view.steps)
     torn_box = st.container()  # under the stream, filled once the step is known (its pill is lit)
     st.subheader("Inspect a step")
-    step = pick_step(view, key + "_step")
+    step = guarded("Step", pick_step, view, key + "_step", default=0)
     if state_key is not None:  # only a trace kept in the session can branch
         with torn_box:
-            branching.render_torn_steps(view, step, key)
-    token_table(view, key + "_step")
+            guarded("Torn steps", branching.render_torn_steps, view, step, key)
+    guarded("Token table", token_table, view, key + "_step")
     # keyed and tracked, so the open tab survives the rerun that follows a new branch
     tabs = st.tabs(TABS, key=key + "_tabs", on_change="rerun")
     with tabs[0]:
-        render_step(view, step)
+        guarded(TABS[0], render_step, view, step)
     with tabs[1]:
-        if branch_id and attn is not None:
-            st.caption("Branches record no attention; pick the main run to see it.")
-        from .resources import loaded_already
-
-        lm = loaded_already(view.model.name, "auto", "auto")  # for exact recomputation; never loaded here
-        render_attention(view, view_attn, step, key + "_attn", lm)
+        guarded(TABS[1], _attention_tab, view, view_attn, branch_id and attn is not None, step, key)
     with tabs[2]:
-        insight.render_stages(view, step)
+        guarded(TABS[2], insight.render_stages, view, step)
     with tabs[3]:
-        insight.render_lens(view, step)
+        guarded(TABS[3], insight.render_lens, view, step)
     with tabs[4]:
         if state_key is None:
             st.caption("Branching works on the Generate and Trace viewer pages.")
         else:
-            branching.render_branch_form(trace, branch_id, step, state_key, live_run)
+            guarded(TABS[4], branching.render_branch_form, trace, branch_id, step, state_key, live_run)
     with tabs[5]:
-        explain_view.render_explain(trace, branch_id, step, key, state_key)
-    render_timeline(view, step)
-    branching.render_branches(trace)
+        guarded(TABS[5], explain_view.render_explain, trace, branch_id, step, key, state_key)
+    guarded("Timeline", render_timeline, view, step)
+    guarded("Branches", branching.render_branches, trace)
     with st.expander("Replay check: re-score these tokens with the model"):
-        insight.render_replay(view, key)
+        guarded("Replay check", insight.render_replay, view, key)
     st.subheader("Download")
-    render_downloads(trace, attn, key)
+    guarded("Download", render_downloads, trace, attn, key)
+
+
+def _attention_tab(view: Trace, view_attn, on_branch: bool, step: int, key: str) -> None:
+    if on_branch:
+        st.caption("Branches record no attention; pick the main run to see it.")
+    from .resources import loaded_already
+
+    lm = loaded_already(view.model.name, "auto", "auto")  # for exact recomputation; never loaded here
+    render_attention(view, view_attn, step, key + "_attn", lm)
 
 
 def empty_prompt_note(config) -> str:

@@ -3,6 +3,7 @@
 import streamlit as st
 
 from explorer_ui import attention_view, explain_view, frame, views
+from explorer_ui.base import guarded
 
 frame.page("Heads")
 st.title("Attention heads")
@@ -16,7 +17,7 @@ trace, attn = st.session_state[sources[which]]
 if attn is None:
     views.render_missing_attention(trace)
     st.stop()
-step = views.pick_step(trace, "heads_step") if trace.steps else 0
-attention_view.render_heads(trace, attn, step, "heads")
+step = guarded("Step", views.pick_step, trace, "heads_step", default=0) if trace.steps else 0
+guarded("Heads", attention_view.render_heads, trace, attn, step, "heads")  # a failing view keeps the page
 st.subheader("What each head added to the chosen token (from an explanation)")
-explain_view.render_heads_breakdown(trace, step)
+guarded("Breakdown", explain_view.render_heads_breakdown, trace, step)

@@ -1,12 +1,13 @@
 """Trace viewer page: reload a saved trace (upload or example) and see every view of the Generate page."""
 
-from pathlib import Path
+import logging
 
 import streamlit as st
 
 from explorer_core import tracefile
 from explorer_core.trace import TraceError
-from explorer_ui import frame, loading, resources, views
+from explorer_ui import frame, loading, resources, tempfiles, views
+from explorer_ui.base import clip, escape_text
 
 TRACE, SOURCE, KEPT = "viewer_trace", "viewer_source", "viewer_source_kept"
 
@@ -31,6 +32,7 @@ src = st.radio(
 def keep(loaded) -> None:
     """Show a newly loaded trace; the temporary files of the one it replaces are removed."""
     old = st.session_state.get(TRACE)
+    tempfiles.track(loaded[1])  # an upload's folder goes when this session does
     st.session_state[TRACE] = loaded
     if old is not None and old[1] is not loaded[1]:
         loading.forget(old[1])
@@ -54,7 +56,9 @@ def load_uploads() -> None:
         return
     skipped = loading.unusable(files)
     if skipped and len(skipped) < len(files):
-        st.warning(f"Left out (not a trace.json, an .attn.safetensors companion or a .zip): {', '.join(skipped)}")
+        # file names are the visitor's: escaped, as a warning is Markdown (images would load, links show)
+        names = escape_text(", ".join(skipped))
+        st.warning(f"Left out (not a trace.json, an .attn.safetensors companion or a .zip): {names}")
     sig = tuple((f.name, f.size, f.file_id) for f in files)
     if st.session_state.get("viewer_loaded") == sig:
         return
@@ -92,13 +96,16 @@ def load_example() -> None:
 def load_saved() -> None:
     """Runs the command line saved (--out_dir): any size, mapped from disk instead of uploaded."""
     folder = st.text_input("Folder of saved runs", "runs", key="viewer_folder")
-    found = sorted(Path(folder).expanduser().glob("**/trace.json"))[:200]
+    found, note = loading.saved_traces(folder)  # regular files only: links and pipes are never listed
+    if note:
+        st.caption(note)
     if not found:
-        st.info(f"No trace.json under {folder!r}: the command line writes runs there with --out_dir.")
+        st.info("No trace.json under that folder: the command line writes runs there with --out_dir.")
         return
-    pick = st.selectbox("Run", [str(p) for p in found], key="viewer_run")
+    paths = {str(p): p for p in found}
+    pick = st.selectbox("Run", list(paths), key="viewer_run")
     if st.session_state.get("viewer_loaded") != pick:
-        keep(tracefile.load(pick))
+        keep(loading.from_saved(paths[pick]))
         st.session_state["viewer_loaded"] = pick
         st.session_state.pop("viewer_note", None)
 
@@ -112,7 +119,11 @@ try:
         load_example()
 except TraceError as exc:
     st.error("This file cannot be shown; the trace on screen (if any) is unchanged.")
-    st.text(str(exc))
+    st.text(clip(str(exc), 1000))
+except Exception as exc:  # a reader's own bug: said here, the rest of the page (and the trace shown) stays
+    logging.getLogger(__name__).exception("loading a trace failed")
+    st.error("This file could not be read; the trace on screen (if any) is unchanged.")
+    st.text(f"{type(exc).__name__}: {clip(str(exc))}")
 
 if "viewer_note" in st.session_state:
     st.warning(st.session_state["viewer_note"])

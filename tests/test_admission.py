@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,38 @@ def test_a_companion_over_the_recording_budget_is_refused_before_it_is_opened(tm
     comp.write_bytes(b"never read")  # refused from the trace's declared shape alone
     with pytest.raises(TraceError, match="over the budget of 0 MB a run may record here"):
         tracefile.load(path)
+
+
+def _doors(path: Path):
+    """Every way a trace on disk or in an upload comes in: each must refuse the same file in words."""
+    import io
+
+    from explorer_core import cli, notebook
+    from explorer_ui import loading
+
+    def zipped():
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for p in path.parent.iterdir():
+                zf.write(p, p.name)
+        return loading.from_zip(buf.getvalue())
+
+    return {
+        "tracefile.load": lambda: tracefile.load(path),
+        "Trace.load": lambda: notebook.Trace.load(path),
+        "zip upload": zipped,
+        "replay": lambda: cli.main(["replay", str(path)]),
+        "explain": lambda: cli.main(["explain", str(path), "--step", "0"]),
+    }
+
+
+def test_every_door_refuses_a_companion_claiming_a_trillion_steps(tmp_path, capsys):
+    path, comp = _pair(tmp_path)
+    _header_file(comp, _meta(steps=str(10**12)))
+    for door, call in _doors(path).items():
+        try:
+            code = call()
+        except TraceError as exc:
+            assert "not a count" in str(exc), door
+        else:  # the command line says it in one line and exits non-zero
+            assert code != 0 and "not a count" in capsys.readouterr().err, door
