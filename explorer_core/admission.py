@@ -14,8 +14,10 @@ branch's own steps).
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +107,16 @@ def admit_companion(
                 f"converting this schema-1 trace's {trace.prompt_len}-token prompt is over this host's limit of "
                 f"{lim.max_prompt_tokens} (EXPLORER_MAX_PROMPT_TOKENS); convert it locally and upload the result"
             )
-        folder = work_dir or Path(tempfile.mkdtemp(prefix="explorer-load-"))
-        return legacy.convert(path, trace, folder / CONVERTED, lim.attention_budget_mb * 2**20)
+        if work_dir is not None:
+            return legacy.convert(path, trace, work_dir / CONVERTED, lim.attention_budget_mb * 2**20)
+        folder = Path(tempfile.mkdtemp(prefix="explorer-load-"))
+        try:
+            trace, store = legacy.convert(path, trace, folder / CONVERTED, lim.attention_budget_mb * 2**20)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        weakref.finalize(store, shutil.rmtree, folder, True)  # the converted copy lives as long as its store
+        return trace, store
     declared = cost_of(trace).companion_bytes
     if declared > lim.attention_budget_mb * 2**20:  # the same budget a new run's recording is held to
         raise TraceError(

@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import zipfile
@@ -246,3 +247,21 @@ def test_every_door_refuses_a_companion_claiming_a_trillion_steps(tmp_path, caps
             assert "not a count" in str(exc), door
         else:  # the command line says it in one line and exits non-zero
             assert code != 0 and "not a count" in capsys.readouterr().err, door
+
+
+def test_a_converted_schema_1_copy_is_removed_with_its_store(tmp_path):
+    import gc
+
+    path = v1_pair(tmp_path, layers=1, heads=1, t=20, steps=2)
+    _, store = tracefile.load(path)
+    folder = store.path.parent
+    assert folder.name.startswith("explorer-load-") and folder.is_dir()
+    del store
+    gc.collect()
+    assert not folder.exists()
+    bad = v1_pair(tmp_path / "bad", layers=1, heads=1, t=20, steps=2)
+    crafted.write_v1(bad.with_name("trace.attn.npz"), 1, 1, 3, 1)  # another shape: refused
+    before = set(Path(tempfile.gettempdir()).glob("explorer-load-*"))
+    with pytest.raises(TraceError):
+        tracefile.load(bad)
+    assert set(Path(tempfile.gettempdir()).glob("explorer-load-*")) == before  # a failed conversion leaves nothing
