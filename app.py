@@ -44,6 +44,8 @@ if go and config is not None:
 if TRACE in st.session_state:
     if st.session_state[TRACE][0].stop_reason == "interrupted":
         st.warning("Run stopped early: showing the partial trace.")
+        if st.session_state.get(TRACE + "_why"):
+            st.text(st.session_state[TRACE + "_why"])
     views.render_trace(TRACE, "gen", live_run=st.session_state.get(TRACE + "_live"))
 elif not go and config is not None:
     st.info("Set the prompt and sampling controls in the sidebar, then press Generate.")

@@ -52,6 +52,11 @@ def cost_of(trace: Trace, text: str | None = None) -> Cost:
     )
 
 
+def room(trace: Trace) -> int:
+    """Bytes a trace may still grow by (a kept explanation, a branch) and stay under the cap when saved."""
+    return MAX_TRACE_BYTES - len(trace.model_dump_json().encode("utf-8"))
+
+
 def companion_shape(trace: Trace) -> Shape:
     info = trace.attention
     return Shape(info.layers, info.heads, trace.prompt_len, info.prompt_cells, info.dtype)

@@ -2,12 +2,15 @@
 
 Every chart is drawn from bounded frames (attnview: at most DEFAULT_BINS cells per axis), so a PNG
 costs the same for a 40-token and a 4,000-token prompt. A chart that still cannot be drawn is
-reported by name with its reason, never skipped silently.
+reported by name with its reason, never skipped silently. trace.json goes first; a file after it
+that cannot be written (a full disk) is reported the same way, and never half written.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,20 +27,56 @@ class Written:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file name, why)
 
 
-def write_all(trace: Trace, attention: AttentionStore | None, out_dir: str | Path, pngs: bool = True) -> Written:
-    """Write every artifact into out_dir. Trace first, so charts never block it."""
+def write_all(
+    trace: Trace, attention: AttentionStore | None, out_dir: str | Path, pngs: bool = True, html: bool = False
+) -> Written:
+    """Write every artifact into out_dir. trace.json first, so nothing after it can block it; raises
+    OSError only when trace.json itself cannot be written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    json_path, companion = tracefile.save_pair(trace, attention, out / "trace.json")
-    result = Written([json_path])
+    result = Written()
+    try:
+        json_path, companion = tracefile.save_pair(trace, attention, out / "trace.json")
+    except OSError as exc:
+        if attention is None:
+            raise
+        # the pair did not fit (e.g. a disk that filled while copying): the steps still go, without it
+        result.failed.append(("the attention companion", exc.strerror or str(exc)))
+        json_path, companion = tracefile.save_pair(trace, None, out / "trace.json")
+    result.paths.append(json_path)
     if companion:
         result.paths.append(out / companion)
-    text_path = out / "output.txt"
-    text_path.write_text(trace.output_text + "\n", encoding="utf-8")
-    result.paths.append(text_path)
+    _write_text(out / "output.txt", lambda: trace.output_text + "\n", result)
+    if html:
+        from . import export_html
+
+        _write_text(out / "trace.html", lambda: export_html.build(trace, attention), result)
     if pngs and trace.steps:
         write_pngs(trace, attention, out, result)
     return result
+
+
+def _write_text(path: Path, text: Callable[[], str], result: Written) -> None:
+    """One text artifact, written whole or not at all; a failure is reported by name."""
+    try:
+        tracefile._atomic_write(path, text().encode("utf-8"))
+        result.paths.append(path)
+    except OSError as exc:
+        result.failed.append((path.name, exc.strerror or str(exc)))
+
+
+def writable_problem(folder: Path) -> str | None:
+    """Why files cannot be written into `folder` (made if missing), or None when they can. Tried by
+    writing a file, since permission bits alone say nothing on a read-only mount or for root."""
+    if folder.exists() and not folder.is_dir():
+        return "is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"is not writable ({exc.strerror or exc})"
+    return None
 
 
 def _charts(trace: Trace, attention: AttentionStore | None):

@@ -147,6 +147,30 @@ class AttentionWriter:
     def fileno(self) -> int:
         return self._fh.fileno()
 
+    def cut_to_disk(self) -> int:
+        """After a write failed (a full disk): close the file and cut it back to its last tensor wholly on
+        disk, forgetting the rest (half a row in the file, whole rows lost in the write buffer). Returns
+        the rows kept, or -1 when the prompt's cells are not whole. `reopen_and_finish` then completes it."""
+        try:
+            self._fh.close()
+        except OSError:
+            pass  # the buffered bytes that did not fit: the cut drops them
+        start = 8 + self.header_room
+        on_disk = os.stat(self.path).st_size - start
+        names = list(self.index)  # in the order written, so the whole entries come first
+        whole = [n for n in names if self.index[n]["data_offsets"][1] <= on_disk]
+        for n in names[len(whole) :]:
+            del self.index[n]
+        self.steps = sum(n.startswith("row.") for n in whole)
+        self.end = self.index[whole[-1]]["data_offsets"][1] if whole else 0
+        os.truncate(self.path, start + self.end)
+        return self.steps if {"prompt_bins", "prompt_edges"} <= set(whole) else -1
+
+    def reopen_and_finish(self) -> Path:
+        """Write the header of a file cut by `cut_to_disk` (its room was reserved at the start)."""
+        self._fh = open(self.path, "r+b")  # noqa: SIM115 - finish() closes it
+        return self.finish()
+
     def write_row(self, row) -> None:
         """row: (layers, heads, T+s) for the next step s (numpy or torch)."""
         s, step = self.shape, self.steps

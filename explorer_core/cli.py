@@ -6,9 +6,12 @@ Flags are generated from GenerationConfig, spelled as the original tool spelled 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import logging
 import sys
+from pathlib import Path
 
 from .config import GenerationConfig, field_specs
 
@@ -83,6 +86,52 @@ def _read_prompt(path: str) -> str:
         raise ValueError(f"cannot read the prompt from {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
+def explain_main(argv: list[str]) -> int:
+    """`explain`, with --out checked before any model work, and the result printed if writing it still fails."""
+    from .explain import cli_main
+
+    pre = argparse.ArgumentParser(prog="python -m explorer_core explain", add_help=False)
+    pre.add_argument("--out", default=None)
+    known, rest = pre.parse_known_args(argv)
+    if known.out is None:
+        return cli_main(argv)
+    out = Path(known.out)
+    problem = "is a folder: give a file name" if out.is_dir() else _unwritable(out)
+    if problem:
+        print(f"error: --out {known.out} {problem}", file=sys.stderr)
+        return 2
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):  # the JSON it prints without --out
+            code = cli_main(rest)
+    except BaseException:
+        sys.stdout.write(printed.getvalue())  # --help, a usage error or Ctrl-C: what it printed still shows
+        raise
+    text = printed.getvalue()
+    if code != 0:
+        sys.stdout.write(text)
+        return code
+    from .tracefile import _atomic_write
+
+    try:
+        _atomic_write(out, text.encode("utf-8"))
+    except OSError as exc:
+        sys.stdout.write(text)
+        print(f"error: could not write {out}: {exc.strerror or exc}; the explanation is printed above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _unwritable(out: Path) -> str | None:
+    """Why a file cannot be written at `out`, tried in its folder (no model work is done for nothing)."""
+    from .artifacts import writable_problem
+
+    if not out.parent.exists():
+        return f"is in {out.parent}, which does not exist: create the folder first"
+    problem = writable_problem(out.parent)
+    return f"cannot be written: its folder {out.parent} {problem}" if problem else None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["replay"]:
@@ -91,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         args = replay_parser().parse_args(argv[1:])
         return run_replay(args.trace, args.model, args.dtype, args.device)
     if argv[:1] == ["explain"]:
-        from .explain import cli_main
-
-        return cli_main(argv[1:])
+        return explain_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig)}

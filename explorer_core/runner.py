@@ -1,7 +1,13 @@
-"""The CLI's run: load, generate with a progress bar, write artifacts; Ctrl-C still writes the partial trace."""
+"""The CLI's run: load, generate with a progress bar, write artifacts; Ctrl-C still writes the partial trace.
+
+A disk that fills during the run keeps what came before it: the run stops, the companion is cut back
+to its last whole row, trace.json is written first (it is small), then the pair. A folder that cannot
+be written is refused before any model work, so no result is computed only to be lost.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -13,11 +19,18 @@ from tqdm import tqdm
 from . import artifacts, models, tracefile
 from .config import GenerationConfig
 from .limits import Limits
+from .recorder import AttentionRecorder
 from .stepper import Run
 
 
 def _say(text: str) -> None:
     print(text, file=sys.stderr)
+
+
+def _why(exc: OSError) -> str:
+    """An OSError in words: the system's reason and the file it concerns, without '[Errno 28]'."""
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    return f"{exc.strerror or exc}{where}"
 
 
 def run_cli(
@@ -28,29 +41,52 @@ def run_cli(
     companion: bool = True,
     html: bool = False,
 ) -> int:
+    path = None
     try:
         limits = Limits.from_env()
         limits.check_config(config)
+        problem = artifacts.writable_problem(Path(out_dir))  # before any model work: a result must have a home
+        if problem:
+            raise ValueError(f"--out_dir {out_dir} {problem}: choose a folder you can write to")
         if not quiet:
             _say(f"loading {config.model} ...")
         lm = models.load(
             config.model, dtype=config.dtype, device=config.device, limits=limits, device_map=config.device_map
         )
         path = tracefile.recording_path(Path(out_dir) / "trace.json") if companion else None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
         run = Run(lm, config, limits, attention_path=str(path) if path else None)
     except (models.ModelLoadError, ValueError, OSError) as exc:
-        _say(f"error: {exc}")
+        if path is not None:
+            path.unlink(missing_ok=True)  # a recording begun and refused (e.g. a full disk) is nobody's
+        _say(f"error: {_why(exc) if isinstance(exc, OSError) else exc}")
         return 2
     except KeyboardInterrupt:
+        if path is not None:
+            path.unlink(missing_ok=True)
         _say("\ninterrupted before generation started: nothing written")
         return 130
+    claimed = tracefile.claim(path) if path is not None and path.exists() else None
+    try:
+        return _generate_and_save(run, config, out_dir, pngs, quiet, companion, html)
+    finally:
+        if claimed is not None:
+            os.close(claimed)
+
+
+def _generate_and_save(
+    run: Run, config: GenerationConfig, out_dir: str, pngs: bool, quiet: bool, companion: bool, html: bool
+) -> int:
     reason = _generate(run, config, quiet)
     start = time.perf_counter()
     elapsed = max(sum(s.time_s for s in run.steps) + run.prefill_s, 1e-9)
+    json_path = Path(out_dir) / "trace.json"
     with _no_interrupt_while("saving"):
-        written = _save(run, reason, out_dir, pngs, companion, html)
+        try:
+            written = _save(run, reason, json_path, pngs, companion, html)
+        except (OSError, ValueError) as exc:  # trace.json itself could not be written (a full disk, over the cap)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            _say(f"error: could not write {json_path}: {why}; nothing was saved")
+            return 1
     if not quiet:
         print(run.output_text())
         _say(
@@ -58,10 +94,10 @@ def run_cli(
             f"stopped: {reason or run.stop_reason}; wrote {len(written.paths)} files to {out_dir}"
             f" (saving took {time.perf_counter() - start:.1f} s)"
         )
-    if run.error:
-        _say(f"error: {run.error}; the {len(run.steps)} steps before it were saved")
     for name, why in written.failed:
         _say(f"warning: {name} was not written: {why}")
+    if run.error:
+        _say(f"error: {run.error}; the {len(run.steps)} steps before it were saved in {json_path}")
     return 130 if reason == "interrupted" else (1 if run.error else 0)
 
 
@@ -75,27 +111,76 @@ def _generate(run: Run, config: GenerationConfig, quiet: bool) -> str | None:
     except KeyboardInterrupt:
         _say("\ninterrupted: writing the partial trace")
         return "interrupted"
+    except OSError as exc:  # the prompt's attention could not be written (a full disk): nothing generated yet
+        where = run.recorder.writer.path.parent if run.recorder is not None else "disk"
+        run.error = f"could not write attention to {where}: {exc.strerror or exc}"
+        run.stop_reason = "interrupted"
     finally:
         bar.close()
     return None
 
 
-def _save(run: Run, reason: str | None, out_dir: str, pngs: bool, companion: bool, html: bool) -> artifacts.Written:
+def _save(run: Run, reason: str | None, json_path: Path, pngs: bool, companion: bool, html: bool) -> artifacts.Written:
+    """Write trace.json and everything beside it; raises OSError (or TraceError) only when trace.json
+    itself cannot be written. A recording that was not moved into place is removed whatever happens."""
     trace = run.trace(stop_reason=reason)
-    attention = run.attention() if companion else None
-    if run.recorder is not None:
-        if attention is None:
-            run.recorder.discard()  # stopped before the prompt was read: nothing to keep
-        else:
-            run.recorder.finish()
-    written = artifacts.write_all(trace, attention, out_dir, pngs=pngs)
-    if html:
-        from . import export_html
-
-        page = Path(out_dir) / "trace.html"
-        page.write_text(export_html.build(trace, attention), encoding="utf-8")
-        written.paths.append(page)
+    kept, lost, attention = _kept_recorder(run, companion), [], None
+    try:
+        rec = kept
+        if rec is not None and not run.error:
+            try:
+                rec.finish()
+            except OSError as exc:  # the disk filled at the very end, while the header went in
+                run.error = f"could not write attention to {json_path.parent}: {exc.strerror or exc}"
+        if rec is not None and run.error:
+            rec = _after_disk_fault(trace, json_path, rec, lost)
+        attention = rec.store() if rec is not None else None
+        written = artifacts.write_all(trace, attention, json_path.parent, pngs=pngs, html=html)
+    finally:
+        if kept is not None and (attention is None or attention.path == kept.writer.path):
+            kept.discard()  # not moved into place: nothing names it
+    written.failed[:0] = lost
     return written
+
+
+def _kept_recorder(run: Run, companion: bool) -> AttentionRecorder | None:
+    """The run's recorder when its companion is to be saved; otherwise its file is removed now."""
+    rec = run.recorder
+    if rec is None:
+        return None
+    if companion and "prompt_bins" in rec.writer.index:
+        return rec
+    rec.discard()  # --no_companion, or stopped before the prompt was read: nothing to keep
+    return None
+
+
+def _after_disk_fault(
+    trace, json_path: Path, rec: AttentionRecorder, lost: list[tuple[str, str]]
+) -> AttentionRecorder | None:
+    """The companion cut to its last whole row (frees space, writes nothing), then trace.json alone, so
+    the steps are safe whatever follows, then the companion's header, in the room reserved for it.
+
+    Returns the recorder when its companion holds exactly the trace's steps; else None, and says why."""
+    rec.finished = True
+    rows = rec.writer.cut_to_disk()
+    try:
+        tracefile.save(trace, None, json_path)
+    except OSError:
+        rec.discard()  # the steps matter more than their attention: make room, try once more
+        tracefile.save(trace, None, json_path)  # an OSError here loses the run: the caller says so
+        lost.append(("the attention companion", "removed to make room for trace.json on a full disk"))
+        return None
+    if rows != len(trace.steps):
+        rec.discard()
+        lost.append(("the attention companion", f"it holds {max(rows, 0)} whole rows of {len(trace.steps)} steps"))
+        return None
+    try:
+        rec.writer.reopen_and_finish()
+    except OSError as exc:
+        rec.discard()
+        lost.append(("the attention companion", exc.strerror or str(exc)))
+        return None
+    return rec
 
 
 @contextmanager

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from explorer_core import frames
+from explorer_core import admission, frames
 from explorer_core.attnstore import AttentionStore
 from explorer_core.config import GenerationConfig
 from explorer_core.markup import escape_text
-from explorer_core.stepper import Run
+from explorer_core.stepper import TRACE_SLACK, Run
 from explorer_core.trace import Branch, Trace
 
 from . import live, resources
@@ -142,6 +142,12 @@ def _start_branch(trace: Trace, parent_id: int, step: int, pick: int, typed: str
     except ValueError as exc:
         st.text(f"This trace's settings are not valid here: {exc}")
         return None
+    if admission.room(trace) < 2 * TRACE_SLACK:  # not even one step would fit: refused before loading anything
+        st.text(
+            "This trace is at its size limit for trace.json: download it, then load it again without some "
+            "branches or explanations to branch more."
+        )
+        return None
     st.text(f"Branching with the model named in the trace: {clip(config.model, 80)}")
     lm = resources.get_model(config.model, config.dtype, config.device, config.device_map, fix=resources.TRACE_FIX)
     if lm is None:
@@ -163,6 +169,7 @@ def _start_branch(trace: Trace, parent_id: int, step: int, pick: int, typed: str
             parent=live_run if parent_id == 0 else None,
             limits=resources.limits(),
             prompt_ids=trace.prompt_ids,
+            room=admission.room(trace),
         )
     except (ValueError, IndexError, RuntimeError) as exc:  # a model that does not fit the trace
         st.text(f"Cannot branch here: {clip(str(exc))}")

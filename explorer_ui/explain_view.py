@@ -10,9 +10,9 @@ import time
 
 import streamlit as st
 
-from explorer_core import charts, frames
+from explorer_core import admission, charts, frames
 from explorer_core.explain import FAST_METHODS, IG_STEPS, METHOD_NAMES, ExplainError, explain, top_components
-from explorer_core.trace import Explanation, Trace
+from explorer_core.trace import MAX_TRACE_BYTES, Explanation, Trace
 
 from . import resources
 from .base import clip, escape_text, schema_limit
@@ -149,6 +149,12 @@ def _keep_button(trace: Trace, result: Explanation, key: str, state_key: str | N
         st.caption(
             f"This trace already keeps {MAX_EXPLANATIONS} explanations, the most one trace holds: "
             "download it, then load it again without some of them to keep more."
+        )
+    elif len(result.model_dump_json()) + 1 > admission.room(full):  # the trace must stay savable
+        full_up = True
+        st.caption(
+            f"Keeping this explanation would take the trace past the {MAX_TRACE_BYTES / 2**20:.0f} MiB limit for "
+            "trace.json: download it, then load it again without some branches or explanations to keep more."
         )
     clicked = st.button(
         "Keep this explanation in the trace (saved with it)", key=f"{key}_explain_keep", disabled=full_up

@@ -73,6 +73,7 @@ def generate_live(
         stream_run(run, config)
     finally:
         lock.release()  # no Streamlit calls here: this also runs when the script is interrupted
+    st.session_state[trace_key + "_why"] = run.error  # why it stopped early (a full disk, the size cap)
     settle(run_key, trace_key, keep_live)
 
 

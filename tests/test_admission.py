@@ -265,3 +265,24 @@ def test_a_converted_schema_1_copy_is_removed_with_its_store(tmp_path):
     with pytest.raises(TraceError):
         tracefile.load(bad)
     assert set(Path(tempfile.gettempdir()).glob("explorer-load-*")) == before  # a failed conversion leaves nothing
+
+
+def test_a_branch_stops_before_its_trace_would_pass_the_cap(tiny_llama, monkeypatch):
+    """The trace a branch joins has little room left: the branch keeps the steps that fit, says why it
+    stopped, and the trace with it still saves."""
+    from explorer_core.config import GenerationConfig
+    from explorer_core.stepper import TRACE_SLACK, Run
+
+    cfg = GenerationConfig(model="x", max_new_tokens=40, min_new_tokens=40)
+    run = Run(tiny_llama, cfg)
+    for _ in run:
+        pass
+    tr = run.trace()
+    per_step = len(tr.steps[0].model_dump_json())
+    monkeypatch.setattr(admission, "MAX_TRACE_BYTES", len(tr.model_dump_json()) + TRACE_SLACK + 5 * per_step)
+    child = Run.branch(tiny_llama, cfg, [s.token_id for s in tr.steps[:3]], 5, room=admission.room(tr))
+    for _ in child:
+        pass
+    assert 0 < len(child.steps) < 37 and "past its" in child.error
+    joined = tr.model_copy(update={"branches": [child.branch_record(1, 0)]})
+    assert len(dumps(joined)) <= admission.MAX_TRACE_BYTES

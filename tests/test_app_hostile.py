@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from explorer_core import admission
 from explorer_core import trace as trace_io
 from explorer_core.trace import Branch, Components, Explanation, InputScores, TokenRef, TraceError
 from explorer_ui import branching, explain_view, loading, tempfiles
@@ -165,6 +166,19 @@ def test_the_65th_explanation_is_refused_before_keeping():
     assert any("already keeps 64 explanations" in c.value for c in at.caption)
     assert len(at.session_state["viewer_trace"][0].explanations) == 64
     trace_io.Trace.model_validate(at.session_state["viewer_trace"][0].model_dump())  # still valid
+
+
+def test_an_explanation_that_would_take_the_trace_past_the_cap_is_refused(monkeypatch):
+    tr = _trace()
+    at = _upload(tr)
+    loaded = at.session_state["viewer_trace"][0]
+    made = _explanation(tr, diff=9.0)
+    monkeypatch.setattr(trace_io, "MAX_TRACE_BYTES", len(loaded.model_dump_json()) + len(made.model_dump_json()))
+    monkeypatch.setattr(admission, "MAX_TRACE_BYTES", trace_io.MAX_TRACE_BYTES)
+    at.session_state[explain_view.RESULTS] = {(explain_view._trace_id(loaded), 0, 0): made}
+    at.run()
+    assert at.button(key="viewer_explain_keep").disabled
+    assert any("past the" in c.value for c in at.caption)
 
 
 def test_the_64th_explanation_is_kept_and_validates():
