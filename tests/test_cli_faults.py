@@ -291,3 +291,23 @@ def test_run_stops_before_a_step_that_would_pass_the_cap(tiny_llama_dir, tmp_pat
     trace, store = tracefile.load(out / "trace.json")
     assert 1 < len(trace.steps) < 200 and trace.stop_reason == "interrupted" and store.steps == len(trace.steps)
     assert (out / "trace.json").stat().st_size <= CAP
+
+
+@pytest.mark.parametrize("name", ["~nosuchuser/x", "a" * 300])
+def test_an_unloadable_model_name_in_a_trace_is_one_line_in_the_cli(name, tmp_path, capsys):
+    """replay and explain load the model the trace names: a name no path or hub id can be made of is one
+    sentence, the name cut short, exit 2."""
+    from explorer_core import cli
+    from explorer_core.trace import dumps
+    from tests import crafted
+
+    tr = crafted.trace(8, 2)
+    model = tr.model.model_copy(update={"name": name})
+    path = tmp_path / "trace.json"
+    path.write_text(
+        dumps(tr.model_copy(update={"attention": None, "model": model, "config": dict(tr.config, model=name)}))
+    )
+    for args in (["replay", str(path)], ["explain", str(path), "--step", "0"]):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "neither a folder nor a hub id" in err and len(err) < 400
