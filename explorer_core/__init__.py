@@ -7,11 +7,16 @@ from .version import __version__  # noqa: F401 - the public name
 
 
 def __getattr__(name: str):
-    """`explorer_core.watch` and `explorer_core.Trace`, imported on first use (torch loads only then)."""
+    """`explorer_core.watch`, `explorer_core.Trace` and `explorer_core.default_model`, imported on first use
+    (torch loads only then)."""
     if name == "watch":
         from .notebook import watch
 
         return watch
+    if name == "default_model":
+        from .models import default_model
+
+        return default_model
     if name == "Trace":
         from .notebook import Trace
 

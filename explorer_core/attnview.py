@@ -135,12 +135,21 @@ def _cells(grid: np.ndarray, edges: np.ndarray, labels: list[str], step_pos: int
 
 
 def row_frame(
-    trace: Trace, store: AttentionStore, step: int, layer: int, head: int | None, max_bins: int = ROW_BINS
+    trace: Trace,
+    store: AttentionStore,
+    step: int,
+    layer: int,
+    head: int | None,
+    max_bins: int = ROW_BINS,
+    lo: int = 0,
+    hi: int | None = None,
 ) -> pd.DataFrame:
-    """Where step `step`'s query looked: its row's attention mass per cell of positions (sums to 1, or to
-    less where the model's softmax also covers a sink outside the sequence: see row_sum)."""
+    """Where step `step`'s query looked: its row's attention mass per cell of positions lo..hi-1 (the
+    whole row sums to 1, or to less where the model's softmax also covers a sink: see row_sum)."""
     row = store.row(step, layer, head)
-    edges = display_edges(0, len(row), max_bins, split=trace.prompt_len)
+    hi = len(row) if hi is None else min(int(hi), len(row))
+    lo = min(max(0, int(lo)), hi - 1)
+    edges = display_edges(lo, hi, max_bins, split=trace.prompt_len)
     mass = _row_means(row, edges) * np.diff(edges)
     labels = trace.labels_upto(step)
     return pd.DataFrame(

@@ -6,6 +6,9 @@ Token positions sit on ordinal axes whose values are "position: label", sorted b
 
 from __future__ import annotations
 
+import json
+import math
+
 import altair as alt
 import pandas as pd
 
@@ -47,8 +50,12 @@ def topk_chart(frame: pd.DataFrame, title: str = "Top candidates", columns: int 
     )
 
 
-def timeline_chart(frame: pd.DataFrame, selected: int | None = None, width: int = 640) -> alt.VConcatChart:
-    """Chosen-token probability, entropy and rank over steps, one panel each; a rule marks `selected`."""
+RAW_COLOR, PROCESSED_COLOR = "#83c9ff", "#0068c9"  # the app's light and dark blue: raw, processed
+
+
+def timeline_chart(frame: pd.DataFrame, selected: int | None = None, width: int | str = 640) -> alt.VConcatChart:
+    """Chosen-token probability, entropy and rank over steps, one panel each; a rule marks `selected`.
+    width="container": each panel takes the app's column (checked in Chromium at 390 px)."""
     panels = []
     for panel, scale in (
         ("probability", alt.Scale(domain=[0, 1])),
@@ -56,13 +63,22 @@ def timeline_chart(frame: pd.DataFrame, selected: int | None = None, width: int 
         ("rank of chosen", alt.Scale(type="log")),
     ):
         sub = frame[frame["panel"] == panel]
+        names = sorted(sub["series"].unique())
+        # explicit colours: raw light, processed dark, the same in the app (whose theme would recolour
+        # default ones) and in the export and PNGs
+        tones = [PROCESSED_COLOR if "processed" in n else RAW_COLOR for n in names]
         line = (
             alt.Chart(sub)
             .mark_line(point=True)
             .encode(
-                x=alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1)),
+                x=_step_x(frame),
                 y=alt.Y("value:Q", title=panel, scale=scale),
-                color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom", columns=2, labelLimit=0)),
+                color=alt.Color(
+                    "series:N",
+                    title=None,
+                    scale=alt.Scale(domain=names, range=tones),
+                    legend=alt.Legend(orient="bottom", columns=2, labelLimit=0),
+                ),
                 tooltip=["step:Q", "label:N", "series:N", alt.Tooltip("value:Q", format=".4f")],
             )
         )
@@ -71,12 +87,20 @@ def timeline_chart(frame: pd.DataFrame, selected: int | None = None, width: int 
             rule = alt.Chart(pd.DataFrame({"step": [selected]})).mark_rule(color="gray", strokeDash=[4, 3])
             layers.append(rule.encode(x="step:Q"))
         panels.append(alt.layer(*layers).properties(width=width, height=110))
-    return alt.vconcat(*panels).resolve_scale(color="independent").properties(title="Chosen token over the run")
+    chart = alt.vconcat(*panels).resolve_scale(color="independent")
+    return _fit_concat(chart, width).properties(title="Chosen token over the run")
 
 
-def _weight_color(title: str = "mean weight") -> alt.Color:
-    # sqrt: attention is heavy-tailed; on a linear scale a long prompt's weights all look black
-    return alt.Color("weight:Q", scale=alt.Scale(scheme="viridis", type="sqrt", zero=True), title=title)
+def _weight_color(frame: pd.DataFrame, title: str = "mean weight") -> alt.Color:
+    """sqrt: attention is heavy-tailed; on a linear scale a long prompt's weights all look black.
+    Below the plot, horizontal, three labels (0, the middle of the ramp, the largest weight): a side
+    legend took a phone's width and the default sqrt ticks crowded at the top end."""
+    top = float(frame["weight"].max()) if len(frame) else 1.0
+    top = top if top > 0 else 1.0
+    legend = alt.Legend(
+        orient="bottom", direction="horizontal", values=[0, top / 4, top], format=".2~f", gradientLength=160
+    )
+    return alt.Color("weight:Q", scale=alt.Scale(scheme="viridis", type="sqrt", zero=True), title=title, legend=legend)
 
 
 def _weight_stroke() -> alt.Stroke:
@@ -84,23 +108,66 @@ def _weight_stroke() -> alt.Stroke:
     return alt.Stroke("stroke_w:Q", scale=alt.Scale(scheme="viridis", type="sqrt", zero=True), legend=None)
 
 
-def heatmap_chart(frame: pd.DataFrame, title: str | list[str], size: int = 420) -> alt.LayerChart:
+AXIS_LABEL_MAX = 32  # positions per axis up to which each position's token is written on the axis
+_FIT_X = alt.AutoSizeParams(type="fit-x", contains="padding")
+
+
+def sized(chart, width: int | str, height: int | alt.Step, title: str | list[str]):
+    """Give a chart its size and title. width="container" (the app): the chart takes the width Streamlit
+    gives it (pass width="stretch" to st.altair_chart) and only the width is fitted, so a phone gets a
+    narrower plot and the height stays as asked; a number (PNG, HTML export) keeps the plot that wide.
+
+    In a fitted chart each title line is cut at the plot's width: a title line wider than the column
+    made the fit shrink the plot to a 2 px strip. Keep lines short (a list of lines) so nothing is cut."""
+    if isinstance(width, str) and width == "container":
+        title = alt.TitleParams(text=title, limit=alt.ExprRef("width"))
+        return chart.properties(width=width, height=height, autosize=_FIT_X, title=title)
+    return chart.properties(width=width, height=height, autosize=_PAD, title=title)
+
+
+def _fit_concat(chart, width: int | str):
+    """A stack of panels each width="container": only the width is fitted, as `sized` does."""
+    return chart.properties(autosize=_FIT_X) if isinstance(width, str) and width == "container" else chart
+
+
+def _position_axis(frame: pd.DataFrame, lo: int, hi: int, **extra) -> alt.Axis:
+    """Integer positions on an axis (never 2.5); with few single-position cells, each cell's token
+    written at its centre as "position token" (the token also stays in the tooltip)."""
+    cells = frame.drop_duplicates("k0")
+    if hi - lo <= AXIS_LABEL_MAX and len(cells) == hi - lo and (cells["k1"] - cells["k0"] == 1).all():
+        names = dict(zip(cells["k0"].astype(int), cells["k_name"]))
+        labels = [names.get(p, str(p)).replace(": ", " ", 1) for p in range(lo, hi)]
+        return alt.Axis(
+            grid=False,
+            values=[p + 0.5 for p in range(lo, hi)],
+            labelExpr=f"{json.dumps(labels)}[floor(datum.value) - {lo}]",  # a string literal: json escapes it
+            labelLimit=90,
+            labelOverlap=False,
+            **extra,
+        )
+    return alt.Axis(grid=False, tickMinStep=1, format="d", **extra)
+
+
+def heatmap_chart(
+    frame: pd.DataFrame, title: str | list[str], size: int = 420, width: int | str | None = None
+) -> alt.LayerChart:
     """Attention cells (attnview.heatmap_frame): query rows down, key columns across, any cell widths.
 
-    The row of the step's own query (is_step) is outlined in red.
+    The row of the step's own query (is_step) is outlined in red. `size` is the plot's height (and its
+    width unless `width` is given: "container" fits the app's column, see `sized`).
     """
     lo, hi = (int(frame["k0"].min()), int(frame["q1"].max())) if len(frame) else (0, 1)
     x = alt.X(
         "k0:Q",
         title="key position",
         scale=alt.Scale(domain=[lo, hi], nice=False, zero=False),
-        axis=alt.Axis(grid=False),
+        axis=_position_axis(frame, lo, hi, labelAngle=-90),
     )
     y = alt.Y(
         "q0:Q",
         title="query position",
         scale=alt.Scale(domain=[lo, hi], nice=False, zero=False, reverse=True),
-        axis=alt.Axis(grid=False),
+        axis=_position_axis(frame, lo, hi),
     )
     tooltip = [
         alt.Tooltip("q_name:N", title="query"),
@@ -112,7 +179,7 @@ def heatmap_chart(frame: pd.DataFrame, title: str | list[str], size: int = 420) 
         alt.Chart(frame)
         .transform_calculate(stroke_w="datum.weight")
         .mark_rect(strokeWidth=0.6)
-        .encode(x=x, x2="k1:Q", y=y, y2="q1:Q", color=_weight_color(), stroke=_weight_stroke(), tooltip=tooltip)
+        .encode(x=x, x2="k1:Q", y=y, y2="q1:Q", color=_weight_color(frame), stroke=_weight_stroke(), tooltip=tooltip)
     )
     step = (
         alt.Chart(frame)
@@ -120,64 +187,83 @@ def heatmap_chart(frame: pd.DataFrame, title: str | list[str], size: int = 420) 
         .mark_rect(fill=None, stroke=CHOSEN, strokeWidth=1.5)
         .encode(x=x, x2="k1:Q", y=y, y2="q1:Q")
     )
-    return alt.layer(cells, step).properties(width=size, height=size, title=title)
+    return sized(alt.layer(cells, step), size if width is None else width, size, title)
 
 
-def row_chart(frame: pd.DataFrame, title: str, width: int = 520) -> alt.Chart:
+def row_chart(frame: pd.DataFrame, title: str, width: int | str = 520) -> alt.Chart:
     """One query's attention mass per cell of positions (attnview.row_frame), prompt and generated coloured apart."""
-    return (
+    lo, hi = (int(frame["k0"].min()), int(frame["k1"].max())) if len(frame) else (0, 1)
+    chart = (
         alt.Chart(frame)
         .mark_rect()
         .encode(
-            x=alt.X("k0:Q", title="key position", scale=alt.Scale(nice=False, zero=False)),
+            x=alt.X(
+                "k0:Q",
+                title="key position",
+                scale=alt.Scale(domain=[lo, hi], nice=False, zero=False),
+                axis=alt.Axis(tickMinStep=1, format="d"),
+            ),
             x2="k1:Q",
             y=alt.Y("weight:Q", title="attention mass"),
             y2=alt.datum(0),
             color=alt.Color(
-                "part:N", title=None, scale=alt.Scale(domain=["prompt", "generated"], range=[OTHER, CHOSEN])
+                "part:N",
+                title=None,
+                scale=alt.Scale(domain=["prompt", "generated"], range=[OTHER, CHOSEN]),
+                legend=alt.Legend(orient="top"),  # above the plot: a side legend takes a phone's width
             ),
             tooltip=[alt.Tooltip("k_name:N", title="positions"), alt.Tooltip("weight:Q", format=".4f", title="mass")],
         )
-        .properties(width=width, height=160, title=title, autosize=_PAD)  # Streamlit's fit squashed it to a strip
     )
+    return sized(chart, width, 160, title)  # Streamlit's fit squashed it to a strip
 
 
-def heads_grid_chart(frame: pd.DataFrame, title: str, columns: int = 4, size: int = 150) -> alt.FacetChart:
-    """Small multiples: one lower-triangle heatmap per head of a layer (attnview.heads_frame)."""
+def heads_grid_chart(frame: pd.DataFrame, title: str, columns: int = 3, size: int = 100) -> alt.FacetChart:
+    """Small multiples: one lower-triangle heatmap per head of a layer (attnview.heads_frame).
+
+    A facet cannot take its container's width, so it is sized for a phone: 3 × 100 px plus one axis
+    and the gaps is about 350 px, inside a 390 px screen's column."""
     lo, hi = (int(frame["k0"].min()), int(frame["q1"].max())) if len(frame) else (0, 1)
-    scale = alt.Scale(domain=[lo, hi], nice=False, zero=False)
+    axis = alt.Axis(tickCount=3, tickMinStep=1, format="d", grid=False)
     return (
         alt.Chart(frame)
         .mark_rect()
         .encode(
-            x=alt.X("k0:Q", title=None, scale=scale, axis=alt.Axis(tickCount=3)),
+            x=alt.X("k0:Q", title=None, scale=alt.Scale(domain=[lo, hi], nice=False, zero=False), axis=axis),
             x2="k1:Q",
             y=alt.Y(
                 "q0:Q",
                 title=None,
                 scale=alt.Scale(domain=[lo, hi], nice=False, zero=False, reverse=True),
-                axis=alt.Axis(tickCount=3),
+                axis=axis,
             ),
             y2="q1:Q",
-            color=_weight_color(),
+            color=_weight_color(frame),
             tooltip=["head:Q", "q_name:N", "k_name:N", alt.Tooltip("weight:Q", format=".4f")],
         )
         .properties(width=size, height=size)
-        .facet(facet=alt.Facet("head:O", title="head"), columns=columns)
+        .facet(facet=alt.Facet("head:O", title="head"), columns=columns, spacing=8)
         .properties(title=title)
     )
 
 
-def snapshot_chart(frame: pd.DataFrame, title: str = "Last-layer attention snapshots (mean over heads)") -> alt.Chart:
+def snapshot_chart(
+    frame: pd.DataFrame, title: str = "Last-layer attention snapshots (mean over heads)", width: int | str = 520
+) -> alt.Chart:
     """Snapshot rows from trace.json (attnview.snapshot_frame): one row per snapshot step."""
-    return (
+    chart = (
         alt.Chart(frame)
         .mark_rect()
         .encode(
-            x=alt.X("k0:Q", title="key position", scale=alt.Scale(nice=False, zero=False)),
+            x=alt.X(
+                "k0:Q",
+                title="key position",
+                scale=alt.Scale(nice=False, zero=False),
+                axis=alt.Axis(tickMinStep=1, format="d"),
+            ),
             x2="k1:Q",
             y=alt.Y("step:O", title="step"),
-            color=_weight_color(),
+            color=_weight_color(frame),
             tooltip=[
                 "step:Q",
                 "label:N",
@@ -185,19 +271,22 @@ def snapshot_chart(frame: pd.DataFrame, title: str = "Last-layer attention snaps
                 alt.Tooltip("weight:Q", format=".4f"),
             ],
         )
-        .properties(width=520, height=alt.Step(12), title=title)
     )
+    return sized(chart, width, alt.Step(12), title)
 
 
 def divergence_chart(
-    frame: pd.DataFrame, first_diff: int | None = None, title: str = "How far model B is from model A, per step"
+    frame: pd.DataFrame,
+    first_diff: int | None = None,
+    title: str = "How far model B is from model A, per step",
+    width: int | str = "container",  # the Compare page's column (st.altair_chart's default is "stretch")
 ) -> alt.LayerChart:
     """Divergences (KL, JS) per step between two runs' next-token distributions."""
     line = (
         alt.Chart(frame)
         .mark_line(point=True)
         .encode(
-            x=alt.X("step:Q", title="step (model A's tokens)"),
+            x=_step_x(frame, "step (model A's tokens)"),
             y=alt.Y("value:Q", title="divergence (bits)"),
             color=alt.Color("measure:N", title=None),
             tooltip=["step:Q", "label:N", "measure:N", alt.Tooltip("value:Q", format=".4f")],
@@ -207,10 +296,37 @@ def divergence_chart(
     if first_diff is not None:
         rule = alt.Chart(pd.DataFrame({"step": [first_diff]})).mark_rule(color=CHOSEN, strokeDash=[4, 3])
         layers.append(rule.encode(x="step:Q"))
-    return alt.layer(*layers).properties(width=640, height=220, title=title)
+    return sized(alt.layer(*layers), width, 220, title)
 
 
-def stage_chart(frame: pd.DataFrame, title: str = "Each candidate through the processing chain") -> alt.LayerChart:
+# Tableau 20, dark then light of each hue: 20 colours no two alike (category10 repeats from the 11th)
+_TABLEAU20 = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+    "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5",
+]  # fmt: skip
+
+
+def distinct_colors(n: int) -> list[str]:
+    """n colours, none repeated: Tableau 20, then hues spaced by the golden angle at three lightnesses."""
+    extra = [f"hsl({(i * 137.508) % 360:.0f}, 65%, {(45, 30, 62)[i % 3]}%)" for i in range(max(0, n - 20))]
+    return (_TABLEAU20 + extra)[:n]
+
+
+def _step_x(frame: pd.DataFrame, title: str = "step") -> alt.X:
+    """Steps as integers, the axis ending at the last step (a nice domain ran past it)."""
+    steps = frame["step"] if len(frame) else pd.Series([0])
+    lo, hi = int(steps.min()), int(steps.max())
+    return alt.X(
+        "step:Q",
+        title=title,
+        scale=alt.Scale(domain=[lo, max(hi, lo + 1)], nice=False, zero=False),
+        axis=alt.Axis(tickMinStep=1, format="d"),
+    )
+
+
+def stage_chart(
+    frame: pd.DataFrame, title: str = "Each candidate through the processing chain", width: int | str = 520
+) -> alt.Chart:
     """Probability of each tracked candidate after every stage, in chain order; the chosen token is thick."""
     x = alt.X(
         "stage:N",
@@ -218,6 +334,7 @@ def stage_chart(frame: pd.DataFrame, title: str = "Each candidate through the pr
         title="after stage",
         axis=alt.Axis(labelAngle=-30, labelOverlap=False),
     )
+    order = list(frame.groupby("label", sort=False)["prob"].max().sort_values(ascending=False).index)
     lines = (
         alt.Chart(frame)
         .mark_line(point=True)
@@ -227,20 +344,24 @@ def stage_chart(frame: pd.DataFrame, title: str = "Each candidate through the pr
             color=alt.Color(
                 "label:N",
                 title="candidate",
-                sort=alt.EncodingSortField("prob", op="max", order="descending"),
-                # at the side, one entry a row, nothing cut: a legend below takes its rows out of the
-                # plot's own height when Streamlit fits the chart (the plot was squashed to a strip)
-                legend=alt.Legend(labelLimit=0, symbolLimit=0),
+                # an explicit domain and as many colours as candidates: no two candidates look alike
+                scale=alt.Scale(domain=order, range=distinct_colors(len(order))),
+                # below, two columns, nothing dropped: a side legend took a phone's width; below is safe
+                # because only the width is fitted (`sized`), the plot keeps its height
+                legend=alt.Legend(orient="bottom", columns=2, labelLimit=160, symbolLimit=0),
             ),
             strokeWidth=alt.condition("datum.chosen", alt.value(4), alt.value(1.5)),
             tooltip=["stage:N", "label:N", "token_id:Q", alt.Tooltip("prob:Q", format=".4f")],
         )
     )
-    return lines.properties(width=520, height=260, title=title, autosize=_PAD)
+    return sized(lines, width, 260, title)
 
 
-def lens_grid_chart(frame: pd.DataFrame, title: str = "Logit lens: each layer's top token") -> alt.LayerChart:
-    """Layers (rows) by steps (columns), coloured by the top token's probability, labelled with the token."""
+def lens_grid_chart(
+    frame: pd.DataFrame, title: str = "Logit lens: each layer's top token", width: int | str | None = None
+) -> alt.LayerChart:
+    """Layers (rows) by steps (columns), coloured by the top token's probability, labelled with the token
+    (cut to the column's width: "container" narrows the columns on a phone, the tooltip has it whole)."""
     base = alt.Chart(frame).encode(
         x=alt.X("step:O", title="step"),
         y=alt.Y("layer:O", title="layer", sort="descending"),
@@ -254,29 +375,48 @@ def lens_grid_chart(frame: pd.DataFrame, title: str = "Logit lens: each layer's 
         ],
     )
     rect = base.mark_rect().encode(
-        color=alt.Color("p_top:Q", scale=alt.Scale(scheme="blues", domain=[0, 1]), title="p(top)")
+        color=alt.Color(
+            "p_top:Q",
+            # from a light grey-blue, not white: the palest cells stay visible on the dark theme's background
+            scale=alt.Scale(scheme="blues", domain=[0, 1], range=["#c6d4e1", "#08306b"]),
+            title="p(top)",
+            legend=alt.Legend(tickCount=3, format=".1f"),
+        ),
+        stroke=alt.value("#8a8a8a"),
+        strokeWidth=alt.value(0.5),
     )
-    text = base.mark_text(fontSize=8, limit=40).encode(
-        text="top:N", color=alt.condition("datum.p_top > 0.6", alt.value("white"), alt.value("black"))
+    # the text's colour follows the cell's darkness (blues is dark past about 0.5), on light and dark themes
+    text = base.mark_text(fontSize=11, limit=alt.ExprRef("bandwidth('x') - 4")).encode(
+        text="top:N", color=alt.condition("datum.p_top > 0.5", alt.value("white"), alt.value("#1a1a1a"))
     )
-    return alt.layer(rect, text).properties(width=alt.Step(42), height=alt.Step(14), title=title)
+    width = alt.Step(56) if width is None else width  # None: a 56 px column a step (PNG export)
+    return sized(alt.layer(rect, text), width, alt.Step(20), title)
 
 
-def lens_step_chart(frame: pd.DataFrame, title: str) -> alt.Chart:
+def lens_step_chart(frame: pd.DataFrame, title: str, width: int | str = 420) -> alt.Chart:
     """Per layer, the probability the lens gives the token finally chosen."""
-    return (
+    chart = (
         alt.Chart(frame)
         .mark_line(point=True)
         .encode(
-            x=alt.X("layer:Q", title="layer"),
+            x=alt.X("layer:Q", title="layer", scale=alt.Scale(nice=False), axis=alt.Axis(tickMinStep=1, format="d")),
             y=alt.Y("p_chosen:Q", title="p(chosen token)", scale=alt.Scale(domain=[0, 1])),
             tooltip=["layer:Q", alt.Tooltip("p_chosen:Q", format=".4f"), "top:N", alt.Tooltip("p_top:Q", format=".3f")],
         )
-        .properties(width=420, height=200, title=title)
     )
+    return sized(chart, width, 200, title)
 
 
-def replay_chart(frame: pd.DataFrame) -> alt.Chart:
+def _decades(values: pd.Series) -> list[float]:
+    """Powers of ten spanning the values: a log axis's only ticks (its minor ticks crowded the labels)."""
+    lo, hi = (float(values.min()), float(values.max())) if len(values) else (1e-12, 1.0)
+    return [10.0**k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)]
+
+
+REPLAY_NAMES = {"max_diff_raw": "raw model", "max_diff_proc": "after processing"}
+
+
+def replay_chart(frame: pd.DataFrame, width: int | str = 640) -> alt.Chart:
     """Largest difference per step between recorded and recomputed probabilities."""
     long = frame.melt(
         id_vars=["step", "label"],
@@ -285,22 +425,33 @@ def replay_chart(frame: pd.DataFrame) -> alt.Chart:
         value_name="difference",
     )
     long["difference"] = long["difference"].clip(lower=1e-12)
-    return (
+    long["distribution"] = long["distribution"].map(REPLAY_NAMES)
+    chart = (
         alt.Chart(long)
         .mark_line(point=True)
         .encode(
-            x=alt.X("step:Q"),
-            y=alt.Y("difference:Q", scale=alt.Scale(type="log"), title="largest |recorded - recomputed|"),
-            color=alt.Color("distribution:N", title=None),
+            x=_step_x(long),
+            # one notation for every tick (the default mixed 0.0001 with 1e-7)
+            y=alt.Y(
+                "difference:Q",
+                scale=alt.Scale(type="log"),
+                title="largest |recorded - recomputed|",
+                axis=alt.Axis(format=".0e", values=_decades(long["difference"])),
+            ),
+            color=alt.Color(
+                "distribution:N",
+                title=None,
+                scale=alt.Scale(domain=list(REPLAY_NAMES.values()), range=[OTHER, CHOSEN]),
+                legend=alt.Legend(orient="top"),
+            ),
             tooltip=["step:Q", "label:N", "distribution:N", alt.Tooltip("difference:Q", format=".2e")],
         )
-        .properties(
-            width=640, height=200, title="Replay check: recorded against recomputed probabilities", autosize=_PAD
-        )
     )
+    title = ["Replay check: recorded", "against recomputed probabilities"]  # two short lines: fits a phone
+    return sized(chart, width, 200, title)
 
 
-def uncertainty_chart(frame: pd.DataFrame, selected: int | None = None, width: int = 640) -> alt.VConcatChart:
+def uncertainty_chart(frame: pd.DataFrame, selected: int | None = None, width: int | str = 640) -> alt.VConcatChart:
     """Entropy, varentropy, surprisal and top-two margin per step; torn steps are red points."""
     panels = []
     for field, title in (
@@ -310,7 +461,7 @@ def uncertainty_chart(frame: pd.DataFrame, selected: int | None = None, width: i
         ("margin", "top-two margin"),
     ):
         base = alt.Chart(frame).encode(
-            x=alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1)),
+            x=_step_x(frame),
             y=alt.Y(f"{field}:Q", title=title),
             tooltip=["step:Q", "label:N", alt.Tooltip(f"{field}:Q", format=".3f"), "torn:N"],
         )
@@ -324,7 +475,7 @@ def uncertainty_chart(frame: pd.DataFrame, selected: int | None = None, width: i
             rule = alt.Chart(pd.DataFrame({"step": [selected]})).mark_rule(color="gray", strokeDash=[4, 3])
             layers.append(rule.encode(x="step:Q"))
         panels.append(alt.layer(*layers).properties(width=width, height=80))
-    return alt.vconcat(*panels).properties(title="Uncertainty per step (red: torn)")
+    return _fit_concat(alt.vconcat(*panels), width).properties(title="Uncertainty per step (red: torn)")
 
 
 def components_chart(frame: pd.DataFrame, title: str) -> alt.Chart:

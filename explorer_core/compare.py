@@ -110,3 +110,59 @@ def processed_divergence_frame(
         rows = [apply_chain(chain, x[:, : t + s], logits[s : s + 1]) for s in range(len(trace_a.steps))]
         lps.append(torch.log_softmax(torch.cat(rows), dim=-1))
     return _frame(trace_a, lps[0], lps[1], with_kl=False)
+
+
+COMPARED_SETTINGS = ("model", "temperature", "top_p")  # what the Compare page lets run B change
+
+
+def settings_changed(config_a: GenerationConfig, config_b: GenerationConfig) -> list[str]:
+    """The settings run B changed, as "temperature 0.8 → 1.2" lines (empty when B repeats A)."""
+    return [
+        f"{name.replace('_', '-')} {getattr(config_a, name)} → {getattr(config_b, name)}"
+        for name in COMPARED_SETTINGS
+        if getattr(config_a, name) != getattr(config_b, name)
+    ]
+
+
+def first_token_difference(trace_a: Trace, trace_b: Trace) -> int | None:
+    """The first step where the two runs chose different tokens (or one stopped), None when they match."""
+    for a, b in zip(trace_a.steps, trace_b.steps):
+        if a.token_id != b.token_id:
+            return a.step
+    if len(trace_a.steps) != len(trace_b.steps):
+        return min(len(trace_a.steps), len(trace_b.steps))
+    return None
+
+
+def agreement(
+    trace_a: Trace, trace_b: Trace, config_a: GenerationConfig, config_b: GenerationConfig, first: int | None, kind: str
+) -> list[str]:
+    """What the comparison establishes, in sentences that say what was compared, so that an agreement
+    that holds by construction (greedy runs, or rules that never move the top token) is not sold as a finding."""
+    changed = settings_changed(config_a, config_b)
+    lines = [f"Same prompt and seed ({config_a.seed}); run B changed: {', '.join(changed) or 'nothing'}."]
+    if not changed:
+        return lines + ["Run B repeats run A exactly, so the two runs are the same by construction."]
+    if kind == "raw":
+        verdict = "agree at every step" if first is None else f"first differ at step {first}"
+        lines.append(f"Model A's and model B's most likely next tokens, scored on run A's tokens, {verdict}.")
+    elif config_a.greedy and config_b.greedy:
+        return lines + ["Both runs are greedy: each takes the model's most likely token, so they agree trivially."]
+    elif first is None:
+        lines.append(
+            "The most likely token after each run's rules is the same at every step, as it must be: "
+            "temperature and top-p never change which token ranks first."
+        )
+    else:
+        lines.append(f"The most likely token after each run's rules first differs at step {first}.")
+    return lines + [_sampled(trace_a, trace_b)]
+
+
+def _sampled(trace_a: Trace, trace_b: Trace) -> str:
+    at = first_token_difference(trace_a, trace_b)
+    if at is None:
+        return f"The tokens the two runs chose are the same at every one of their {len(trace_a.steps)} steps."
+    if at >= min(len(trace_a.steps), len(trace_b.steps)):
+        return f"The tokens the two runs chose match until step {at}, where one run stops."
+    a, b = trace_a.steps[at], trace_b.steps[at]
+    return f"The tokens the two runs chose first differ at step {at}: {a.label!r} in A, {b.label!r} in B."

@@ -60,7 +60,7 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _check_field(f, getattr(self, f.name))
+            check_field(f, getattr(self, f.name))
         if not self.model.strip():
             raise ValueError("model is empty: give the embedded default's name, a hub id or a local folder")
         if self.min_new_tokens > self.max_new_tokens:
@@ -91,7 +91,7 @@ def field_specs() -> list[dataclasses.Field]:
     return list(dataclasses.fields(GenerationConfig))
 
 
-def _check_field(f: dataclasses.Field, value: Any) -> None:
+def check_field(f: dataclasses.Field, value: Any) -> None:
     """Raise a ValueError naming the field, the bad value and the valid range."""
     kind = f.type if isinstance(f.type, str) else f.type.__name__
     if kind == "bool":

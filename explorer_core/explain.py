@@ -134,7 +134,10 @@ def find_parts(model) -> Parts:
 
 
 def resolve_contrast(lm: LoadedModel, step: StepRecord, contrast: int | str | None) -> int:
-    """The contrast token id: the best other processed candidate by default, else an id or one typed token."""
+    """The contrast token id: the best other processed candidate by default, else an id or one typed token.
+
+    Typed text is taken exactly as typed, leading space included: " Paris" and "Paris" are different
+    tokens, and stripping the space once explained against the wrong one."""
     if contrast is None:
         others = [i for i in step.top_proc.ids + step.top_raw.ids if i != step.token_id]
         if not others:
@@ -146,17 +149,34 @@ def resolve_contrast(lm: LoadedModel, step: StepRecord, contrast: int | str | No
     ):
         token = int(contrast)
     else:
-        ids = lm.tokenizer(contrast, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise ExplainError(
-                f"contrast {contrast!r} is {len(ids)} tokens for this tokenizer: type exactly one token or give its id"
-            )
-        token = int(ids[0])
+        token = token_for_text(lm, contrast)
     if not 0 <= token < lm.vocab_size:
         raise ExplainError(f"contrast id {token} is outside the vocabulary (0..{lm.vocab_size - 1})")
     if token == step.token_id:
         raise ExplainError(f"contrast {contrast!r} is the chosen token itself: pick a different token")
     return token
+
+
+def token_for_text(lm: LoadedModel, text: str) -> int:
+    """The one token whose text is exactly `text`.
+
+    Encoding alone is not enough: a SentencePiece tokenizer adds its own leading "▁" (so "Paris" encodes
+    to the token for " Paris"), and " Paris" may encode to "▁" + "▁Paris". So the encoding is taken only
+    when its single token's bytes are the text; otherwise the vocabulary is searched for those bytes."""
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    vocab = vocab_for(lm.tokenizer)
+    want = text.encode("utf-8")
+    if len(ids) == 1 and vocab.bytes_of(int(ids[0])) == want:
+        return int(ids[0])
+    exact = next((i for i in range(len(vocab)) if i not in vocab.special and vocab.bytes_of(i) == want), None)
+    if exact is not None:
+        return exact
+    if len(ids) == 1:  # the tokenizer's own reading (its added prefix space): the label shown names it
+        return int(ids[0])
+    raise ExplainError(
+        f"contrast {text!r} is {len(ids)} tokens for this tokenizer: type exactly one token "
+        "(its text as the model writes it, leading space included) or give its id"
+    )
 
 
 def sequence_for(lm: LoadedModel, trace: Trace, step: int, branch: int = 0) -> tuple[list[int], StepRecord]:
@@ -697,7 +717,12 @@ def cli_main(argv: list[str]) -> int:
     )
     p.add_argument("trace", help="Path to trace.json.")
     p.add_argument("--step", type=int, required=True, help="Step to explain (0 = first generated token).")
-    p.add_argument("--contrast", default=None, help="Contrast token: an id or one token's text (default: runner-up).")
+    p.add_argument(
+        "--contrast",
+        default=None,
+        help="Contrast token: an id, or one token's text exactly as the model writes it, leading space "
+        "included (quote it: ' Paris'); default: the runner-up.",
+    )
     p.add_argument("--branch", type=int, default=0, help="Path to explain: 0 = main run, else a branch id.")
     p.add_argument(
         "--ig_steps",

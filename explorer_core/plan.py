@@ -82,7 +82,7 @@ def plan(shape: ModelShape, config: GenerationConfig, limits: Limits, prompt_tok
     if prompt_tokens is not None:
         positions = prompt_tokens + config.max_new_tokens
         kv_mb = 2 * shape.layers * shape.kv_heads * shape.head_dim * positions * ITEMSIZE[dtype] / 1e6  # keys, values
-        if config.capture_attention:
+        if config.capture_attention and shape.heads > 0:  # an attention-free model records nothing
             attention = attention_cost(
                 prompt_tokens, config.max_new_tokens, shape.layers, shape.heads, limits.prompt_attention_bytes()
             )

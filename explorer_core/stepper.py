@@ -12,6 +12,7 @@ Step s works like this (T = prompt length):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -20,7 +21,7 @@ import platform
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +131,9 @@ class Run:
         self.error: str | None = None  # why a run stopped early other than by its rules (e.g. a full disk)
         self.stop_reason: str | None = None
         self.prefill_s = 0.0
+        self.load_s = loaded.load_s  # the caller sets this run's own wait for the model (0 when it was loaded)
+        # called as on_prefill(layers_done, layers, seconds) after each layer of the prefill's forward
+        self.on_prefill: Callable[[int, int, float], None] | None = None
         self._cache = None
         self._uncached = False  # the model returns no cache (RWKV, RecurrentGemma): each step reruns the sequence
         self._logits: torch.Tensor | None = None  # (1, vocab) float32, for the next step
@@ -216,7 +220,8 @@ class Run:
         start = time.perf_counter()
         if self.recorder is not None:
             self.recorder.start_prefill(length or self.prompt_len)
-        self._forward(self.ids[:, : length or self.prompt_len])
+        with _layer_progress(self.loaded, self.on_prefill, start):
+            self._forward(self.ids[:, : length or self.prompt_len])
         if self.recorder is not None:
             self.recorder.end_prefill()
             self._pending_row = self.recorder.pending()
@@ -464,6 +469,9 @@ class Run:
         """The run so far as plain data; an unfinished run reads as `interrupted` unless told otherwise."""
         lm, cfg = self.loaded, self.config
         gen_s = self.prefill_s + sum(s.time_s for s in self.steps)
+        # decoding speed: step 0 comes with the prefill, so the rate counts the cached steps after it
+        # (counting the prefill made a 2-token answer to a long prompt read 0.3 tokens/s)
+        decode_s = sum(s.time_s for s in self.steps[1:])
         prompt_ids = self.ids[0, : self.prompt_len].tolist()
         attn = None
         if self.recorder is not None:
@@ -492,10 +500,10 @@ class Run:
             stop_reason=stop_reason or self.stop_reason or "interrupted",
             output_text=self.output_text(),
             timing=Timing(
-                load_s=lm.load_s,
+                load_s=self.load_s,
                 prefill_s=self.prefill_s,
                 generate_s=gen_s,
-                tokens_per_s=(self.n / gen_s) if gen_s > 0 else 0.0,
+                tokens_per_s=(len(self.steps) - 1) / decode_s if decode_s > 0 else 0.0,
             ),
             attention=attn,
             fidelity=fidelity_info(lm),
@@ -504,6 +512,34 @@ class Run:
     def attention(self) -> AttentionStore | None:
         """The recorded attention so far, read lazily from the companion; None when not captured."""
         return None if self.recorder is None else self.recorder.store()
+
+
+def _decoder_layers(loaded: LoadedModel) -> list:
+    """The model's blocks: the first ModuleList as long as its layer count (llama's layers, GPT-2's h); a
+    longest-list rule would pick a mixture-of-experts' experts. None found: no progress, same results."""
+    for m in loaded.model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == loaded.n_layers:
+            return list(m)
+    return []
+
+
+@contextlib.contextmanager
+def _layer_progress(loaded: LoadedModel, callback, start: float):
+    """While a forward runs, call `callback(done, layers, seconds)` as each block finishes. The hooks sit
+    on a model every session shares, so they are removed before anything else can use it."""
+    if callback is None:
+        yield
+        return
+    layers = _decoder_layers(loaded)
+    handles = [
+        layer.register_forward_hook(lambda *_, i=i: callback(i + 1, len(layers), time.perf_counter() - start))
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _cropped(cache, length: int):

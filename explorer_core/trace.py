@@ -151,7 +151,7 @@ class Timing(_Strict):
     load_s: float = Field(ge=0.0)
     prefill_s: float = Field(ge=0.0)
     generate_s: float = Field(ge=0.0, description="Prefill plus every step.")
-    tokens_per_s: float = Field(ge=0.0)
+    tokens_per_s: float = Field(ge=0.0, description="Decoding speed: tokens after the first over their steps' time.")
 
 
 class AttentionInfo(_Strict):

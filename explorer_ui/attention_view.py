@@ -7,11 +7,17 @@ pooled long prompt, an exact recomputation of the window's prompt rows when the 
 
 from __future__ import annotations
 
+import logging
+
 import streamlit as st
 
 from explorer_core import attnview, charts, recompute
 from explorer_core.attnstore import AttentionStore
 from explorer_core.trace import Trace
+
+from .base import clip
+
+_LOG = logging.getLogger(__name__)
 
 CELL_CHOICES = (40, 80, 160, 256, 512)
 
@@ -26,16 +32,43 @@ def head_choice(n_layers: int, n_heads: int, key: str, default_layer: int | None
 
 
 def window_choice(length: int, key: str, default_bins: int = attnview.DEFAULT_BINS) -> attnview.Window:
-    """Positions to show (a range slider when there is more than one) and the cells per axis."""
+    """Positions to show (a range slider when there is more than one) and the cells per axis.
+
+    The zoom is kept under key_zoom, apart from the slider: the slider's range grows with the step, and
+    a slider whose range changes starts over, which lost the zoom at every step change."""
     c1, c2 = st.columns([3, 1])
     lo, hi = 0, length
     if length > 1:  # both ends shown are positions on screen (the caption says "Positions lo–hi" too)
+        rkey, zkey = key + "_range", key + "_zoom"
+        if st.session_state.get(zkey) is not None:
+            st.session_state[rkey] = _zoom_for(st.session_state[zkey], length)
         lo, last = c1.slider(
-            "Positions", 0, length - 1, (0, length - 1), key=key + "_range", help="Zoom into a range of positions."
+            "Positions",
+            0,
+            length - 1,
+            (0, length - 1),
+            key=rkey,
+            help="Zoom into a range of positions.",
+            on_change=_keep_zoom,
+            args=(rkey, zkey, length),
         )
         hi = last + 1
     bins = c2.selectbox("Cells per axis", CELL_CHOICES, CELL_CHOICES.index(default_bins), key=key + "_bins")
     return attnview.Window.clamp(lo, hi, length, bins)
+
+
+def _keep_zoom(rkey: str, zkey: str, length: int) -> None:
+    lo, last = st.session_state[rkey]
+    st.session_state[zkey] = (int(lo), int(last), length)
+
+
+def _zoom_for(zoom: tuple[int, int, int], length: int) -> tuple[int, int]:
+    """A zoom made at another step, on this step's positions: a zoom that reached the last position
+    follows it (the newest tokens stay in view); one inside the sequence stays where it was."""
+    lo, last, then = zoom
+    last = length - 1 if last >= then - 1 else min(last, length - 1)
+    lo = min(lo, last)
+    return lo, last
 
 
 def attention_layer(trace: Trace, store: AttentionStore, key: str) -> tuple[int, int | None] | None:
@@ -66,29 +99,60 @@ def render_attention(
     if picked is None:
         return
     layer, head = picked
-    who = "mean over heads" if head is None else f"head {head}"
-    row = attnview.row_frame(trace, store, step, layer, head)
-    st.altair_chart(
-        charts.row_chart(
-            row,
-            f"Where step {step}'s query looked (layer {layer}, {who})",
-            width=240 if narrow else 520,
-        ),
-        width="content",  # "stretch" let Streamlit's fit squash the plot to a strip
-    )
-    if attnview.row_sum(row) < attnview.SINK_NOTE_BELOW:  # kept as the model computed it, never renormalised
-        st.caption(
-            f"This row's weights sum to {attnview.row_sum(row):.3f}: the rest of the query's attention went "
-            "outside the sequence, to the layer's attention sink."
-        )
     length = trace.prompt_len + step
     window = window_choice(length, key)
+    remember(trace, step, layer, head, key)
+    _render_row(trace, store, step, layer, head, window)
     exact = _exact_rows(trace, store, layer, head, window, key, lm)
     frame = attnview.heatmap_frame(trace, store, step, layer, head, window, exact)
-    title = [f"Attention of the sequence seen at step {step} (layer {layer}, {who})"]
-    title.append(f"red outline: the row of the query that chose step {step}'s token; rows above: earlier positions")
-    st.altair_chart(charts.heatmap_chart(frame, title, size=260 if narrow else 420))
+    who = "mean over heads" if head is None else f"head {head}"
+    title = ["Attention of the sequence seen", f"at step {step}, layer {layer}, {who}"]  # short lines: a phone
+    _square_heatmap(charts.heatmap_chart(frame, title, size=300 if narrow else 320, width="container"), narrow)
+    st.caption(f"Red outline: the row of the query that chose step {step}'s token; rows above: earlier positions.")
     _caption(trace, store, window, exact)
+
+
+INSPECTED = "attention_inspected"  # session key: what the attention view shows now, for the Heads page
+
+
+def remember(trace: Trace, step: int, layer: int, head: int | None, key: str) -> None:
+    """Note the trace, step, layer, head and zoom on screen, so the Heads page opens on them."""
+    zoom = st.session_state.get(key + "_zoom")
+    st.session_state[INSPECTED] = {"created": trace.created, "step": step, "layer": layer, "head": head, "zoom": zoom}
+
+
+def open_on_inspected(trace: Trace, key: str, step_key: str) -> None:
+    """On opening a page (its layer widget not yet in the session), start its widgets on what the
+    attention view was showing for the same trace: step, layer, head and zoom."""
+    seen = st.session_state.get(INSPECTED)
+    if not seen or seen["created"] != trace.created or key + "_layer" in st.session_state:
+        return
+    st.session_state[step_key] = min(seen["step"], max(0, len(trace.steps) - 1))
+    st.session_state[key + "_layer"] = seen["layer"]
+    st.session_state[key + "_head"] = "mean over heads" if seen["head"] is None else f"head {seen['head']}"
+    st.session_state[key + "_zoom"] = seen["zoom"]
+
+
+def _render_row(trace: Trace, store: AttentionStore, step: int, layer: int, head, window) -> None:
+    """Where step `step`'s query looked, over the zoomed positions (the heatmap's window)."""
+    who = "mean over heads" if head is None else f"head {head}"
+    row = attnview.row_frame(trace, store, step, layer, head, lo=window.lo, hi=window.hi)
+    title = [f"Where step {step}'s query looked", f"layer {layer}, {who}, positions {window.lo}–{window.hi - 1}"]
+    # the spec fits only its width to the column (charts.sized), so the plot is never squashed to a strip
+    st.altair_chart(charts.row_chart(row, title, width="container"), width="stretch")
+    total = float(store.row(step, layer, head).sum())  # the whole row, whatever the zoom
+    if total < attnview.SINK_NOTE_BELOW:  # kept as the model computed it, never renormalised
+        st.caption(
+            f"This row's weights sum to {total:.3f}: the rest of the query's attention went "
+            "outside the sequence, to the layer's attention sink."
+        )
+
+
+def _square_heatmap(chart, narrow: bool) -> None:
+    """A heatmap that fits its column and stays square-ish: its height is fixed, so on a wide screen it
+    takes two thirds of the page (columns stack to the full width on a phone, about as wide as tall)."""
+    where = st if narrow else st.columns([2, 1])[0]
+    where.altair_chart(chart, width="stretch")
 
 
 def _caption(trace: Trace, store: AttentionStore, window: attnview.Window, exact) -> None:
@@ -113,15 +177,32 @@ def _exact_rows(trace, store, layer, head, window, key, lm):
     if got is not None and got[0] == cache_key:
         rows = got[1]
     elif st.button(f"Recompute prompt rows {rows_lo}–{rows_hi - 1} exactly", key=key + "_exact_btn"):
-        from . import resources
-
-        with resources.model_job(), st.spinner("Recomputing with the model…"):
-            rows = recompute.prompt_rows(lm, trace.prompt_ids, layer, rows_lo, rows_hi)
+        rows = _recompute(trace, lm, layer, rows_lo, rows_hi)
+        if rows is None:
+            return None
         st.session_state[key + "_exact"] = (cache_key, rows)
     else:
         return None
     picked = rows.mean(axis=0) if head is None else rows[head]
     return rows_lo, picked
+
+
+def _recompute(trace, lm, layer: int, rows_lo: int, rows_hi: int):
+    """The exact rows, or None after an error shown in their place: the pooled heatmap below and the
+    rest of the page stay (a failure here once replaced everything under it)."""
+    from . import resources
+
+    try:
+        with resources.model_job(), st.spinner("Recomputing with the model…"):
+            return recompute.prompt_rows(lm, trace.prompt_ids, layer, rows_lo, rows_hi)
+    except Exception as exc:  # Stop and reruns are BaseExceptions and pass through
+        _LOG.exception("recompute of layer %d rows %d..%d failed", layer, rows_lo, rows_hi)
+        st.error(
+            f"Prompt rows {rows_lo}–{rows_hi - 1} of layer {layer} could not be recomputed; "
+            "the heatmap below shows the stored pooled cells instead."
+        )
+        st.text(f"{type(exc).__name__}: {clip(str(exc))}")  # plain text: the message may quote a model name
+        return None
 
 
 def render_missing_attention(trace: Trace) -> None:
@@ -134,7 +215,7 @@ def render_missing_attention(trace: Trace) -> None:
     )
     snap = attnview.snapshot_frame(trace)
     if len(snap):
-        st.altair_chart(charts.snapshot_chart(snap))
+        st.altair_chart(charts.snapshot_chart(snap, width="container"), width="stretch")
 
 
 def render_heads(trace: Trace, store: AttentionStore, step: int, key: str) -> None:
@@ -152,7 +233,8 @@ def render_heads(trace: Trace, store: AttentionStore, step: int, key: str) -> No
     length = trace.prompt_len + step
     window = window_choice(length, key, default_bins=attnview.HEAD_BINS)
     grid = attnview.heads_frame(trace, store, step, layer, heads, window)
-    st.altair_chart(charts.heads_grid_chart(grid, f"Layer {layer}: heads {heads[0]}–{heads[-1]} at step {step}"))
+    title = f"Layer {layer}: heads {heads[0]}–{heads[-1]} at step {step}"
+    st.altair_chart(charts.heads_grid_chart(grid, title), width="content")  # a facet keeps its own size
     big = attnview.heatmap_frame(trace, store, step, layer, head, attnview.Window(window.lo, window.hi, 160))
     who = "mean over heads" if head is None else f"head {head}"
-    st.altair_chart(charts.heatmap_chart(big, f"Layer {layer}, {who}", size=560))
+    _square_heatmap(charts.heatmap_chart(big, [f"Layer {layer}, {who}"], size=360, width="container"), False)

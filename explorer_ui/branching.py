@@ -24,7 +24,7 @@ MAX_BRANCHES = schema_limit(Trace, "branches")  # the trace schema's limits: ref
 MAX_BRANCH_ID = schema_limit(Branch, "id", "le")
 MAX_TYPED = 100  # characters of a typed token; Streamlit cuts a longer value at max_chars on the server too
 BRANCH_TAB = "Branch from here"  # the step inspector's tab holding the form
-MAX_TORN_PILLS = 60  # a long sampled run can be torn hundreds of times: the rest stay on the slider
+MAX_TORN_PILLS = 20  # a long sampled run can be torn at most steps: a wall of pills says nothing, the closest calls do
 
 
 def path_choice(trace: Trace, key: str) -> int:
@@ -62,17 +62,15 @@ def render_torn_steps(view: Trace, step: int, key: str) -> None:
     `key` is the trace view's key: its step slider is `key_step`, its tabs `key_tabs`. The pill of the
     step being inspected is lit, so the pills follow the slider and the token table too.
     """
-    torn = [s.step for s in view.steps if frames.is_torn(s)]
-    if not torn:
+    shown, note = torn_pills(view)
+    if not shown:
         return
-    shown = torn[:MAX_TORN_PILLS]
     labels = {s.step: s.label for s in view.steps}
     pills_key = key + "_torn"
     # set before the widget is drawn (Streamlit allows it then): the lit pill is always the inspected step
     st.session_state[pills_key] = step if step in shown else None
     st.pills(
-        f"Torn steps: the model hesitated between its two best candidates. Click one to branch from it"
-        f"{f' (the first {len(shown)} of {len(torn)})' if len(torn) > len(shown) else ''}.",
+        f"Torn steps: the model hesitated between its two best candidates. Click one to branch from it.{note}",
         shown,
         # pill labels are Markdown: the token text is escaped, and cut so a long token keeps its pill short
         format_func=lambda i: f"{i} · {escape_text(labels[i][:24])}",
@@ -82,6 +80,22 @@ def render_torn_steps(view: Trace, step: int, key: str) -> None:
         help=f"Raw entropy ≥ {frames.TORN_ENTROPY:g} bit and the two best processed candidates within "
         f"{frames.TORN_MARGIN:g} of each other; these tokens are underlined with dots in the stream above.",
     )
+
+
+def torn_pills(view: Trace) -> tuple[list[int], str]:
+    """The torn steps to offer as pills, in step order, and a note when not all are offered. Past
+    MAX_TORN_PILLS (a run torn nearly everywhere) only the closest calls, the smallest gap between the
+    two best candidates, are offered: those are where another pick most plausibly changes the text."""
+    torn = [s for s in view.steps if frames.is_torn(s)]
+    if len(torn) <= MAX_TORN_PILLS:
+        return [s.step for s in torn], ""
+    closest = sorted(torn, key=lambda s: (frames.margin(s), s.step))[:MAX_TORN_PILLS]
+    most = " (most of them)" if 2 * len(torn) > len(view.steps) else ""
+    note = (
+        f" Torn at {len(torn)} of {len(view.steps)} steps{most}: showing the {MAX_TORN_PILLS} closest calls "
+        "(smallest gap between the two best candidates); the step slider reaches the rest."
+    )
+    return sorted(s.step for s in closest), note
 
 
 def _open_branch_form(key: str, inspected: int) -> None:

@@ -11,7 +11,7 @@ import time
 import streamlit as st
 
 from explorer_core import admission, charts, frames
-from explorer_core.explain import FAST_METHODS, IG_STEPS, METHOD_NAMES, ExplainError, explain, top_components
+from explorer_core.explain import FAST_METHODS, IG_STEPS, METHOD_NAMES, ExplainError, explain
 from explorer_core.trace import MAX_TRACE_BYTES, Explanation, Trace
 
 from . import resources
@@ -56,7 +56,10 @@ def render_explain(trace: Trace, branch: int, step: int, key: str, state_key: st
             key=f"{key}_explain_pick",
         )
         typed = st.text_input(
-            "…or type one token (or its id)", key=f"{key}_explain_typed", max_chars=MAX_TYPED, help=TYPED_HELP
+            "…or type one token exactly, a leading space included (or its id)",
+            key=f"{key}_explain_typed",
+            max_chars=MAX_TYPED,
+            help=TYPED_HELP,
         )
         with_ig = st.checkbox(
             "Also integrated gradients (slower: on 2 CPU cores about 30 s at 50 prompt tokens, 11 min at 500)",
@@ -82,20 +85,26 @@ def render_explain(trace: Trace, branch: int, step: int, key: str, state_key: st
         _run(trace, branch, step, _contrast(typed, pick), int(ig_steps), methods)
     result = current(trace, branch, step)
     if result is not None:
-        render_result(result, key)
+        render_result(result, key, trace)
         _keep_button(trace, result, key, state_key)
     render_uncertainty(trace.model_copy(update={"steps": trace.path_steps(branch)}), step)
 
 
-TYPED_HELP = f"ASCII digits are a token id; anything else is the token's text (at most {MAX_TYPED} characters)."
+TYPED_HELP = (
+    "ASCII digits are a token id; anything else is the token's text exactly as typed, leading space "
+    f"included: ' Paris' and 'Paris' are different tokens (at most {MAX_TYPED} characters). The token used "
+    "is shown with its id above the results."
+)
 
 
 def _contrast(typed: str, pick):
-    """The typed contrast as an id (ASCII digits only: "٣" is text, not id 3), as text, or else the pick."""
-    typed = typed.strip()
+    """The typed contrast as an id (ASCII digits only: "٣" is text, not id 3), as text, or else the pick.
+
+    Text is kept as typed: stripping it turned " Ag" into "Ag", another token, and made " Paris" untypable."""
     if not typed:
         return pick
-    return int(typed) if typed.isascii() and typed.isdigit() else typed
+    bare = typed.strip()
+    return int(bare) if bare and bare.isascii() and bare.isdigit() else typed
 
 
 def _run(trace: Trace, branch: int, step: int, contrast, ig_steps: int, methods: tuple[str, ...]) -> None:
@@ -181,22 +190,26 @@ def score_stream_html(labels: list[str], scores: list[float]) -> str:
     return '<div style="line-height: 1.9;">' + "".join(spans) + "</div>"
 
 
-def render_result(e: Explanation, key: str) -> None:
+def render_result(e: Explanation, key: str, trace: Trace | None = None) -> None:
     """One explanation: its checks and input attribution, then the component breakdown, each in a keyed container
     (`st-key-<key>_explain_inputs`, `..._components`) that the browser test photographs for the README."""
     with st.container(key=f"{key}_explain_inputs"):
         _render_checks(e)
         if e.inputs.methods:
             _render_inputs(e, key)
+            _render_method_sums(e)
     with st.container(key=f"{key}_explain_components"):
-        _render_components(e)
+        _render_components(e, key, trace)
 
 
 def _render_checks(e: Explanation) -> None:
     """The logit difference against the sum of its parts, and how complete each attribution method is."""
     checks = e.checks
+    # ids as well as labels: two tokens can share a label, and a typed contrast must show which token it became
     st.text(
-        f"Step {e.step}: {e.target.label!r} over {e.contrast.label!r}: logit difference {e.logit_diff:.4f}; "
+        f"Step {e.step}: chosen '{e.target.label}' (id {e.target.id}) over contrast '{e.contrast.label}' "
+        f"(id {e.contrast.id}); ␣ is a space, ↵ a newline.\n"
+        f"The logit difference {e.logit_diff:.4f}; "
         f"embedding + heads + MLPs + biases = {checks.get('sum_of_parts', float('nan')):.4f}"
     )
     errors = [
@@ -243,28 +256,149 @@ def _render_inputs(e: Explanation, key: str) -> None:
         horizontal=True,
         key=f"{key}_explain_method",
     )
+    st.caption(_colour_legend(e))
     st.html(score_stream_html(e.inputs.labels, e.inputs.methods[method]))
-    st.altair_chart(charts.attribution_chart(frames.attribution_frame(e)), width="content")
+    _attribution_charts(e)
 
 
-def _render_components(e: Explanation) -> None:
+def _colour_legend(e: Explanation) -> str:
+    """What red, blue, shade and score mean, in the page's words (labels come from files: escaped)."""
+    chosen, other = escape_text(e.target.label), escape_text(e.contrast.label)
+    return (
+        f"Red: the position pushes towards the chosen token {chosen}; blue: towards the contrast {other}. "
+        "The stronger the shade, the larger the score against this method's largest. A score is in logits: "
+        "that position's part of logit(chosen) − logit(contrast), summed over the embedding. "
+        "Hover a token for its score."
+    )
+
+
+ATTRIBUTION_BARS = 15  # positions per method's chart
+PER_ROW = 3  # methods side by side; a kept explanation may name more (read from its file): further rows
+# bar area per chart by how many share the row; the axis labels (clipped by attribution_frame) add up to
+# about 120 px. Three charts must fit a third of a 1,280 px window's main column with the sidebar open.
+CHART_WIDTH = {1: 260, 2: 260, 3: 120}
+
+
+def attribution_charts(e: Explanation) -> list:
+    """One chart per method, its bar area set by how many share its row."""
+    frame = frames.attribution_frame(e)
+    methods = list(e.inputs.methods)
+    width = CHART_WIDTH[min(len(methods), PER_ROW)]
+    out = []
+    for method in methods:
+        chart = charts.attribution_chart(frame[frame["method"] == method], top=ATTRIBUTION_BARS)
+        chart.spec.width = width  # the facet's one panel (FacetChart.spec): charts.py fixes 260 for two
+        out.append(chart)
+    return out
+
+
+def _attribution_charts(e: Explanation) -> None:
+    """Each method's chart in its own column: one faceted chart of three methods (integrated gradients
+    ticked) was wider than the tab; columns also stack on a narrow screen."""
+    drawn = attribution_charts(e)
+    for first in range(0, len(drawn), PER_ROW):
+        row = drawn[first : first + PER_ROW]
+        for col, chart in zip(st.columns(min(len(drawn), PER_ROW)), row):
+            col.altair_chart(chart, width="content")
+
+
+# what each method measures and whether its scores add up to the difference: the methods can rank the
+# same token first and last, and the reader needs to know which ranking is an accounting
+METHOD_MEANING = {
+    "grad_x_input": "Gradient × input: the slope of the difference at this input times the input, a local "
+    "first-order estimate. Not complete: its sum need not match the difference, so its ranking is a slope, "
+    "not a share.",
+    "attn_lrp": "Attention-aware LRP: the difference passed back layer by layer with rules that keep its "
+    "total. Nearly complete: the attention softmax keeps a share, so the sum is close to the difference.",
+    "integrated_gradients": "Integrated gradients: gradients averaged on a path from the baseline to the "
+    "input. Complete: its sum is f(input) − f(baseline), which differs from the difference above by "
+    "the baseline's own difference.",
+}
+
+
+def _render_method_sums(e: Explanation) -> None:
+    """Each method's sum against the logit difference, and a sentence on what each measures."""
+    st.caption("What each method measures, and whether its scores add up to the logit difference:")
+    sums = frames.method_sums_frame(e)
+    known = [m in METHOD_MEANING for m in e.inputs.methods]
+    st.dataframe(
+        sums[known],
+        hide_index=True,
+        column_config={
+            "sum of scores": st.column_config.NumberColumn(format="%+.3f"),
+            "logit difference": st.column_config.NumberColumn(format="%+.3f"),
+            "sum / difference": st.column_config.NumberColumn(format="%.2f"),
+        },
+    )
+    # a kept explanation may name a method this app never made (read from its file): its name and sum
+    # go through st.text with the sentences, never into a table or Markdown
+    lines = [
+        METHOD_MEANING[m] if ok else f"{m!r}: not a method this app makes; its scores sum to {total:+.3f}."
+        for m, ok, total in zip(e.inputs.methods, known, sums["sum of scores"])
+    ]
+    st.text("\n".join(lines))
+
+
+def _render_components(e: Explanation, key: str, trace: Trace | None) -> None:
     """The logit difference split into the embedding, each head and each MLP: top 10 and the full heatmap."""
     left, right = st.columns([1, 2])
-    left.caption("Top 10 components (share of the logit difference)")
-    left.dataframe(
-        [{"component": n, "share": v} for n, v in top_components(e.components, 10)],
-        hide_index=True,
-        column_config={"share": st.column_config.NumberColumn(format="%+.4f")},
+    top = frames.top_components_frame(e, 10)
+    left.caption(
+        f"Top 10 components. Amount: logits added to the difference {e.logit_diff:+.2f}; share: amount ÷ "
+        "difference (parts of opposite sign cancel, so a share can pass 1 or go below 0)."
     )
+    left.dataframe(
+        top[["component", "amount", "share"]],
+        hide_index=True,
+        column_config={
+            "amount": st.column_config.NumberColumn(format="%+.4f"),
+            "share": st.column_config.NumberColumn(format="percent"),
+        },
+    )
+    with left:
+        _open_in_attention(top, key, trace)
     right.altair_chart(
-        charts.components_chart(frames.components_frame(e), "Each head's and MLP's share of the logit difference"),
+        charts.components_chart(frames.components_frame(e), "Each head's and MLP's part of the logit difference"),
         width="content",
     )
+    right.caption(
+        "Red: the part raises the chosen token's logit over the contrast's; blue: the other way; white: "
+        "none. Colour and tooltip are logits (amounts, not shares)."
+    )
+
+
+def _open_in_attention(top, key: str, trace: Trace | None) -> None:
+    """A head of the top 10 opens in the Attention tab: its layer and head picked there, the tab switched.
+
+    Done in a button callback: callbacks run before the script, when the Attention tab's widgets (drawn
+    before this tab) may still take new values. Keys are attention_view.head_choice's under render_trace's
+    `key + "_attn"`, and render_trace's tabs' `key + "_tabs"`."""
+    heads = top.dropna(subset=["head"])
+    if trace is None or heads.empty:
+        return
+    if trace.attention is None:
+        st.caption("This run recorded no attention, so a head cannot be opened in the Attention tab.")
+        return
+    choice = st.selectbox("Head to look at", list(heads["component"]), key=f"{key}_explain_open_pick")
+    row = heads[heads["component"] == choice].iloc[0]
+    st.button(
+        "Open in Attention",
+        key=f"{key}_explain_open",
+        on_click=_show_head,
+        args=(key, int(row["layer"]), int(row["head"])),
+        help="Picks this layer and head in the Attention tab and switches to it.",
+    )
+
+
+def _show_head(key: str, layer: int, head: int) -> None:
+    st.session_state[f"{key}_attn_layer"] = layer
+    st.session_state[f"{key}_attn_head"] = f"head {head}"
+    st.session_state[f"{key}_tabs"] = "Attention"
 
 
 def render_uncertainty(view: Trace, step: int) -> None:
     frame = frames.uncertainty_frame(view)
-    st.altair_chart(charts.uncertainty_chart(frame, selected=step), width="content")
+    st.altair_chart(charts.uncertainty_chart(frame, selected=step, width="container"), width="stretch")
     torn = frame.loc[frame["torn"], "step"].tolist()
     st.caption(
         f"Torn steps (raw entropy ≥ {frames.TORN_ENTROPY:g} bit and the two best processed candidates within "

@@ -26,16 +26,22 @@ PAGES = [
 _HIDE_TOOLBAR_STOP = "<style>[data-testid='stStatusWidget'] button { display: none; }</style>"
 
 
-def page(title: str) -> GenerationConfig | None:
-    """Set up the page and draw the sidebar; returns the sidebar's config (None when it is not valid)."""
+def page(title: str, settings: bool = True) -> GenerationConfig | None:
+    """Set up the page and draw the sidebar; returns the sidebar's config (None when it is not valid).
+    settings=False (the Trace viewer): the generation settings are kept but not drawn, since the page
+    shows a trace made with its own settings; returns None."""
     st.set_page_config(page_title=f"{title} · Model Interpret Explorer", page_icon=":material/search:", layout="wide")
     st.html(_HIDE_TOOLBAR_STOP)
     resources.warm_export()
     tempfiles.sweep_once()  # folders a crashed earlier server left in the temporary folder
+    tempfiles.owner()  # a hosted server keeps it in the URL, so a reload still lists this visitor's runs
     with st.sidebar:
         for path, label, icon in PAGES:
             st.page_link(path, label=label, icon=icon)
         st.divider()
+    if not settings:
+        sidebar.keep_state()
+        return None
     config = sidebar.render()
     st.session_state["config"] = config
     return config

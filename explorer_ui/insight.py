@@ -16,7 +16,8 @@ def render_stages(trace: Trace, step: int) -> None:
     if s.stages is None:
         st.caption("This trace has no per-stage record (made by an older version).")
         return
-    st.altair_chart(charts.stage_chart(frames.stage_frame(s)), width="content")
+    # width="container" specs with width="stretch": only the width is fitted, so a phone gets a narrower plot
+    st.altair_chart(charts.stage_chart(frames.stage_frame(s), width="container"), width="stretch")
     st.caption("Each tracked candidate (both top-k lists, the chosen token and EOS) and what each rule did to it:")
     st.dataframe(
         frames.stage_summary(s),
@@ -32,6 +33,9 @@ def render_stages(trace: Trace, step: int) -> None:
     )
 
 
+LENS_STEPS = 9  # steps around the chosen one in the lens grid: columns wide enough for a token, even on a phone
+
+
 def render_lens(trace: Trace, step: int) -> None:
     if trace.steps[step].lens is None:
         st.caption(
@@ -39,14 +43,11 @@ def render_lens(trace: Trace, step: int) -> None:
             "(Recording and model) and generate again."
         )
         return
-    st.altair_chart(charts.lens_grid_chart(frames.lens_frame(trace, step)), width="content")
-    st.altair_chart(
-        charts.lens_step_chart(
-            frames.lens_step_frame(trace.steps[step]),
-            f"Step {step}: each layer's probability for the token finally chosen",
-        ),
-        width="content",
-    )
+    grid = frames.lens_frame(trace, step, window=LENS_STEPS)
+    st.altair_chart(charts.lens_grid_chart(grid, width="container"), width="stretch")
+    title = [f"Step {step}: each layer's probability", "for the token finally chosen"]  # short lines: a phone
+    chart = charts.lens_step_chart(frames.lens_step_frame(trace.steps[step]), title, width="container")
+    st.altair_chart(chart, width="stretch")
 
 
 def render_replay(trace: Trace, key: str) -> None:
@@ -65,4 +66,4 @@ def render_replay(trace: Trace, key: str) -> None:
         return
     (st.success if report.max_diff <= 1e-4 else st.warning)("Replay check finished")
     st.text(report.verdict)
-    st.altair_chart(charts.replay_chart(report.per_step), width="content")
+    st.altair_chart(charts.replay_chart(report.per_step, width="container"), width="stretch")

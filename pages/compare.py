@@ -3,7 +3,7 @@
 import streamlit as st
 
 from explorer_core import charts
-from explorer_core.compare import divergence_frame, processed_divergence_frame, same_tokenizer
+from explorer_core.compare import agreement, divergence_frame, processed_divergence_frame, same_tokenizer
 from explorer_ui import frame, live, resources, sidebar, views
 
 config = frame.page("Compare models")
@@ -22,6 +22,7 @@ else:
 b_temp = c2.slider("Temperature B", 0.0, 5.0, float(config.temperature), 0.05, key="compare_temperature")
 b_top_p = c3.slider("Top-p B", 0.01, 1.0, float(config.top_p), 0.01, key="compare_top_p")
 
+stopped = [name for name in "ab" if f"compare_{name}_run" in st.session_state]  # cut short by Stop or a widget
 for key in ("compare_a", "compare_b"):
     live.settle(key + "_run", key + "_trace")
 
@@ -36,7 +37,16 @@ def divergence(lm_a, lm_b, config_b):
     return None
 
 
-if st.button("Run both", type="primary", key="compare_go"):
+go_col, stop_col, _ = st.columns([1, 1, 6])
+go = go_col.button("Run both", type="primary", key="compare_go")
+# any click interrupts the running script; the runs left in session_state are settled above, partial
+stop_col.button("Stop", key="compare_stop", help="Ends the runs now and keeps what was generated.")
+if stopped:
+    st.info(
+        f"Stopped during run {stopped[0].upper()}: the steps generated so far are kept"
+        + ("; run B did not start." if stopped[0] == "a" else ".")
+    )
+if go:
     try:
         config_b = config.replace(model=b_model or config.model, temperature=b_temp, top_p=b_top_p)
     except ValueError as exc:
@@ -47,6 +57,7 @@ if st.button("Run both", type="primary", key="compare_go"):
     if lm_a is not None and lm_b is not None:
         for old in ("compare_div", "compare_a_trace", "compare_b_trace"):  # never show a new A beside an old B
             st.session_state.pop(old, None)
+        st.session_state["compare_configs"] = (config, config_b)
         try:
             live.generate_live(lm_a, config, "compare_a_run", "compare_a_trace")
             live.generate_live(lm_b, config_b, "compare_b_run", "compare_b_trace")
@@ -74,19 +85,23 @@ def render_divergence(div) -> None:
     else:
         st.subheader("Step-aligned: model B scored on model A's tokens")
         title = "How far model B is from model A, per step"
-    what = "most likely processed tokens" if kind == "processed" else "greedy choices"
-    st.text(f"The {what} agree at every step." if first is None else f"First step where the {what} differ: {first}")
+    (trace_a, _), (trace_b, _) = st.session_state["compare_a_trace"], st.session_state["compare_b_trace"]
+    st.text("\n".join(agreement(trace_a, trace_b, *st.session_state["compare_configs"], first, kind)))
     if frame_["value"].max() == 0.0:
         st.text("The two distributions are identical at every step: nothing to plot but zeros.")
     st.altair_chart(charts.divergence_chart(frame_, first, title=title))
 
 
-if "compare_a_trace" in st.session_state and "compare_b_trace" in st.session_state:
-    (ta, aa), (tb, ab) = st.session_state["compare_a_trace"], st.session_state["compare_b_trace"]
-    if "compare_div" in st.session_state:
+def render_runs() -> None:
+    """Each run that exists side by side (one only when Stop came before run B started)."""
+    runs = [
+        (n, st.session_state[f"compare_{n.lower()}_trace"])
+        for n in "AB"
+        if f"compare_{n.lower()}_trace" in st.session_state
+    ]
+    if "compare_div" in st.session_state and len(runs) == 2:
         render_divergence(st.session_state["compare_div"])
-    left, right = st.columns(2)
-    for col, name, trace, attn in ((left, "A", ta, aa), (right, "B", tb, ab)):
+    for col, (name, (trace, attn)) in zip(st.columns(2), runs):
         with col:
             st.subheader(f"Run {name}")
             st.text(f"{trace.model.name} · temperature {trace.config['temperature']} · top-p {trace.config['top_p']}")
@@ -97,3 +112,7 @@ if "compare_a_trace" in st.session_state and "compare_b_trace" in st.session_sta
                 views.render_step(trace, step, narrow=True)
                 views.render_attention(trace, attn, step, f"compare_{name}_attn", narrow=True)
                 views.render_timeline(trace, step, narrow=True)
+
+
+if "compare_a_trace" in st.session_state:
+    render_runs()

@@ -17,6 +17,7 @@ trace, attn = st.session_state[sources[which]]
 if attn is None:
     views.render_missing_attention(trace)
     st.stop()
+attention_view.open_on_inspected(trace, "heads", "heads_step")  # the step, layer, head and zoom in view
 step = guarded("Step", views.pick_step, trace, "heads_step", default=0) if trace.steps else 0
 guarded("Heads", attention_view.render_heads, trace, attn, step, "heads")  # a failing view keeps the page
 st.subheader("What each head added to the chosen token (from an explanation)")

@@ -11,14 +11,15 @@ from explorer_ui.base import clip, escape_text
 
 TRACE, SOURCE, KEPT = "viewer_trace", "viewer_source", "viewer_source_kept"
 
-frame.page("Trace viewer")
+frame.page("Trace viewer", settings=False)  # the sidebar shows the loaded trace's settings, not Generate's
 st.title("Trace viewer")
-# Streamlit forgets a widget's value once its page is left; a plain key keeps the choice, so coming
-# back to an uploaded trace never swaps in an example.
-st.session_state[SOURCE] = st.session_state.get(KEPT, "Examples")
 # local only: a public host never reads the paths its visitors type
-SOURCES = ["Examples", "Upload"] if resources.limits().hosted else ["Examples", "Upload", "Saved runs"]
-if st.session_state[SOURCE] not in SOURCES:
+SOURCES = ["Recent runs", "Examples", "Upload"] + ([] if resources.limits().hosted else ["Saved runs"])
+# Streamlit forgets a widget's value once its page is left; a plain key keeps the choice, so coming
+# back to an uploaded trace never swaps in an example. A reload starts from the URL's ?source=.
+URL_NAMES = {"recent": "Recent runs", "examples": "Examples", "upload": "Upload", "saved": "Saved runs"}
+st.session_state[SOURCE] = st.session_state.get(KEPT) or URL_NAMES.get(st.query_params.get("source", ""), "Examples")
+if st.session_state[SOURCE] not in SOURCES:  # e.g. ?source=saved on a public host
     st.session_state[SOURCE] = "Examples"
 src = st.radio(
     "Source",
@@ -27,6 +28,8 @@ src = st.radio(
     key=SOURCE,
     on_change=lambda: st.session_state.update({KEPT: st.session_state[SOURCE]}),
 )
+if st.query_params.get("source") != (name := next(k for k, v in URL_NAMES.items() if v == src)):
+    st.query_params["source"] = name
 
 
 def keep(loaded) -> None:
@@ -93,6 +96,23 @@ def load_example() -> None:
         st.session_state.pop("viewer_note", None)
 
 
+def load_recent() -> None:
+    """Runs this server's Generate page finished (or a reload cut short): a reload loses nothing."""
+    runs = tempfiles.recent_runs(owner=tempfiles.owner() if resources.limits().hosted else None)
+    if not runs:
+        st.info(f"No runs yet: this server keeps the newest {tempfiles.recent_bounds()[0]} runs of its Generate page.")
+        return
+    labels = {}
+    for path, meta in runs:  # two runs in one second with the same model and length: the folder tells them apart
+        label = tempfiles.recent_label(path, meta)
+        labels[label if label not in labels else f"{label} · {path.parent.name[-4:]}"] = path
+    pick = st.selectbox("Run", list(labels), key="viewer_recent")
+    if st.session_state.get("viewer_loaded") != str(labels[pick]):
+        keep(loading.from_saved(labels[pick]))
+        st.session_state["viewer_loaded"] = str(labels[pick])
+        st.session_state.pop("viewer_note", None)
+
+
 def load_saved() -> None:
     """Runs the command line saved (--out_dir): any size, mapped from disk instead of uploaded."""
     folder = st.text_input("Folder of saved runs", "runs", key="viewer_folder")
@@ -115,6 +135,8 @@ try:
         load_uploads()
     elif src == "Saved runs":
         load_saved()
+    elif src == "Recent runs":
+        load_recent()
     else:
         load_example()
 except TraceError as exc:
@@ -128,4 +150,5 @@ except Exception as exc:  # a reader's own bug: said here, the rest of the page 
 if "viewer_note" in st.session_state:
     st.warning(st.session_state["viewer_note"])
 if TRACE in st.session_state:
+    views.render_trace_settings(st.session_state[TRACE][0])
     views.render_trace(TRACE, "viewer")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -10,6 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # tests want the real error text; visitors of a hosted app get the redacted one (.streamlit/config.toml)
 os.environ.setdefault("STREAMLIT_CLIENT_SHOW_ERROR_DETAILS", "full")
+# app runs the tests make are kept as "Recent runs" in a folder of this test session, not the machine's
+os.environ.setdefault("EXPLORER_RECENT_DIR", tempfile.mkdtemp(prefix="explorer-test-recent-"))
 
 from tests import tiny  # noqa: E402
 

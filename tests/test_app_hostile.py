@@ -25,7 +25,7 @@ PAYLOAD = "![x](http://127.0.0.1:9/beacon.png) [link](http://x)"
 BRANCH_SUBMIT = "FormSubmitter:viewer_trace_branch_form-Continue from here"
 EXPLAIN_SUBMIT = "FormSubmitter:viewer_explain_form-Explain"
 # elements whose text is shown as is (never Markdown): the payload may appear there verbatim
-PLAIN = {"text", "code", "arrow_data_frame", "vega_lite_chart", "selectbox", "text_input", "file_uploader"}
+PLAIN = {"text", "code", "arrow_data_frame", "dataframe", "vega_lite_chart", "selectbox", "text_input", "file_uploader"}
 
 
 def _trace(model: str = "crafted", prompt_len: int = 3, steps: int = 2, **update):

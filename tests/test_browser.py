@@ -221,7 +221,7 @@ def test_explain_screenshots(page):
     assert scores and any(float(v) != 0 for v in scores)
     # every bar of the top positions is named (none hidden for overlapping its neighbour)
     bars = [b for b in charts_fit(page) if "score" in b["titles"]]
-    assert bars and len([t for t in bars[0]["labels"] if ": " in t]) == 2 * min(15, len(scores)), bars
+    assert bars and len([t for t in bars[0]["labels"] if ": " in t]) == min(15, len(scores)), bars
     inputs = page.locator(".st-key-gen_explain_inputs")
     inputs.scroll_into_view_if_needed()
     inputs.screenshot(path=str(DOCS / "explain.png"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import errno
 import io
-import os
 import json
+import os
 import struct
 
 import numpy as np
