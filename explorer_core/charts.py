@@ -27,6 +27,23 @@ def topk_chart(frame: pd.DataFrame, title: str = "Top candidates", columns: int 
 
     Every candidate keeps its axis label: overlap pruning is off and each bar gets a 20 px row.
     """
+    return (
+        _topk_layers(frame)
+        .properties(width=240, height=alt.Step(20))
+        .facet(facet=alt.Facet("distribution:N", title=None, sort=["raw model", "after processing"]), columns=columns)
+        .resolve_scale(y="independent")
+        .properties(title=title)
+    )
+
+
+def topk_panel(frame: pd.DataFrame, distribution: str, width: int | str = "container") -> alt.LayerChart:
+    """One distribution's top-k bars as a chart of its own, which can take its column's width (the app
+    puts raw and processed in two columns; a phone stacks them): a facet keeps a fixed panel width."""
+    title = f"Top candidates: {distribution}"
+    return sized(_topk_layers(frame[frame["distribution"] == distribution]), width, alt.Step(20), title)
+
+
+def _topk_layers(frame: pd.DataFrame) -> alt.LayerChart:
     base = alt.Chart(frame).encode(
         y=alt.Y(
             "label:N",
@@ -41,13 +58,7 @@ def topk_chart(frame: pd.DataFrame, title: str = "Top candidates", columns: int 
         color=alt.condition("datum.chosen", alt.value(CHOSEN), alt.value(OTHER)),
     )
     text = base.mark_text(align="left", dx=3, fontSize=10).encode(text=alt.Text("prob:Q", format=".3f"))
-    return (
-        alt.layer(bars, text)
-        .properties(width=240, height=alt.Step(20))
-        .facet(facet=alt.Facet("distribution:N", title=None, sort=["raw model", "after processing"]), columns=columns)
-        .resolve_scale(y="independent")
-        .properties(title=title)
-    )
+    return alt.layer(bars, text)
 
 
 RAW_COLOR, PROCESSED_COLOR = "#83c9ff", "#0068c9"  # the app's light and dark blue: raw, processed

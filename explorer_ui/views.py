@@ -153,8 +153,11 @@ def render_step(trace: Trace, step: int, narrow: bool = False) -> None:
     s = trace.steps[step]
     st.caption(f"Step {step} chose this token (raw rank {s.rank_raw}, p_raw {s.p_raw:.4f}, p_proc {s.p_proc:.4f}):")
     st.code(s.label, language=None)
-    chart = charts.topk_chart(frames.topk_frame(s), "Top candidates", columns=1 if narrow else 2)
-    st.altair_chart(chart, width="content")
+    frame = frames.topk_frame(s)
+    # two charts in two columns, each as wide as its column: Streamlit stacks the columns on a phone
+    places = (st.container(), st.container()) if narrow else st.columns(2)
+    for place, dist in zip(places, ("raw model", "after processing"), strict=True):
+        place.altair_chart(charts.topk_panel(frame, dist), width="stretch")
 
 
 def render_timeline(trace: Trace, step: int, narrow: bool = False) -> None:

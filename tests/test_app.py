@@ -53,17 +53,30 @@ def _walk(node):
         yield from _walk(child)
 
 
+def chart_title(spec: dict):
+    t = spec.get("title")
+    return t.get("text") if isinstance(t, dict) else t
+
+
+def topk_data(at):
+    """The raw and processed top-k charts' rows together (each distribution is a chart of its own)."""
+    import pandas as pd
+
+    parts = [data[0] for spec, data in charts(at) if str(chart_title(spec)).startswith("Top candidates")]
+    return pd.concat(parts[:2], ignore_index=True)
+
+
 def test_generate_shows_tokens_and_charts(generated):
     at = generated
     assert at.metric[0].value == "8"
     trace, _ = at.session_state["gen_trace"]
     assert len(trace.steps) == 8 and trace.stop_reason == "max_new_tokens"
     titles = chart_titles(at)
-    assert "Top candidates" in titles and "Chosen token over the run" in titles
+    assert {"Top candidates: raw model", "Top candidates: after processing"} <= set(titles)
+    assert "Chosen token over the run" in titles
     assert any(t.startswith("Attention of the sequence seen at step 0") for t in titles)
     assert any(t.startswith("Where step 0's query looked") for t in titles)
-    spec, data = charts(at)[titles.index("Top candidates")]
-    top = data[0]
+    top = topk_data(at)
     assert set(top["distribution"]) == {"raw model", "after processing"}
     chosen = top[top["chosen"]]
     assert set(chosen["token_id"]) == {trace.steps[0].token_id}
@@ -77,8 +90,8 @@ def test_changing_step_updates_charts(generated):
     at.slider(key="gen_step").set_value(5).run()
     trace, _ = at.session_state["gen_trace"]
     titles = chart_titles(at)
-    _, data = charts(at)[titles.index("Top candidates")]
-    assert set(data[0][data[0]["chosen"]]["token_id"]) == {trace.steps[5].token_id}
+    top = topk_data(at)
+    assert set(top[top["chosen"]]["token_id"]) == {trace.steps[5].token_id}
     _, heat = charts(at)[[t.startswith("Attention of the sequence seen at step 5") for t in titles].index(True)]
     assert heat[0]["q1"].max() == trace.prompt_len + 5  # query of step 5 sits at T+4, the last row
     assert list(heat[0][heat[0]["is_step"]]["q0"].unique()) == [trace.prompt_len + 4]
@@ -106,7 +119,7 @@ def test_viewer_example_and_upload(generated, tmp_path):
     at.switch_page("pages/viewer.py").run()
     assert not at.exception
     assert at.selectbox(key="viewer_example").options  # shipped examples are listed
-    assert "Top candidates" in chart_titles(at)
+    assert "Top candidates: raw model" in chart_titles(at)
     at.radio(key="viewer_source").set_value("Upload").run()
     path = tracefile.save(trace, attn, tmp_path / "trace.json")
     at.file_uploader(key="viewer_upload").set_value(
@@ -190,9 +203,9 @@ def test_compare_same_model_two_temperatures(tiny_llama_dir):
     assert any("raw distributions are identical" in t.value for t in at.text)
     titles = chart_titles(at)
     assert "How far run B's processed distribution is from run A's, per step" in titles
-    # half-width columns: the top-k panels are stacked and the timelines narrow, so nothing is cut off
-    tops = [spec for spec, _ in charts(at) if spec.get("title") == "Top candidates"]
-    assert tops and all(spec["columns"] == 1 for spec in tops)
+    # half-width columns: each top-k chart and the timelines take the column's width, so nothing is cut off
+    tops = [spec for spec, _ in charts(at) if str(chart_title(spec)).startswith("Top candidates")]
+    assert tops and all(spec["width"] == "container" for spec in tops)
 
 
 def test_sidebar_values_kept_across_pages(tiny_llama_dir):

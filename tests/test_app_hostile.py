@@ -89,16 +89,18 @@ def _texts(at) -> list[str]:
 @pytest.mark.parametrize("name", ["~nosuchuser/x", "m" * 300])
 def test_unloadable_model_name_gives_one_sentence_everywhere(name):
     at = _upload(_trace(model=name))
-    assert "Top candidates" in chart_titles(at)  # the viewer drew the trace (it asks whether its model is loaded)
+    assert "Top candidates: raw model" in chart_titles(
+        at
+    )  # the viewer drew the trace (it asks whether its model is loaded)
     for action in ("viewer_replay", EXPLAIN_SUBMIT, BRANCH_SUBMIT):  # each loads the trace's model
         at.button(key=action).click().run()
         assert not at.exception, at.exception
         said = [t for t in _texts(at) if "neither a folder nor a hub id" in t]
         assert len(said) == 1, (action, _texts(at))
         assert name[:40] in said[0] and len(said[0]) < 400  # the name, cut short, and the fix
-        assert "Top candidates" in chart_titles(at)  # the rest of the page is still drawn
+        assert "Top candidates: raw model" in chart_titles(at)  # the rest of the page is still drawn
     assert at.session_state["viewer_trace"][0].model.name == name  # the trace is still the one shown
-    assert "Top candidates" in chart_titles(at)
+    assert "Top candidates: raw model" in chart_titles(at)
 
 
 def test_unloadable_model_name_in_the_sidebar_is_said_not_raised():
@@ -121,7 +123,7 @@ def test_a_failing_view_takes_only_its_own_section(monkeypatch):
     assert any(e.value.startswith("Logit lens: this view could not be drawn") for e in at.error)
     assert "RuntimeError: lens exploded" in _texts(at)
     titles = chart_titles(at)
-    assert "Top candidates" in titles and any("ncertainty" in t or "entropy" in t.lower() for t in titles)
+    assert "Top candidates: raw model" in titles and any("ncertainty" in t or "entropy" in t.lower() for t in titles)
     assert any(b.key == "viewer_dl_json" for b in at.get("download_button"))  # sections after it are drawn
 
 

@@ -113,9 +113,10 @@ def charts_fit(pg) -> list[dict]:
 def topk_labels_complete(pg, step) -> None:
     """The top-k chart labels every candidate of both lists (the chosen token included)."""
     expected = sum(len(c["ids"]) + (step["token_id"] not in c["ids"]) for c in (step["top_raw"], step["top_proc"]))
-    tops = [b for b in pg.evaluate(CHART_BOXES) if "raw model" in b["titles"]]
-    assert tops
-    ticks = [t for t in tops[0]["labels"] if not re.fullmatch(r"[01]\.\d", t)]  # the probability axes: 0.0 to 1.0
+    tops = [b for b in pg.evaluate(CHART_BOXES) if any(t.startswith("Top candidates: ") for t in b["titles"])][:2]
+    assert len(tops) == 2  # raw and processed, a chart each
+    labels = tops[0]["labels"] + tops[1]["labels"]
+    ticks = [t for t in labels if not re.fullmatch(r"[01]\.\d", t)]  # the probability axes: 0.0 to 1.0
     assert len(ticks) == expected, (ticks, expected)
 
 
@@ -393,3 +394,67 @@ def test_long_prompt_trace_in_the_viewer(page, default_model, tmp_path):
     boxes = charts_fit(page)
     assert any("query position" in b["titles"] for b in boxes) and any("attention mass" in b["titles"] for b in boxes)
     page.get_by_role("tabpanel").screenshot(path=str(DOCS / "long_prompt.png"))
+
+
+def new_page(page, server: str, width: int, height: int, path: str = ""):
+    pg = page.context.browser.new_page(viewport={"width": width, "height": height}, accept_downloads=True)
+    pg.set_default_timeout(120_000)
+    pg.goto(server.rstrip("/") + "/" + path.lstrip("/"))
+    return pg
+
+
+def test_phone_width_fits_without_sideways_scrolling(page, server):
+    """A 390 × 844 phone: a run, its charts and the attention heatmap fit the screen (no sideways scroll)
+    and the heatmap stays square-ish (it once collapsed to a 2 px strip)."""
+    phone = new_page(page, server, 390, 844, "?max_new_tokens=12&min_new_tokens=12")
+    try:
+        phone.locator(".st-key-gen_generate button").first.click()
+        phone.get_by_text("Inspect a step").wait_for(timeout=180_000)
+        wait_idle(phone)
+        no_exception(phone)
+        charts_fit(phone)
+        phone.get_by_role("tab", name="Attention").click()
+        wait_idle(phone)
+        heat = [b for b in charts_fit(phone) if b["h"] > 60 and b["w"] > 60]
+        assert heat, "the attention heatmap is drawn"
+        assert all(0.4 <= b["h"] / b["w"] <= 2.5 for b in heat), heat
+        wide = phone.evaluate("() => document.scrollingElement.scrollWidth")
+        assert wide <= 391, f"the page is {wide} px wide on a 390 px screen"
+        phone.screenshot(path=str(DOCS / "phone.png"), full_page=False)
+    finally:
+        phone.close()
+
+
+def test_reload_keeps_settings_and_the_run(page, server):
+    """Settings live in the URL (a reload, or the link shared, brings them back); a finished run is in the
+    viewer's Recent runs after a reload; reloading during a run asks first."""
+    pg = new_page(page, server, 1400, 1400)
+    try:
+        pg.get_by_role("button", name="Generate").wait_for()
+        pg.get_by_text("Length and stopping").click()  # the expander holding the length settings
+        set_number(pg, "max new tokens", 9)
+        assert "max_new_tokens=9" in pg.url
+        pg.locator(".st-key-gen_generate button").first.click()
+        pg.get_by_text("Inspect a step").wait_for(timeout=180_000)
+        wait_idle(pg)
+        pg.reload()
+        pg.get_by_role("button", name="Generate").wait_for()
+        wait_idle(pg)
+        assert pg.get_by_label("max new tokens", exact=True).input_value() == "9"
+        pg.goto(server.rstrip("/") + "/viewer?source=recent")
+        pg.locator(".st-key-viewer_recent").wait_for()
+        wait_idle(pg)
+        no_exception(pg)
+        assert pg.locator("[data-testid='stVegaLiteChart']").count() >= 1  # the recent run is drawn
+        pg.screenshot(path=str(DOCS / "recent_runs.png"), full_page=False)
+        # a long run, then a reload while it goes: the browser asks before leaving
+        pg.goto(server.rstrip("/") + "/?max_new_tokens=400&min_new_tokens=400")
+        pg.locator(".st-key-gen_generate button").first.click()
+        pg.locator(".explorer-running").wait_for(state="attached", timeout=60_000)
+        asked = []
+        pg.on("dialog", lambda d: (asked.append(d.type), d.accept()))
+        pg.reload()
+        pg.get_by_role("button", name="Generate").wait_for()
+        assert asked == ["beforeunload"], asked
+    finally:
+        pg.close()
