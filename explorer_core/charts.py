@@ -88,7 +88,8 @@ def timeline_chart(frame: pd.DataFrame, selected: int | None = None, width: int 
                     "series:N",
                     title=None,
                     scale=alt.Scale(domain=names, range=tones),
-                    legend=alt.Legend(orient="bottom", columns=2, labelLimit=0),
+                    # one per line in a column's width: two side by side ran past a phone's screen
+                    legend=alt.Legend(orient="bottom", columns=1 if width == "container" else 2, labelLimit=0),
                 ),
                 tooltip=["step:Q", "label:N", "series:N", alt.Tooltip("value:Q", format=".4f")],
             )

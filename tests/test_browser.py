@@ -420,6 +420,8 @@ def test_phone_width_fits_without_sideways_scrolling(page, server):
         assert all(0.4 <= b["h"] / b["w"] <= 2.5 for b in heat), heat
         wide = phone.evaluate("() => document.scrollingElement.scrollWidth")
         assert wide <= 391, f"the page is {wide} px wide on a 390 px screen"
+        phone.locator("[data-testid='stVegaLiteChart']:visible").last.scroll_into_view_if_needed()
+        phone.wait_for_timeout(500)
         phone.screenshot(path=str(DOCS / "phone.png"), full_page=False)
     finally:
         phone.close()
