@@ -39,8 +39,10 @@ def divergence(lm_a, lm_b, config_b):
 
 go_col, stop_col, _ = st.columns([1, 1, 6])
 go = go_col.button("Run both", type="primary", key="compare_go")
-# any click interrupts the running script; the runs left in session_state are settled above, partial
-stop_col.button("Stop", key="compare_stop", help="Ends the runs now and keeps what was generated.")
+# any click interrupts the running script; the runs left in session_state are settled above, partial.
+# Off while nothing runs: a Stop that can be pressed then does nothing.
+stop_slot = stop_col.empty()
+stop_slot.button("Stop", key="compare_stop", help="Ends the runs now and keeps what was generated.", disabled=not go)
 if stopped:
     st.info(
         f"Stopped during run {stopped[0].upper()}: the steps generated so far are kept"
@@ -65,6 +67,7 @@ if go:
         except ValueError as exc:
             st.error("Could not run both")
             st.text(str(exc))
+    stop_slot.button("Stop", key="compare_stop_idle", disabled=True)  # the runs are over: Stop turns off now
 
 
 def render_divergence(div) -> None:

@@ -141,7 +141,8 @@ def test_compare_stop_during_run_a_keeps_its_steps(tiny_llama, tiny_llama_dir):
         if i == 2:
             break
     at.session_state["compare_a_run"] = run
-    at.button(key="compare_stop").click().run()
+    assert at.button(key="compare_stop").disabled  # nothing runs in this test's script: Stop is off
+    at.run()  # the rerun a Stop click causes while the runs go
     assert not at.exception, at.exception
     trace, _ = at.session_state["compare_a_trace"]
     assert trace.stop_reason == "interrupted" and len(trace.steps) == 3
