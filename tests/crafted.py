@@ -9,7 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from explorer_core.attnstore import AttentionWriter, Shape, pooling_edges
-from explorer_core.trace import AttentionInfo, Candidates, StepRecord, Trace
+from explorer_core.trace import (
+    AttentionInfo,
+    Candidates,
+    Components,
+    Explanation,
+    InputScores,
+    StepRecord,
+    TokenRef,
+    Trace,
+)
 
 
 def _step(i: int, t: int, snapshot: bool) -> StepRecord:
@@ -93,3 +102,18 @@ def write_v1(path: Path, layers: int, heads: int, t: int, steps: int) -> None:
                         fh.write(arr.view(np.uint8)[plane::2].tobytes())
         with zf.open("lengths.npy", "w") as fh:
             fh.write(_npy_header((steps,), "<i8") + (np.arange(steps, dtype=np.int64) + t).tobytes())
+
+
+def explanation(
+    layers: int, heads: int, value: float = 0.0, width: int | None = None, step: int = 0, methods: dict | None = None
+) -> Explanation:
+    """A kept explanation of a (layers, heads) model at `step`, every head's part `value`; `width` gives
+    the first layer's row another length (a breakdown of the wrong shape)."""
+    rows = [[value] * (width if width is not None and i == 0 else heads) for i in range(layers)]
+    return Explanation(
+        step=step, target=TokenRef(id=1, label="a"), contrast=TokenRef(id=2, label="b"),
+        logit_diff=value * layers * heads,
+        inputs=InputScores(positions=[0], labels=["x"], methods=methods or {}, baseline="pad", ig_steps=1),
+        components=Components(embed=0.0, heads=rows, mlps=[0.0] * layers, attn_bias=[0.0] * layers, bias=0.0),
+        checks={}, timing_s={},
+    )  # fmt: skip

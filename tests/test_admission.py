@@ -19,7 +19,7 @@ import pytest
 
 from explorer_core import admission, tracefile
 from explorer_core.attnstore import FORMAT
-from explorer_core.trace import Components, Explanation, InputScores, TokenRef, TraceError, dumps
+from explorer_core.trace import TraceError, dumps
 from tests import crafted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,26 +116,16 @@ def test_links_pipes_and_devices_are_refused_at_once(tmp_path):
         tracefile.load(path)
 
 
-def _explanation(layers: int, heads: int, width: int | None = None, step: int = 0) -> Explanation:
-    rows = [[0.0] * (width if width is not None and i == 0 else heads) for i in range(layers)]
-    return Explanation(
-        step=step, target=TokenRef(id=1, label="a"), contrast=TokenRef(id=2, label="b"), logit_diff=0.0,
-        inputs=InputScores(positions=[0], labels=["x"], methods={}, baseline="pad", ig_steps=1),
-        components=Components(embed=0.0, heads=rows, mlps=[0.0] * layers, attn_bias=[0.0] * layers, bias=0.0),
-        checks={}, timing_s={},
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize(
     ("layers", "width", "step", "reason"),
     [(2, 100_000, 0, "equal head rows"), (3, None, 0, "2 layers"), (2, None, 9, "does not hold")],
 )
 def test_kept_explanations_have_the_model_shape(layers, width, step, reason):
     tr = crafted.trace(8, 3, layers=2, heads=2)
-    bad = tr.model_copy(update={"explanations": [_explanation(layers, 2, width, step)]})
+    bad = tr.model_copy(update={"explanations": [crafted.explanation(layers, 2, width=width, step=step)]})
     with pytest.raises(TraceError, match=reason):
         admission.admit_trace(bad.model_dump_json())
-    good = tr.model_copy(update={"explanations": [_explanation(2, 2)]})
+    good = tr.model_copy(update={"explanations": [crafted.explanation(2, 2)]})
     assert admission.admit_trace(dumps(good)).explanations[0].components.heads == [[0.0, 0.0]] * 2
 
 

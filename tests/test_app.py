@@ -12,14 +12,6 @@ from explorer_core.stepper import Run
 from tests.apphelp import chart_titles, charts, start, use_model
 
 
-@pytest.fixture()
-def generated(tiny_llama_dir):
-    at = use_model(start(), tiny_llama_dir, max_new_tokens=8, min_new_tokens=8, seed=3)
-    at.button(key="gen_generate").click().run()
-    assert not at.exception, at.exception
-    return at
-
-
 def test_first_screen_has_every_control():
     at = start()
     keys = {w.key for w in at.sidebar.children.values() for w in _walk(w)}

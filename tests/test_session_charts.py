@@ -15,7 +15,7 @@ from explorer_core import attnview, capture, charts, fidelity, recompute
 from explorer_core.config import GenerationConfig
 from explorer_core.limits import Limits
 from explorer_core.stepper import Run
-from tests.apphelp import chart_titles, start, use_model
+from tests.apphelp import chart_titles
 from tests.apphelp import charts as chart_specs
 from tests.tiny import CORPUS, eager_attentions
 
@@ -146,14 +146,6 @@ def test_attention_axes_show_integer_positions_and_tokens_when_few(pooled_run):
     legend = zoomed["layer"][0]["encoding"]["color"]["legend"]
     top = float(frame["weight"].max())
     assert legend["orient"] == "bottom" and legend["values"] == [0, top / 4, top]  # three labels, not crowded
-
-
-@pytest.fixture()
-def generated(tiny_llama_dir):
-    at = use_model(start(), tiny_llama_dir, max_new_tokens=8, min_new_tokens=8, seed=3)
-    at.button(key="gen_generate").click().run()
-    assert not at.exception, at.exception
-    return at
 
 
 def _attention(at) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -92,21 +92,15 @@ def _trace(spec: dict):
         end = at + 2
     tr = tr.model_copy(update={"branches": branches})
     if spec["explanations"] and n:
-        tr = tr.model_copy(update={"explanations": [_explanation(layers, heads)] * spec["explanations"]})
+        tr = tr.model_copy(
+            update={
+                "explanations": [
+                    crafted.explanation(layers, heads, 1.0 / (layers * heads), methods={"grad_x_input": [1.0]})
+                ]
+                * spec["explanations"]
+            }
+        )
     return tr
-
-
-def _explanation(layers: int, heads: int):
-    from explorer_core.trace import Components, Explanation, InputScores, TokenRef
-
-    return Explanation(
-        step=0, target=TokenRef(id=1, label="a"), contrast=TokenRef(id=2, label="b"), logit_diff=1.0,
-        inputs=InputScores(positions=[0], labels=["x"], methods={"grad_x_input": [1.0]}, baseline="pad",
-                           ig_steps=1),
-        components=Components(embed=0.0, heads=[[1.0 / (layers * heads)] * heads] * layers, mlps=[0.0] * layers,
-                              attn_bias=[0.0] * layers, bias=0.0),
-        checks={}, timing_s={},
-    )  # fmt: skip
 
 
 def _mutate(data: dict, spec: dict) -> bytes:
