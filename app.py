@@ -26,11 +26,18 @@ if config is None:
 else:
     if not config.prompt.strip():
         st.info(views.empty_prompt_note(config))
-    views.render_cost_estimate(
-        config,
-        resources.loaded_already(config.model, config.dtype, config.device, config.device_map),
-        resources.limits(),
-    )
+# one slot, drawn again once a run has loaded the model: the estimate is then exact in this same rerun
+estimate_slot = st.empty()
+
+
+def show_estimate() -> None:
+    if config is not None:
+        lm_now = resources.loaded_already(config.model, config.dtype, config.device, config.device_map)
+        with estimate_slot.container():
+            views.render_cost_estimate(config, lm_now, resources.limits())
+
+
+show_estimate()
 
 
 def show_trace() -> None:
@@ -64,6 +71,7 @@ if running:
                 st.text(str(exc))
     # the run is over: Stop turns off now, not at the next rerun (a widget key is used once per run)
     stop_slot.button("Stop", key="gen_stop_idle", disabled=True)
+    show_estimate()  # the model is loaded now: the prompt's length in tokens is exact
 
 with trace_slot.container():
     show_trace()

@@ -14,14 +14,46 @@ import streamlit as st
 from explorer_core.markup import escape_text, stream_html
 from explorer_core.trace import StepRecord
 
-__all__ = ["clip", "escape_text", "guarded", "render_stream", "schema_limit", "stream_html"]
+__all__ = ["clip", "escape_text", "guarded", "render_stream", "render_stream_picker", "schema_limit", "stream_html"]
 
 _LOG = logging.getLogger(__name__)
+
+
+# Clicking a token of a drawn trace inspects its step, as in the one-file export. The HTML it receives is
+# `stream_html`'s: every token text escaped by `escape_text`, so no file or model text can become a tag.
+_PICK_JS = """
+export default function(component) {
+  const { data, setTriggerValue, parentElement } = component;
+  let box = parentElement.querySelector("div.explorer-stream");
+  if (!box) {
+    box = document.createElement("div");
+    box.className = "explorer-stream";
+    parentElement.appendChild(box);
+  }
+  box.innerHTML = data;
+  box.querySelectorAll(".tok[data-step]").forEach((tok) => {
+    tok.style.cursor = "pointer";
+    tok.onclick = () => setTriggerValue("picked", Number(tok.dataset.step));
+  });
+}
+"""
+_PICK_CSS = ".explorer-stream { color: var(--st-text-color); } .tok:hover { outline: 1px solid #1f77b4; }"
+_stream_picker = st.components.v2.component("explorer_stream_pick", js=_PICK_JS, css=_PICK_CSS)
 
 
 def render_stream(steps: list[StepRecord], container=None) -> None:
     target = container if container is not None else st
     target.html(stream_html(steps) if steps else "<div><i>no tokens yet</i></div>")
+
+
+def render_stream_picker(steps: list[StepRecord], key: str) -> int | None:
+    """The shaded stream of a drawn trace; returns the step of a token clicked since the last rerun."""
+    if not steps:
+        st.html("<div><i>no tokens yet</i></div>")
+        return None
+    result = _stream_picker(data=stream_html(steps), key=key, on_picked_change=lambda: None)
+    picked = getattr(result, "picked", None)
+    return int(picked) if isinstance(picked, int | float) and not isinstance(picked, bool) else None
 
 
 def clip(text: str, limit: int = 300) -> str:

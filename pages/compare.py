@@ -109,7 +109,7 @@ def render_runs() -> None:
             st.subheader(f"Run {name}")
             st.text(f"{trace.model.name} · temperature {trace.config['temperature']} · top-p {trace.config['top_p']}")
             views.render_summary(trace)
-            views.render_stream(trace.steps)
+            views.render_output(trace.steps, f"compare_{name}")
             if trace.steps:
                 step = views.pick_step(trace, f"compare_{name}_step")
                 views.render_step(trace, step, narrow=True)

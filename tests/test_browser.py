@@ -186,6 +186,32 @@ def test_torn_step_opens_the_branch_form(page):
     click_torn_step(page, "gen")
 
 
+def test_clicking_a_token_inspects_its_step(page):
+    """Generate page: a click on a token of the stream moves the step inspector to it, as in the export."""
+    for step in (3, 1):
+        page.locator(f"span.tok[data-step='{step}']").first.click()
+        wait_idle(page)
+        no_exception(page)
+        assert page.locator(".st-key-gen_step [data-testid='stSliderThumbValue']").inner_text() == str(step)
+        page.get_by_text(f"Step {step} chose this token").wait_for(state="attached")  # its tab may be closed
+
+
+# Each chart title Vega drew as SVG text: how far it sits inside its chart's drawing (negative: clipped).
+TITLES_INSIDE = """() => Array.from(document.querySelectorAll("[data-testid='stVegaLiteChart']"))
+  .filter(e => e.offsetParent !== null)
+  .flatMap(e => { const svg = e.querySelector('svg'); if (!svg) return [];
+    const box = e.getBoundingClientRect();
+    return Array.from(svg.querySelectorAll('.role-title-text')).map(t => { const r = t.getBoundingClientRect();
+      return {text: t.textContent, left: r.left - box.left, right: box.right - r.right}; }); })"""
+
+
+def titles_inside(pg) -> list[dict]:
+    titles = pg.evaluate(TITLES_INSIDE)
+    for t in titles:
+        assert t["left"] >= -1 and t["right"] >= -1 and not t["text"].endswith("…"), t
+    return titles
+
+
 def explained_line(pg) -> str:
     line = pg.locator("[data-testid='stText']").filter(has_text="logit difference")
     return line.first.inner_text() if line.count() else ""
@@ -291,6 +317,8 @@ def test_viewer_heads_and_compare_pages(page, server):
     wait_idle(page)
     no_exception(page)
     charts_fit(page)  # half-width columns: top-k panels stacked, timelines narrow
+    titles = " ".join(t["text"] for t in titles_inside(page))  # run B's heatmap title too: whole, inside
+    assert titles.count("Attention of the sequence seen") == 2, titles  # run A's heatmap and run B's
     page.get_by_text("The two distributions are identical at every step").wait_for()  # same settings: no noise
     page.screenshot(path=str(DOCS / "compare.png"), full_page=True)
     page.goto(server + "/heads")  # a deep link keeps the frame: page links and the sidebar

@@ -133,7 +133,7 @@ def test_hostile_tokens_show_verbatim_and_only_as_chart_data(hostile_trace, tmp_
     markdownish = [*at.markdown, *at.caption, *at.info, *at.warning, *at.error, *at.subheader, *at.title]
     for el in markdownish:  # nothing untrusted goes through Markdown
         assert not any(h in el.value for h in HOSTILE), el.value
-    stream = next(h.proto.body for h in at.get("html") if 'class="tok"' in h.proto.body)  # the token stream
+    stream = json.loads(at.get("bidi_component")[0].proto.json)  # the token stream's escaped HTML
     assert "<img" not in stream and "&#60;img src&#61;x onerror&#61;alert&#40;1&#41;&#62;" in stream
     assert "**" not in stream and "$x$" not in stream and ":red[x]" not in stream
     assert HOSTILE[0] in [t.value.split(" · ")[0] for t in at.text]  # model name, as plain text

@@ -239,6 +239,34 @@ def test_stop_is_off_with_nothing_running_and_model_ready_shows_once(tmp_path):
     assert at.button(key="gen_stop_idle").disabled  # off as soon as the run is over
 
 
+def test_estimate_is_exact_in_the_rerun_that_loaded_the_model(tmp_path):
+    from tests import tiny
+
+    folder = tiny.build("llama", tmp_path / "fresh_estimate")  # not loaded by this process yet
+    at = use_model(start(), folder, max_new_tokens=3, min_new_tokens=3)
+    estimate = lambda: next(c.value for c in at.caption if c.value.startswith("Weights:"))  # noqa: E731
+    assert "by its length" in estimate()
+    at.button(key="gen_generate").click().run()  # this rerun loads the model and runs
+    prompt_len = len(at.session_state["gen_trace"][0].prompt_ids)
+    assert f"attention recording for this {prompt_len}-token prompt" in estimate()
+    assert sum(c.value.startswith("Weights:") for c in at.caption) == 1  # redrawn in place, not added
+
+
+def test_stream_is_a_clickable_component_of_escaped_tokens(tiny_llama_dir):
+    """The drawn trace's stream is the click-to-inspect component (the browser test clicks it); its HTML
+    carries each step's number and the same escaped spans as the export."""
+    import json
+
+    from explorer_core.markup import stream_html
+
+    at = use_model(start(), tiny_llama_dir, max_new_tokens=4, min_new_tokens=4)
+    at.button(key="gen_generate").click().run()
+    trace = at.session_state["gen_trace"][0]
+    (stream,) = [c for c in at.get("bidi_component") if c.proto.component_name == "explorer_stream_pick"]
+    assert json.loads(stream.proto.json) == stream_html(trace.steps)
+    assert all(f'data-step="{s.step}"' in json.loads(stream.proto.json) for s in trace.steps)
+
+
 def ready_boxes(at) -> int:
     return sum(type(e).__name__ == "Status" and "Model ready" in e.label for e in at.main)
 
