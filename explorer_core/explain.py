@@ -279,6 +279,16 @@ def _frozen_norm(norm: torch.nn.Module, x: torch.Tensor, d: torch.Tensor) -> tup
     formula the norm follows (LayerNorm or RMSNorm; scale w, 1 + w as in Gemma, or none as in OLMo) is
     not assumed from its name: each is tried and the one that reproduces the norm's own output on x is used.
     """
+    centred, scale, bias, inv = norm_form(norm, x)
+    v = scale * d
+    share = float(bias @ d) if isinstance(bias, torch.Tensor) else 0.0
+    return ((v - v.mean()) if centred else v) * inv, share  # centring folded into the direction
+
+
+def norm_form(norm: torch.nn.Module, x: torch.Tensor) -> tuple[bool, torch.Tensor | float, torch.Tensor | float, float]:
+    """(centred, scale, bias, inv): the formula the norm follows on x, y = scale·h·inv + bias with
+    h = x − mean(x) when centred, and inv its 1/rms at x. Holding inv at this value freezes the norm's
+    scale (the breakdown's linearisation; interventions that freeze the final norm use the same form)."""
     with torch.no_grad():
         y = norm(x[None].to(_dtype(norm)))[0].float()
     eps = _eps(norm)
@@ -286,9 +296,7 @@ def _frozen_norm(norm: torch.nn.Module, x: torch.Tensor, d: torch.Tensor) -> tup
         h = x - x.mean() if centred else x
         inv = torch.rsqrt(h.pow(2).mean() + eps)
         if torch.allclose(scale * h * inv + bias, y, atol=1e-4 * max(1.0, float(y.abs().max())), rtol=1e-3):
-            v = scale * d
-            share = float(bias @ d) if isinstance(bias, torch.Tensor) else 0.0
-            return ((v - v.mean()) if centred else v) * inv, share  # centring folded into the direction
+            return centred, scale, bias, float(inv)
     raise ExplainError(
         f"final norm {type(norm).__name__} is not a LayerNorm or RMSNorm with scale w, 1 + w or none "
         "(tried each against its own output): an exact breakdown is not available"
@@ -319,7 +327,7 @@ def _dtype(module) -> torch.dtype:
 
 @torch.inference_mode()
 def breakdown(
-    model, parts: Parts, input_ids: torch.Tensor, target: int, other: int
+    model, parts: Parts, input_ids: torch.Tensor, target: int, other: int, directions: dict | None = None
 ) -> tuple[Components, float, dict[str, float]]:
     """One hooked forward: the logit difference at the last position and its exact split.
 
@@ -330,6 +338,11 @@ def breakdown(
       (1 for most models; Granite's residual multiplier), where attention or MLP may pass through a norm
       of their own first (Gemma 2/3, OLMo 2 sandwich norms), frozen at its scale as the final norm is;
     - the parts must rebuild the residual and the difference, or the model is refused.
+
+    `directions`, when given, receives the linear map behind every share: "resid" (d,) for the residual
+    stream at the last position, and per layer "heads" (H·dh,) for the output projection's input and
+    "mlps" (d,) for the MLP's output, so a change δ of a part predicts a change δ·direction of the
+    difference (its direct effect), and the last position's clean values ("z", "mlp", "hidden").
     """
     last = _capture(model, parts, input_ids)
     c, cap = _after_head(model, last)
@@ -340,11 +353,14 @@ def breakdown(
     embed = float(last["embed"] @ u)
     heads, mlps, attn_bias, rebuilt = [], [], [], last["embed"].clone()
     for layer, proj in enumerate(parts.out_proj):
-        a, m, u_a, b_a = _block_terms(model, last, layer, u)
+        a, m, u_a, b_a, u_m = _block_terms(model, last, layer, u)
         w = proj.weight.detach().float()
         w_in_out = w if parts.transposed else w.T  # (H*dh, d)
         z = last["z"][layer]  # (H*dh,) the projection's input at the last position
         per_head = (z.view(parts.n_heads, -1) * (w_in_out @ u_a).view(parts.n_heads, -1)).sum(-1)  # (H,)
+        if directions is not None:
+            directions.setdefault("heads", []).append(w_in_out @ u_a)
+            directions.setdefault("mlps", []).append(u_m)
         heads.append(per_head.tolist())
         attn_bias.append((float(proj.bias.detach().float() @ u_a) if proj.bias is not None else 0.0) + b_a)
         mlps.append(float(m @ u))
@@ -358,6 +374,8 @@ def breakdown(
             f"{logit_diff:.4f}; the residual rebuilt from them misses by {resid_error:.1e} of its size), so an "
             "exact breakdown is not available"
         )
+    if directions is not None:
+        directions.update(resid=u, z=last["z"], mlp=last["mlp"], hidden=last["hidden"])
     comps = Components(embed=embed, heads=heads, mlps=mlps, attn_bias=attn_bias, bias=bias)
     checks = {"sum_of_parts": total, "sum_error": abs(total - logit_diff)}
     if c != 1.0:
@@ -393,10 +411,11 @@ def _block_terms(model, last: dict, layer: int, u: torch.Tensor):
     a, m = last["attn"][layer], last["mlp"][layer]  # the output projection's and the MLP's outputs
     post_a, post_m = _post_norm(last["norms"][layer], a), _post_norm(last["norms"][layer], m)
     u_a, b_a = _frozen_norm(post_a[0], a, u) if post_a else (u, 0.0)
+    u_m = _frozen_norm(post_m[0], m, u)[0] if post_m else u  # how a change of the MLP's own output reaches f
     a = post_a[1] if post_a else a
     m = post_m[1] if post_m else m
     alpha, beta = _fit(last["delta"][layer], a, m, type(model).__name__, layer)
-    return alpha * a, beta * m, alpha * u_a, alpha * b_a
+    return alpha * a, beta * m, alpha * u_a, alpha * b_a, beta * u_m
 
 
 def _post_norm(norms: list, x: torch.Tensor):
@@ -491,6 +510,7 @@ def _capture(model, parts: Parts, input_ids: torch.Tensor) -> dict:
         "embed": hidden[0],  # the first block's input: token (+ position) embedding
         "norm_in": got["norm_in"],
         "delta": [hidden[i + 1] - hidden[i] for i in range(n)],  # each block's own residual increment
+        "hidden": hidden,  # the residual stream entering each block, then the final norm's input
         "norms": got["norms"],
         "z": [got["z"][i] for i in range(n)],
         "attn": [got["attn"][i] for i in range(n)],

@@ -1,0 +1,523 @@
+"""What if? Change one part of the model at a step of a trace and measure what the step's choice does.
+
+For step N the measured quantity is explain's: f = logit[target] - logit[contrast] at the last position
+of prompt + tokens 0..N-1 (target: the token chosen there; contrast: the best other candidate, or one
+the caller names). Every change is made by forward hooks on the model's own modules; the model's own
+code computes everything else, so nothing of its math is re-implemented here.
+
+Parts (`Target`, written as the CLI takes them):
+- "L.H": head H of layer L, its slice of the attention output projection's input;
+- "L.mlp": the MLP of layer L, its output;
+- "resid:L@P": the residual stream entering block L at position P ("embed@P" is resid:0@P, the token's
+  embedding as the first block reads it; L = n_layers is the final norm's input).
+Operations (`Op`): zero; mean (the part's mean over the sequence's positions); scale:F; patch (the same
+part's values in another sequence of the same length); steer (add strength x v, v the difference of the
+mean residual of two texts at that layer). Scope: "step" changes the part at the step's position only
+(one forward of the last token, the prefix cache reused and batched); "all" at every position (the
+sequence re-run without cache).
+
+Beside each measured change stands the breakdown's prediction (explain.breakdown's linearisation): the
+part's change at the last position times its direction, i.e. its direct effect with every later layer
+and the final norm's scale held. The gap is split in two measured parts: a second forward holds the final
+norm's scale at its clean value, so measured - frozen is the norm's rescaling and frozen - predicted is
+the indirect effect through later layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .explain import Cancel, ExplainError, Parts, _Passes, breakdown, find_parts, norm_form, resolve_contrast
+from .explain import sequence_for as _sequence_for
+from .lens import inner_model
+from .models import LoadedModel
+from .tokens import vocab_for
+from .trace import Trace
+
+OPS = ("zero", "mean", "scale", "patch", "steer")
+SCOPES = ("step", "all")
+TOP_K = 10
+BATCH = int(os.environ.get("EXPLORER_INTERVENE_BATCH", "16"))  # rows per batched forward: bounds memory
+
+
+class InterventionError(ExplainError):
+    """An intervention cannot be made; the message names the bad value and what to do."""
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # "head", "mlp" or "resid"
+    layer: int
+    head: int | None = None
+    position: int | None = None  # resid only; None: the scope's positions
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        t = text.strip()
+        if m := re.fullmatch(r"(\d+)\.(\d+)", t):
+            return cls("head", int(m[1]), int(m[2]))
+        if m := re.fullmatch(r"(\d+)\.mlp", t):
+            return cls("mlp", int(m[1]))
+        if m := re.fullmatch(r"embed@(\d+)", t):
+            return cls("resid", 0, position=int(m[1]))
+        if m := re.fullmatch(r"resid:(\d+)(?:@(\d+))?", t):
+            return cls("resid", int(m[1]), position=None if m[2] is None else int(m[2]))
+        raise InterventionError(
+            f"target {text!r} is not a part: write L.H for a head (e.g. 29.3), L.mlp for an MLP (29.mlp), "
+            "embed@P for a token's embedding or resid:L@P for the residual stream entering block L"
+        )
+
+    def __str__(self) -> str:
+        if self.kind == "head":
+            return f"{self.layer}.{self.head}"
+        if self.kind == "mlp":
+            return f"{self.layer}.mlp"
+        where = "" if self.position is None else f"@{self.position}"
+        return f"embed{where}" if self.layer == 0 and where else f"resid:{self.layer}{where}"
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str = "zero"
+    factor: float = 0.0  # scale: the factor; steer: the strength
+    source: tuple[int, ...] | None = None  # patch: the source sequence's token ids
+    texts: tuple[str, str] | None = None  # steer: (towards, away from)
+
+    @classmethod
+    def parse(cls, text: str) -> Op:
+        t = text.strip()
+        if t in ("zero", "mean"):
+            return cls(t)
+        if m := re.fullmatch(r"scale:([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)", t):
+            return cls("scale", float(m[1]))
+        raise InterventionError(f"operation {text!r} is not one of: zero, mean, scale:F (e.g. scale:0.5)")
+
+    def __str__(self) -> str:
+        if self.kind == "scale":
+            return f"scale:{self.factor:g}"
+        if self.kind == "steer" and self.texts:
+            return f"steer {self.factor:g} x ({self.texts[0]!r} - {self.texts[1]!r})"
+        return self.kind
+
+
+@dataclass(frozen=True)
+class Intervention:
+    target: Target
+    op: Op = field(default_factory=Op)
+    scope: str = "step"
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.target} ({'this position' if self.scope == 'step' else 'every position'})"
+
+
+@dataclass
+class Effect:
+    """One intervention's measured effect on f at the step, beside the breakdown's prediction."""
+
+    intervention: Intervention | tuple[Intervention, ...]  # a tuple: several made at once
+    logit_diff: float  # f after the intervention (the model's own logits)
+    delta: float  # after - before
+    frozen_delta: float | None  # the same with the final norm's scale held at its clean value
+    predicted: float | None  # the breakdown's direct effect: the part's change times its direction
+    top: list[tuple[int, str, float]]  # the top-k after, (id, label, probability)
+
+    @property
+    def indirect(self) -> float | None:
+        """What later layers add or take away beyond the direct path (final norm held)."""
+        return None if self.frozen_delta is None or self.predicted is None else self.frozen_delta - self.predicted
+
+    @property
+    def rescaling(self) -> float | None:
+        """What the final norm's change of scale adds: measured - frozen."""
+        return None if self.frozen_delta is None else self.delta - self.frozen_delta
+
+
+@dataclass
+class _Prepared:
+    """An intervention bound to a module and a function of (values, absolute positions)."""
+
+    module: torch.nn.Module
+    pre: bool  # a pre-hook on the module's input (a head's slice, the residual entering a block)
+    cols: slice
+    positions: set[int] | None  # None: every position
+    fn: Callable[[torch.Tensor, list[int]], torch.Tensor]
+
+
+class Probe:
+    """Step `step` of a trace, made ready for interventions: the prefix's cache, each part's mean over
+    the sequence and value at the last position, and the breakdown's directions (when it reads the model).
+
+    Building it costs one prefill of the prefix, one forward of the last token and the breakdown's one
+    uncached forward; each `run` after that costs one forward of the last token per batch of BATCH rows
+    (scope "step"), or one uncached forward of the sequence per batch (scope "all").
+    """
+
+    def __init__(self, lm: LoadedModel, trace: Trace, step: int, contrast=None, branch: int = 0, cancel: Cancel = None):
+        self.lm, self.model, self.passes = lm, lm.model, _Passes(cancel)
+        self.parts: Parts = find_parts(lm.model)  # refuses a layout without heads and MLPs, with the reason
+        self.inner = inner_model(lm.model)
+        if self.inner is None:
+            raise InterventionError(f"{type(lm.model).__name__} has no inner model under its head to intervene on")
+        ids, record = _sequence_for(lm, trace, step, branch)
+        self.step, self.ids, self.T = step, ids, len(ids)
+        self.target, self.contrast = record.token_id, resolve_contrast(lm, record, contrast)
+        self.vocab = vocab_for(lm.tokenizer)
+        self.input_ids = torch.tensor([ids], device=lm.device)
+        self.directions: dict = {}
+        self.prediction_error: str | None = None
+        try:
+            self.components, _, self.checks = breakdown(
+                self.model, self.parts, self.input_ids, self.target, self.contrast, self.directions
+            )
+        except ExplainError as exc:  # interventions still work; predictions are not available
+            self.components, self.checks, self.prediction_error = None, {}, str(exc)
+        self._offset = 0
+        self._prepare()
+
+    # -- preparation ----------------------------------------------------------------------------
+    def sites(self) -> dict[str, list[torch.nn.Module]]:
+        p = self.parts
+        return {"z": p.out_proj, "mlp": p.mlps, "resid": [*p.blocks, p.final_norm]}
+
+    @torch.inference_mode()
+    def _prepare(self) -> None:
+        """Prefix cache, the parts' sums over positions (for means) and their values at the last one."""
+        sums, last = {}, {}
+        with self._offsets(), self._recording(sums, last):
+            self.passes()
+            out = self.model(input_ids=self.input_ids[:, :-1], use_cache=True, logits_to_keep=1)
+            self.cache = getattr(out, "cache", None)
+            if self.cache is not None and self.cache.get_seq_length() != self.T - 1:
+                self.cache = None  # a model that returns no usable cache: every run re-runs the sequence
+            self.passes()
+            if self.cache is not None:
+                clean = self.model(input_ids=self.input_ids[:, -1:], cache=copy.deepcopy(self.cache))
+            else:
+                sums.clear()  # the uncached run below sees every position again
+                clean = self.model(input_ids=self.input_ids, use_cache=False, logits_to_keep=1)
+        self.means = {k: [s / self.T for s in v] for k, v in sums.items()}
+        self.last = last
+        self.before_logits = clean.logits[0, -1].float()
+        self.before = self._diff(self.before_logits)
+        self.norm = norm_form(self.parts.final_norm, last["resid"][-1])
+
+    def _recording(self, sums: dict, last: dict):
+        """Hooks adding each part's values over positions into `sums` and keeping the last one in `last`."""
+        owner = threading.get_ident()
+
+        def keep(kind: str, i: int, x: torch.Tensor) -> None:
+            if threading.get_ident() != owner:
+                return
+            x = x[0].float()
+            sums.setdefault(kind, [0] * len(self.sites()[kind]))
+            sums[kind][i] = sums[kind][i] + x.sum(0)
+            last.setdefault(kind, [None] * len(self.sites()[kind]))[i] = x[-1]
+
+        handles = []
+        for kind, modules in self.sites().items():
+            for i, module in enumerate(modules):
+                if kind == "mlp":
+                    handles.append(module.register_forward_hook(lambda _m, _a, o, i=i: keep("mlp", i, _main(o))))
+                else:
+                    handles.append(
+                        module.register_forward_pre_hook(
+                            lambda _m, a, kw, i=i, k=kind: keep(k, i, _first_input(a, kw)), with_kwargs=True
+                        )
+                    )
+        return _Handles(handles)
+
+    def _offsets(self):
+        """A pre-hook on the inner model: the absolute position of each forward's first token."""
+
+        def hook(_module, _args, kwargs):
+            past = kwargs.get("cache", kwargs.get("past_key_values"))  # 5.24's name, then the older one
+            self._offset = int(past.get_seq_length()) if past is not None else 0
+
+        return _Handles([self.inner.register_forward_pre_hook(hook, with_kwargs=True)])
+
+    # -- interventions ----------------------------------------------------------------------------
+    def bind(self, iv: Intervention) -> _Prepared:
+        """The module, columns, positions and function an intervention acts through, or the reason not."""
+        t, op, p = iv.target, iv.op, self.parts
+        n = len(p.blocks)
+        if iv.scope not in SCOPES:
+            raise InterventionError(f"scope {iv.scope!r} is not one of: step, all")
+        if op.kind not in OPS:
+            raise InterventionError(f"operation {op.kind!r} is not one of: {', '.join(OPS)}")
+        top = n if t.kind == "resid" else n - 1
+        if not 0 <= t.layer <= top:
+            raise InterventionError(f"layer {t.layer} is out of range: this model's layers are 0..{top}")
+        if t.kind == "head":
+            width = p.out_proj[t.layer].weight.shape[0 if p.transposed else 1] // p.n_heads
+            if not 0 <= (t.head or 0) < p.n_heads or t.head is None:
+                raise InterventionError(f"head {t.head} is out of range: layer {t.layer} has heads 0..{p.n_heads - 1}")
+            module, pre, cols, kind = p.out_proj[t.layer], True, slice(t.head * width, (t.head + 1) * width), "z"
+        elif t.kind == "mlp":
+            module, pre, cols, kind = p.mlps[t.layer], False, slice(None), "mlp"
+        else:
+            module, pre, cols, kind = self.sites()["resid"][t.layer], True, slice(None), "resid"
+        if op.kind == "steer" and t.kind != "resid":
+            raise InterventionError("steering adds to the residual stream: give a resid:L target")
+        if t.position is not None and not 0 <= t.position < self.T:
+            raise InterventionError(f"position {t.position} is out of range: the sequence has 0..{self.T - 1}")
+        if t.position is not None:
+            positions = {t.position}
+        else:
+            positions = {self.T - 1} if iv.scope == "step" else None
+        return _Prepared(module, pre, cols, positions, self._function(iv, kind, cols))
+
+    def _function(self, iv: Intervention, kind: str, cols: slice) -> Callable:
+        op, layer = iv.op, iv.target.layer
+        if op.kind == "zero":
+            return lambda x, _pos: torch.zeros_like(x)
+        if op.kind == "scale":
+            return lambda x, _pos: x * op.factor
+        if op.kind == "mean":
+            mean = self.means[kind][layer][cols]
+            return lambda x, _pos: mean.to(x.dtype).expand_as(x)
+        if op.kind == "patch":
+            source = self._source_values(op, kind, layer)[:, cols]
+            return lambda x, pos: source[[min(q, len(source) - 1) for q in pos]].to(x.dtype)
+        vector = op.factor * steering_vector(self, layer, *op.texts) if op.texts else None
+        if vector is None:
+            raise InterventionError("steering needs two texts: the direction is mean(text 1) - mean(text 2)")
+        return lambda x, _pos: x + vector.to(x.dtype)
+
+    @torch.inference_mode()
+    def _source_values(self, op: Intervention | Op, kind: str, layer: int) -> torch.Tensor:
+        """The part's values at every position of the patch's source sequence (T, width)."""
+        src = list(op.source or ())
+        if len(src) != self.T:
+            raise InterventionError(
+                f"the patch's source has {len(src)} tokens and this step's sequence {self.T}: patch from a "
+                "sequence of the same length (a branch of the same step, or a prompt of as many tokens)"
+            )
+        return values_at(self, kind, layer, src)
+
+    def predicted(self, iv: Intervention, bound: _Prepared) -> float | None:
+        """The breakdown's direct effect: the part's change at the last position times its direction."""
+        if not self.directions or (bound.positions is not None and self.T - 1 not in bound.positions):
+            return None if not self.directions else 0.0  # no direct path from another position
+        kind = {"head": "z", "mlp": "mlp", "resid": "resid"}[iv.target.kind]
+        layer = iv.target.layer
+        clean = self.last[kind][layer][bound.cols]
+        delta = bound.fn(clean[None], [self.T - 1])[0] - clean
+        direction = {
+            "z": lambda: self.directions["heads"][layer][bound.cols],
+            "mlp": lambda: self.directions["mlps"][layer],
+            "resid": lambda: self.directions["resid"],
+        }[kind]()
+        return float(delta.float() @ direction)
+
+    def run(self, interventions: Sequence[Intervention], frozen: bool = True) -> list[Effect]:
+        """Each intervention's effect (rows batched; each also with the final norm held when `frozen`)."""
+        return [self._effect(ivs, logits) for ivs, logits in self._measure([[iv] for iv in interventions], frozen)]
+
+    def run_together(self, interventions: Sequence[Intervention], frozen: bool = True) -> Effect:
+        """The effect of all `interventions` made at once, in one forward."""
+        ((ivs, logits),) = self._measure([list(interventions)], frozen)
+        return self._effect(ivs, logits)
+
+    def _measure(self, groups: list[list[Intervention]], frozen: bool):
+        bound = [[self.bind(iv) for iv in ivs] for ivs in groups]
+        rows = [(b, False) for b in bound] + ([(b, True) for b in bound] if frozen else [])
+        full = any(
+            iv.scope == "all" or (b.positions or {0}) != {self.T - 1}
+            for ivs, bs in zip(groups, bound, strict=True)
+            for iv, b in zip(ivs, bs, strict=True)
+        )
+        logits = self._rows(rows, full)
+        n = len(groups)
+        for i, (ivs, bs) in enumerate(zip(groups, bound, strict=True)):
+            yield list(zip(ivs, bs, strict=True)), (logits[i], logits[n + i] if frozen else None)
+
+    def _effect(self, pairs: list[tuple[Intervention, _Prepared]], logits) -> Effect:
+        after_logits, frozen_logits = logits
+        after = self._diff(after_logits)
+        frozen_delta = None if frozen_logits is None else self._diff(frozen_logits) - self.before
+        parts = [self.predicted(iv, b) for iv, b in pairs]
+        predicted = None if any(p is None for p in parts) else sum(parts)  # direct effects add: f is linear
+        ivs = tuple(iv for iv, _b in pairs)
+        return Effect(
+            ivs[0] if len(ivs) == 1 else ivs,
+            after,
+            after - self.before,
+            frozen_delta,
+            predicted,
+            self.top(after_logits),
+        )
+
+    @torch.inference_mode()
+    def _rows(self, rows: list[tuple[list[_Prepared], bool]], full: bool) -> torch.Tensor:
+        """(len(rows), vocab) logits at the last position, each row with its own interventions."""
+        out = []
+        for start in range(0, len(rows), BATCH):
+            self.passes()
+            chunk = rows[start : start + BATCH]
+            with self._offsets(), self._applied(chunk):
+                if full or self.cache is None:
+                    x = self.input_ids.expand(len(chunk), -1)
+                    logits = self.model(input_ids=x, use_cache=False, logits_to_keep=1).logits
+                else:
+                    cache = copy.deepcopy(self.cache)
+                    if len(chunk) > 1:
+                        cache.batch_repeat_interleave(len(chunk))
+                    x = self.input_ids[:, -1:].expand(len(chunk), -1)
+                    logits = self.model(input_ids=x, cache=cache, use_cache=True).logits
+            out.append(logits[:, -1].float())
+        return torch.cat(out)
+
+    def _applied(self, rows: list[tuple[list[_Prepared], bool]]):
+        """Hooks making row r's interventions (and its frozen final norm) in one batched forward."""
+        owner = threading.get_ident()
+        by_module: dict[torch.nn.Module, list[tuple[int, _Prepared]]] = {}
+        for r, (bs, _frozen) in enumerate(rows):
+            for b in bs:
+                by_module.setdefault(b.module, []).append((r, b))
+        handles = [_hook(module, items, owner, self) for module, items in by_module.items()]
+        frozen = [r for r, (_b, f) in enumerate(rows) if f]
+        if frozen:
+            handles.append(self._freeze(frozen, owner))
+        return _Handles(handles)
+
+    def _freeze(self, rows: list[int], owner: int):
+        """Final norm output of `rows` at the last position: its form with the clean run's 1/rms."""
+        centred, scale, bias, inv = self.norm
+
+        def hook(_module, args, output):
+            if threading.get_ident() != owner:
+                return output
+            x = args[0][rows, -1].float()
+            h = x - x.mean(-1, keepdim=True) if centred else x
+            y = output.clone()
+            y[rows, -1] = (scale * h * inv + bias).to(y.dtype)
+            return y
+
+        return self.parts.final_norm.register_forward_hook(hook)
+
+    # -- reading results --------------------------------------------------------------------------
+    def _diff(self, logits: torch.Tensor) -> float:
+        return float(logits[self.target] - logits[self.contrast])
+
+    def top(self, logits: torch.Tensor, k: int = TOP_K) -> list[tuple[int, str, float]]:
+        p = torch.softmax(logits.float(), -1)
+        values, ids = torch.topk(p, k)
+        return [(int(i), self.vocab.label(int(i)), float(v)) for v, i in zip(values, ids, strict=True)]
+
+    def sweep(self, layers: Iterable[int] | None = None, mlps: bool = True, op: Op | None = None) -> list[Effect]:
+        """Every head of `layers` (all by default), and their MLPs, changed one at a time at this position."""
+        op = op or Op("zero")
+        layers = list(range(len(self.parts.blocks)) if layers is None else layers)
+        ivs = [Intervention(Target("head", L, h), op) for L in layers for h in range(self.parts.n_heads)]
+        ivs += [Intervention(Target("mlp", L), op) for L in layers] if mlps else []
+        return self.run(ivs, frozen=False)
+
+
+def correlation(effects: Sequence[Effect]) -> float | None:
+    """Pearson correlation of measured and predicted changes (None when either is constant or missing)."""
+    pairs = [(e.delta, e.predicted) for e in effects if e.predicted is not None]
+    if len(pairs) < 2:
+        return None
+    m, p = torch.tensor(pairs, dtype=torch.float64).T
+    if float(m.std()) == 0 or float(p.std()) == 0:
+        return None
+    return float(torch.corrcoef(torch.stack([m, p]))[0, 1])
+
+
+@torch.inference_mode()
+def values_at(probe: Probe, kind: str, layer: int, ids: list[int]) -> torch.Tensor:
+    """A part's values at every position of a sequence (T, width), read by one uncached forward."""
+    got = {}
+    module = probe.sites()[kind][layer]
+    owner = threading.get_ident()
+
+    def grab(x: torch.Tensor) -> None:
+        if threading.get_ident() == owner:
+            got["x"] = x[0].float()
+
+    if kind == "mlp":
+        handle = module.register_forward_hook(lambda _m, _a, o: grab(_main(o)))
+    else:
+        handle = module.register_forward_pre_hook(lambda _m, a, kw: grab(_first_input(a, kw)), with_kwargs=True)
+    try:
+        probe.passes()
+        probe.model(input_ids=torch.tensor([ids], device=probe.lm.device), use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return got["x"]
+
+
+def steering_vector(probe: Probe, layer: int, towards: str, away: str) -> torch.Tensor:
+    """mean(residual entering block `layer` over text 1's positions) - the same for text 2."""
+    means = []
+    for text in (towards, away):
+        ids = probe.lm.tokenizer(text)["input_ids"]
+        if not ids:
+            raise InterventionError(f"steering text {text!r} has no tokens: give a word or a sentence")
+        means.append(values_at(probe, "resid", layer, list(ids)).mean(0))
+    return means[0] - means[1]
+
+
+def _hook(module, items: list[tuple[int, _Prepared]], owner: int, probe: Probe):
+    """One hook on `module` making each row's change at its positions of this forward."""
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        offset, width = probe._offset, x.shape[1]
+        for row, b in items:
+            pos = range(offset, offset + width) if b.positions is None else sorted(b.positions)
+            pos = [q for q in pos if offset <= q < offset + width]
+            if not pos:
+                continue
+            local = [q - offset for q in pos]
+            x[row, local, b.cols] = b.fn(x[row, local, b.cols], pos).to(x.dtype)
+        return x
+
+    if items[0][1].pre:
+
+        def pre(_m, args, kwargs):
+            if threading.get_ident() != owner:
+                return None
+            if args:
+                return (apply(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": apply(kwargs["hidden_states"])}
+
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(_m, _args, output):
+        if threading.get_ident() != owner:
+            return output
+        if isinstance(output, tuple):
+            return (apply(output[0]), *output[1:])
+        return apply(output)
+
+    return module.register_forward_hook(post)
+
+
+def _main(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _first_input(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class _Handles:
+    """Hook handles removed on leaving a `with` block."""
+
+    def __init__(self, handles: list) -> None:
+        self.handles = handles
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()

@@ -1,0 +1,193 @@
+"""What if?: interventions equal an independent implementation with plain forward hooks; the breakdown's
+prediction is exact where it should be (the last MLP, the final norm held); zeroing every part leaves the
+embedding's direct path; a steering strength of 0 changes nothing; bad input is refused in words."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from explorer_core import intervene as iv
+from explorer_core.config import GenerationConfig
+from explorer_core.explain import find_parts
+from explorer_core.stepper import generate
+
+
+@pytest.fixture(scope="module")
+def llama_trace(tiny_llama, tiny_llama_dir):
+    cfg = GenerationConfig(model=str(tiny_llama_dir), prompt="The sky is blue because", max_new_tokens=6, seed=1)
+    cfg = cfg.replace(min_new_tokens=6)
+    return generate(tiny_llama, cfg).trace()
+
+
+@pytest.fixture(scope="module")
+def probe(tiny_llama, llama_trace):
+    return iv.Probe(tiny_llama, llama_trace, 4)
+
+
+def plain(lm, ids, edits, last_only: bool) -> torch.Tensor:
+    """Logits at the last position of one uncached forward, with `edits` made by plain forward hooks:
+    (module, pre, cols, fn); at the last position only, or at every position."""
+    handles = []
+    for module, pre, cols, fn in edits:
+
+        def change(x, cols=cols, fn=fn):
+            x = x.clone()
+            where = slice(-1, None) if last_only else slice(None)
+            x[:, where, cols] = fn(x[:, where, cols])
+            return x
+
+        if pre:
+            handles.append(module.register_forward_pre_hook(lambda _m, a, c=change: (c(a[0]), *a[1:])))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _a, o, c=change: c(o)))
+    try:
+        with torch.inference_mode():
+            return lm.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def diff(probe, logits) -> float:
+    return float(logits[probe.target] - logits[probe.contrast])
+
+
+@pytest.mark.parametrize("scope", ["step", "all"])
+def test_ablations_equal_plain_forward_hooks(tiny_llama, probe, scope):
+    parts = find_parts(tiny_llama.model)
+    dh = parts.out_proj[1].weight.shape[1] // parts.n_heads
+    cases = [
+        ("1.2", "zero", (parts.out_proj[1], True, slice(2 * dh, 3 * dh), torch.zeros_like)),
+        ("0.mlp", "scale:0.5", (parts.mlps[0], False, slice(None), lambda x: x * 0.5)),
+        ("resid:1", "scale:2", (parts.blocks[1], True, slice(None), lambda x: x * 2)),
+    ]
+    effects = probe.run([iv.Intervention(iv.Target.parse(t), iv.Op.parse(o), scope) for t, o, _ in cases])
+    clean = diff(probe, plain(tiny_llama, probe.ids, [], True))
+    assert probe.before == pytest.approx(clean, abs=1e-4)
+    for (name, _op, edit), effect in zip(cases, effects, strict=True):
+        expected = diff(probe, plain(tiny_llama, probe.ids, [edit], scope == "step"))
+        assert effect.logit_diff == pytest.approx(expected, abs=1e-4), name
+        assert effect.delta != pytest.approx(0.0, abs=1e-6), name  # the change did something
+
+
+def test_mean_ablation_uses_the_mean_over_the_sequence(tiny_llama, probe):
+    parts = find_parts(tiny_llama.model)
+    seen = {}
+    h = parts.mlps[1].register_forward_hook(lambda _m, _a, o: seen.setdefault("x", o[0].float().mean(0)))
+    with torch.inference_mode():
+        tiny_llama.model(input_ids=torch.tensor([probe.ids]))
+    h.remove()
+    mean = seen["x"]
+    (effect,) = probe.run([iv.Intervention(iv.Target("mlp", 1), iv.Op("mean"))])
+    expected = plain(tiny_llama, probe.ids, [(parts.mlps[1], False, slice(None), lambda x: mean.expand_as(x))], True)
+    assert effect.logit_diff == pytest.approx(diff(probe, expected), abs=1e-4)
+
+
+def test_last_mlp_with_the_norm_held_moves_f_by_exactly_the_prediction(probe):
+    last = len(probe.parts.blocks) - 1
+    (effect,) = probe.run([iv.Intervention(iv.Target("mlp", last))])
+    assert effect.predicted == pytest.approx(-probe.components.mlps[last], abs=1e-5)  # its direct share
+    assert effect.frozen_delta == pytest.approx(effect.predicted, abs=1e-4)  # only the final norm reads it
+    assert effect.indirect == pytest.approx(0.0, abs=1e-4)
+    assert abs(effect.rescaling) > 1e-6  # without the freeze the norm's rescaling shows, and is named
+
+
+def test_a_last_layer_head_differs_by_what_the_last_mlp_reads_from_it(tiny_llama, probe):
+    last = len(probe.parts.blocks) - 1
+    (effect,) = probe.run([iv.Intervention(iv.Target("head", last, 1))])
+    assert effect.predicted == pytest.approx(-probe.components.heads[last][1], abs=1e-5)
+    # the same head ablated with the last MLP's output held at its clean value: then exactly the prediction
+    held = probe.last["mlp"][last]
+    parts = probe.parts
+    dh = parts.out_proj[last].weight.shape[1] // parts.n_heads
+    edits = [
+        (parts.out_proj[last], True, slice(dh, 2 * dh), torch.zeros_like),
+        (parts.mlps[last], False, slice(None), lambda x: held.expand_as(x)),
+    ]
+    # the final norm held too: its output at the last position with the clean 1/rms
+    centred, scale, bias, inv = probe.norm
+
+    def frozen(_m, args, out):
+        out = out.clone()
+        out[:, -1] = scale * args[0][:, -1].float() * inv + bias
+        return out
+
+    h = parts.final_norm.register_forward_hook(frozen)
+    try:
+        logits = plain(tiny_llama, probe.ids, edits, True)
+    finally:
+        h.remove()
+    assert not centred
+    assert diff(probe, logits) - probe.before == pytest.approx(effect.predicted, abs=1e-4)
+    assert abs(effect.indirect) > 1e-5  # what the last MLP read from the head
+
+
+def test_zeroing_every_head_and_mlp_leaves_the_embeddings_direct_path(tiny_llama, probe):
+    n = len(probe.parts.blocks)
+    ivs = [iv.Intervention(iv.Target("head", L, h), scope="all") for L in range(n) for h in range(probe.parts.n_heads)]
+    ivs += [iv.Intervention(iv.Target("mlp", L), scope="all") for L in range(n)]
+    effect = probe.run_together(ivs)
+    # frozen final norm: exactly the embedding's share (plus the constant biases)
+    assert effect.frozen_delta + probe.before == pytest.approx(probe.components.embed + probe.components.bias, abs=1e-4)
+    # the model's own norm: the head applied to the normed embedding of the last token
+    with torch.inference_mode():
+        e = tiny_llama.model.get_input_embeddings()(torch.tensor([[probe.ids[-1]]]))
+        logits = tiny_llama.model.get_output_embeddings()(probe.parts.final_norm(e))[0, -1].float()
+    assert effect.logit_diff == pytest.approx(diff(probe, logits), abs=1e-4)
+    c = probe.components
+    assert effect.predicted == pytest.approx(-(sum(map(sum, c.heads)) + sum(c.mlps)), abs=1e-4)
+
+
+def test_steering_of_strength_zero_changes_nothing(probe):
+    op = iv.Op("steer", 0.0, texts=("happy", "sad"))
+    effects = probe.run([iv.Intervention(iv.Target("resid", 1), op, scope) for scope in ("step", "all")])
+    for effect in effects:
+        assert effect.delta == pytest.approx(0.0, abs=1e-5)
+    (strong,) = probe.run([iv.Intervention(iv.Target("resid", 1), iv.Op("steer", 8.0, texts=("happy", "sad")))])
+    assert abs(strong.delta) > 1e-4
+
+
+def test_patching_from_the_same_sequence_changes_nothing_and_lengths_must_match(probe):
+    same = iv.Op("patch", source=tuple(probe.ids))
+    (effect,) = probe.run([iv.Intervention(iv.Target("mlp", 0), same, "all")])
+    assert effect.delta == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(iv.InterventionError, match="same length"):
+        probe.run([iv.Intervention(iv.Target("mlp", 0), iv.Op("patch", source=(1, 2)))])
+
+
+def test_sweep_ranks_every_head_and_mlp_and_matches_single_runs(probe):
+    effects = probe.sweep()
+    n, h = len(probe.parts.blocks), probe.parts.n_heads
+    assert len(effects) == n * h + n
+    single = probe.run([effects[3].intervention], frozen=False)[0]
+    assert single.delta == pytest.approx(effects[3].delta, abs=1e-5)  # batching changes nothing
+    r = iv.correlation(effects)
+    assert r is not None and -1.0 <= r <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [("9.0", "layer 9 is out of range"), ("0.77", "head 77 is out of range"), ("x.y", "is not a part")],
+)
+def test_bad_targets_are_refused_in_words(probe, text, words):
+    with pytest.raises(iv.InterventionError, match=words):
+        probe.run([iv.Intervention(iv.Target.parse(text))])
+
+
+def test_bad_operations_are_refused_in_words():
+    with pytest.raises(iv.InterventionError, match="zero, mean, scale:F"):
+        iv.Op.parse("scale:abc")
+
+
+def test_default_model_prediction_exact_for_the_last_mlp_and_a_sweep_ranks(default_model):
+    cfg = GenerationConfig(prompt="The capital of France is", max_new_tokens=3, min_new_tokens=3, chat=False)
+    trace = generate(default_model, cfg).trace()
+    probe = iv.Probe(default_model, trace, 1)
+    last = len(probe.parts.blocks) - 1
+    mlp, head = probe.run([iv.Intervention(iv.Target("mlp", last)), iv.Intervention(iv.Target("head", last, 0))])
+    assert mlp.frozen_delta == pytest.approx(mlp.predicted, abs=2e-3 * max(1.0, abs(mlp.predicted)))
+    assert abs(mlp.rescaling) > 1e-3  # the real model's norm rescales visibly
+    assert head.predicted == pytest.approx(-probe.components.heads[last][0], abs=1e-3)
+    effects = probe.sweep(layers=[last])
+    assert len(effects) == probe.parts.n_heads + 1
