@@ -35,7 +35,7 @@ class Cost:
 
     json_bytes: int  # trace.json as the tool writes it back (compact)
     stored_steps: int  # the main run's steps and every branch's own steps
-    explanation_cells: int  # layer × head cells of every kept breakdown
+    explanation_cells: int  # layer × head cells of every kept breakdown and sweep
     companion_bytes: int  # the companion its attention section declares (0 without one)
 
 
@@ -47,7 +47,8 @@ def cost_of(trace: Trace, text: str | None = None) -> Cost:
         stored_steps=len(trace.steps) + sum(len(b.steps) for b in trace.branches),
         explanation_cells=sum(
             len(e.components.heads) * len(next(iter(e.components.heads), [])) for e in trace.explanations
-        ),
+        )
+        + sum(len(w.heads) * len(next(iter(w.heads), [])) for w in trace.sweeps),
         companion_bytes=companion,
     )
 

@@ -103,6 +103,86 @@ def timeline_chart(frame: pd.DataFrame, selected: int | None = None, width: int 
     return _fit_concat(chart, width).properties(title="Chosen token over the run")
 
 
+COMMIT_KINDS = {  # legend entry of each mark: a colour and a shape apiece, none repeated
+    "commit": ("the lens's top from this layer on", OTHER, "square"),
+    "never": ("never the lens's top at the last layer", "#9e9e9e", "square"),
+    "rules": ("chosen by the sampling rules (raw rank > 1)", CHOSEN, "triangle-up"),
+}
+
+
+def commitment_chart(
+    frame: pd.DataFrame, selected: int | None = None, width: int | str = "container"
+) -> alt.LayerChart:
+    """Per step (frames.commitment_frame), a bar up to the layer from which the chosen token stayed the
+    lens's top; a grey square in a "never" row above the top layer when it never did; a red triangle in
+    that row where the sampling rules, not the model, chose the token. Steps without a lens draw nothing."""
+    top = int(frame["n_layers"].max()) if len(frame) else 1  # the "never" row: one above the last layer
+    steps = int(frame["step"].max() - frame["step"].min()) + 1 if len(frame) else 1
+    y = alt.Y(
+        "y:Q",
+        title=f"layer (0–{top - 1})",
+        scale=alt.Scale(domain=[-0.5, top + 0.5], nice=False, zero=False),
+        # no tick at the last layer: its label and "never" one row above it would overlap (the title
+        # names the last layer instead)
+        axis=alt.Axis(
+            values=sorted({0, (top - 1) // 2, top}),
+            labelExpr=f"datum.value == {top} ? 'never' : datum.value",
+            grid=False,
+        ),
+    )
+    tooltip = [
+        "step:Q",
+        alt.Tooltip("label:N", title="token"),
+        alt.Tooltip("commit_text:N", title="commit layer"),
+        alt.Tooltip("rank_raw:Q", title="raw rank"),
+    ]
+    # no padding: bars pad a linear scale by 5 px, which ran the axis past the last step
+    base = alt.Chart(frame).encode(x=_step_x(frame, padding=0), tooltip=tooltip)
+    columns = 1 if isinstance(width, str) else 3  # a column's width (a phone) takes one entry a line
+    # marks sized to a step, whatever the width and the run's length: on a phone, fixed-size triangles
+    # ran into each other
+    bar_width = alt.ExprRef(f"clamp(0.8 * width / {steps}, 1, 14)")
+    area = f"pow(0.9 * width / {steps}, 2)"  # a point's size is its area
+    bars = _commit_kind(base, "isValid(datum.commit)", "commit", "datum.commit + 0.5", columns)
+    never = _commit_kind(base, "datum.has_lens && !isValid(datum.commit)", "never", str(top), columns)
+    rules = _commit_kind(base, "datum.rules_chose", "rules", str(top), columns)
+    layers = [
+        bars.mark_bar(width=bar_width).encode(y=y, y2="y0:Q"),
+        never.mark_point(filled=True, size=alt.ExprRef(f"clamp({area} / 3, 6, 30)"), opacity=1).encode(
+            y=y, shape=_commit_shape()
+        ),
+        # an outline around the grey square: a step can be both, and both stay visible
+        rules.mark_point(filled=False, size=alt.ExprRef(f"clamp({area}, 18, 90)"), strokeWidth=1.5, opacity=1).encode(
+            y=y, shape=_commit_shape()
+        ),
+    ]
+    if selected is not None:
+        rule = alt.Chart(pd.DataFrame({"step": [selected]})).mark_rule(color="gray", strokeDash=[4, 3])
+        layers.append(rule.encode(x="step:Q"))
+    title = ["Commitment: the layer from which", "each token stays the lens's top"]  # short lines: a phone
+    chart = alt.layer(*layers)
+    return sized(chart, width, 100, title)
+
+
+def _commit_kind(base: alt.Chart, keep: str, kind: str, y_expr: str, columns: int) -> alt.Chart:
+    """The steps `keep` selects, coloured as `kind`'s legend entry, their mark's top at `y_expr` (a bar
+    starts below layer 0). Colour and shape share field, domain and title: Vega-Lite draws one legend."""
+    names, colours = [v[0] for v in COMMIT_KINDS.values()], [v[1] for v in COMMIT_KINDS.values()]
+    color = alt.Color(
+        "kind:N",
+        title=None,
+        scale=alt.Scale(domain=names, range=colours),
+        legend=alt.Legend(orient="bottom", columns=columns, labelLimit=0),
+    )
+    chart = base.transform_filter(keep).transform_calculate(kind=json.dumps(COMMIT_KINDS[kind][0]), y=y_expr, y0="-0.5")
+    return chart.encode(color=color)
+
+
+def _commit_shape() -> alt.Shape:
+    names, shapes = [v[0] for v in COMMIT_KINDS.values()], [v[2] for v in COMMIT_KINDS.values()]
+    return alt.Shape("kind:N", title=None, scale=alt.Scale(domain=names, range=shapes))
+
+
 def _weight_color(frame: pd.DataFrame, title: str = "mean weight") -> alt.Color:
     """sqrt: attention is heavy-tailed; on a linear scale a long prompt's weights all look black.
     Below the plot, horizontal, three labels (0, the middle of the ramp, the largest weight): a side
@@ -324,14 +404,15 @@ def distinct_colors(n: int) -> list[str]:
     return (_TABLEAU20 + extra)[:n]
 
 
-def _step_x(frame: pd.DataFrame, title: str = "step") -> alt.X:
-    """Steps as integers, the axis ending at the last step (a nice domain ran past it)."""
+def _step_x(frame: pd.DataFrame, title: str = "step", **scale) -> alt.X:
+    """Steps as integers, the axis ending at the last step (a nice domain ran past it); `scale`: more
+    properties of the scale."""
     steps = frame["step"] if len(frame) else pd.Series([0])
     lo, hi = int(steps.min()), int(steps.max())
     return alt.X(
         "step:Q",
         title=title,
-        scale=alt.Scale(domain=[lo, max(hi, lo + 1)], nice=False, zero=False),
+        scale=alt.Scale(domain=[lo, max(hi, lo + 1)], nice=False, zero=False, **scale),
         axis=alt.Axis(tickMinStep=1, format="d"),
     )
 

@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate with a small language model and record what it considered "
         "and what it attended to, step by step. "
         "`python -m explorer_core replay trace.json` re-checks a saved trace; "
-        "`python -m explorer_core explain trace.json --step N` says why step N chose its token.",
+        "`python -m explorer_core explain trace.json --step N` says why step N chose its token; "
+        "`python -m explorer_core intervene trace.json --step N --ablate 29.3` measures what changing "
+        "one part does there.",
     )
     for f in field_specs():
         kind = {"int": int, "float": float, "str": str, "bool": _bool}[f.type]
@@ -86,11 +88,15 @@ def _read_prompt(path: str) -> str:
         raise ValueError(f"cannot read the prompt from {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def explain_main(argv: list[str]) -> int:
-    """`explain`, with --out checked before any model work, and the result printed if writing it still fails."""
-    from .explain import cli_main
+def explain_main(argv: list[str], command: str = "explain") -> int:
+    """`explain` (or `intervene`), with --out checked before any model work, and the result printed if
+    writing it still fails."""
+    if command == "intervene":
+        from .intervene import cli_main
+    else:
+        from .explain import cli_main
 
-    pre = argparse.ArgumentParser(prog="python -m explorer_core explain", add_help=False)
+    pre = argparse.ArgumentParser(prog=f"python -m explorer_core {command}", add_help=False)
     pre.add_argument("--out", default=None)
     known, rest = pre.parse_known_args(argv)
     if known.out is None:
@@ -117,7 +123,7 @@ def explain_main(argv: list[str]) -> int:
         _atomic_write(out, text.encode("utf-8"))
     except OSError as exc:
         sys.stdout.write(text)
-        print(f"error: could not write {out}: {exc.strerror or exc}; the explanation is printed above", file=sys.stderr)
+        print(f"error: could not write {out}: {exc.strerror or exc}; the result is printed above", file=sys.stderr)
         return 1
     return 0
 
@@ -139,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
         args = replay_parser().parse_args(argv[1:])
         return run_replay(args.trace, args.model, args.dtype, args.device)
-    if argv[:1] == ["explain"]:
-        return explain_main(argv[1:])
+    if argv[:1] in (["explain"], ["intervene"]):
+        return explain_main(argv[1:], argv[0])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig)}

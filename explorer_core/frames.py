@@ -215,6 +215,52 @@ def lens_step_frame(step: StepRecord) -> pd.DataFrame:
     )
 
 
+def commit_layer(step: StepRecord) -> int | None:
+    """The first layer from which the chosen token is the lens's top token through the last layer.
+
+    None without a lens, or when the token is not the lens's top at the last layer (the last layer is
+    the model's own distribution, so that means the sampling rules picked a lower-ranked token)."""
+    lens = step.lens
+    if lens is None or lens.top_ids[-1] != step.token_id:
+        return None
+    layer = len(lens.top_ids) - 1
+    while layer > 0 and lens.top_ids[layer - 1] == step.token_id:  # walk down while it stays top
+        layer -= 1
+    return layer
+
+
+def _commit_text(step: StepRecord, layer: int | None) -> str:
+    if step.lens is None:
+        return "no lens recorded"
+    last = len(step.lens.top_ids) - 1
+    if layer is None:
+        return f"never: not the lens's top at the last layer ({last})"
+    return f"layer {layer} of 0–{last}"
+
+
+def commitment_frame(trace: Trace) -> pd.DataFrame:
+    """Per step: the layer the chosen token became the lens's top and stayed so (`commit`, nullable),
+    the lens's layer count, the raw rank, whether the sampling rules chose the token (raw rank > 1),
+    and the commit layer in words for a tooltip."""
+    rows = []
+    for s in trace.steps:
+        layer = commit_layer(s)
+        rows.append(
+            {
+                "step": s.step,
+                "label": s.label,
+                "commit": layer,
+                "n_layers": len(s.lens.top_ids) if s.lens is not None else trace.model.n_layers,
+                "rank_raw": s.rank_raw,
+                "rules_chose": s.rank_raw > 1,
+                "has_lens": s.lens is not None,
+                "commit_text": _commit_text(s, layer),
+            }
+        )
+    cols = ["step", "label", "commit", "n_layers", "rank_raw", "rules_chose", "has_lens", "commit_text"]
+    return pd.DataFrame(rows, columns=cols).astype({"commit": "Int64"})
+
+
 # -- uncertainty lane and explanations ---------------------------------------------------------------
 # Torn: the model's own distribution was spread out (raw entropy at least TORN_ENTROPY bits) and the
 # sampler faced a near tie (the two best processed candidates within TORN_MARGIN of each other).

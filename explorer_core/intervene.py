@@ -39,7 +39,7 @@ from .explain import sequence_for as _sequence_for
 from .lens import inner_model
 from .models import LoadedModel
 from .tokens import vocab_for
-from .trace import Trace
+from .trace import Candidates, InterventionRecord, Outcome, Prediction, SweepRecord, TokenRef, Trace
 
 OPS = ("zero", "mean", "scale", "patch", "steer")
 SCOPES = ("step", "all")
@@ -521,3 +521,110 @@ class _Handles:
     def __exit__(self, *exc) -> None:
         for h in self.handles:
             h.remove()
+
+
+# -- records kept in trace.json, and the CLI ------------------------------------------------------
+def _candidates(top: list[tuple[int, str, float]]) -> Candidates:
+    return Candidates(ids=[i for i, _, _ in top], labels=[t for _, t, _ in top], probs=[p for _, _, p in top])
+
+
+def _refs(probe: Probe) -> dict:
+    v = probe.vocab
+    return {
+        "target": TokenRef(id=probe.target, label=v.label(probe.target)),
+        "contrast": TokenRef(id=probe.contrast, label=v.label(probe.contrast)),
+    }
+
+
+def record(probe: Probe, effect: Effect, branch: int = 0) -> InterventionRecord:
+    """One intervention's result as trace.json keeps it (and the CLI writes it)."""
+    one = effect.intervention
+    if isinstance(one, tuple):
+        raise InterventionError("a record holds one intervention: keep each of several apart")
+    frozen = None if effect.frozen_delta is None else probe.before + effect.frozen_delta
+    return InterventionRecord(
+        step=probe.step,
+        branch=branch,
+        **_refs(probe),
+        part=str(one.target),
+        operation=str(one.op),
+        scope=one.scope,
+        before=Outcome(logit_diff=probe.before, top=_candidates(probe.top(probe.before_logits))),
+        after=Outcome(logit_diff=effect.logit_diff, top=_candidates(effect.top)),
+        frozen_norm_logit_diff=frozen,
+        predicted=Prediction(direct=effect.predicted, note=probe.prediction_error),
+    )
+
+
+def sweep_record(probe: Probe, effects: Sequence[Effect], branch: int = 0) -> SweepRecord:
+    """A sweep's measured and predicted changes per head (and MLP), by layer."""
+    heads: dict[int, dict[int, Effect]] = {}
+    mlps: dict[int, Effect] = {}
+    for e in effects:
+        t = e.intervention.target
+        (heads.setdefault(t.layer, {}).__setitem__(t.head, e) if t.kind == "head" else mlps.__setitem__(t.layer, e))
+    layers = sorted(heads)
+    rows = [[heads[L][h] for h in sorted(heads[L])] for L in layers]
+    has_pred = all(e.predicted is not None for e in effects)
+    return SweepRecord(
+        step=probe.step,
+        branch=branch,
+        **_refs(probe),
+        operation=str(effects[0].intervention.op) if effects else "zero",
+        layers=layers,
+        heads=[[e.delta for e in row] for row in rows],
+        mlps=[mlps[L].delta for L in layers] if mlps else [],
+        predicted_heads=[[e.predicted for e in row] for row in rows] if has_pred else None,
+        predicted_mlps=[mlps[L].predicted for L in layers] if has_pred and mlps else None,
+        correlation=correlation(effects),
+    )
+
+
+def cli_main(argv: list[str]) -> int:
+    """`python -m explorer_core intervene TRACE --step N --ablate PART ...`: exit 0 on success, 2 when it cannot."""
+    import argparse
+    import json
+    import sys
+
+    from . import models, tracefile
+    from . import trace as trace_io
+    from .limits import Limits
+
+    p = argparse.ArgumentParser(
+        prog="python -m explorer_core intervene",
+        description="What if? Change one part of the model at a step of a saved trace and measure the logit "
+        "difference (chosen token vs contrast) and the top-k before and after, beside the breakdown's "
+        "predicted direct effect. Recomputed with the model named in the trace.",
+    )
+    p.add_argument("trace", help="Path to trace.json.")
+    p.add_argument("--step", type=int, required=True, help="Step to change (0 = first generated token).")
+    p.add_argument("--ablate", required=True, help="The part: L.H (a head), L.mlp, embed@P or resid:L@P.")
+    p.add_argument("--op", default="zero", help="zero (default), mean (over the sequence's positions) or scale:F.")
+    p.add_argument(
+        "--scope", default="step", choices=SCOPES, help="step: this position only (default); all: every position."
+    )
+    p.add_argument(
+        "--contrast",
+        default=None,
+        help="Contrast token: an id or one token's text, leading space included; default: the runner-up.",
+    )
+    p.add_argument("--branch", type=int, default=0, help="Path: 0 = main run, else a branch id.")
+    p.add_argument("--model", default=None, help="Model to use (default: the one named in the trace).")
+    p.add_argument("--out", default=None, help="Write the JSON here (default: print it).")
+    args = p.parse_args(argv)
+    try:
+        iv = Intervention(Target.parse(args.ablate), Op.parse(args.op), args.scope)
+        trace, _ = tracefile.load(args.trace)
+        if not 0 <= args.branch <= 1000 or (args.branch and trace.branch(args.branch) is None):
+            raise InterventionError(f"the trace has no branch {args.branch}")
+        limits = Limits.from_env()
+        limits.check_replay(trace)  # the app's caps: this re-runs the prompt and the steps up to this one
+        lm = models.load(args.model or trace.model.name, limits=limits)
+        probe = Probe(lm, trace, args.step, args.contrast, args.branch)
+        (effect,) = probe.run([iv])
+        result = record(probe, effect, args.branch)
+    except (trace_io.TraceError, models.ModelLoadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.model_dump(), indent=1))
+    return 0

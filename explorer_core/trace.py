@@ -252,6 +252,57 @@ class Explanation(_Strict):
     timing_s: dict[Name, Annotated[float, Field(ge=0.0)]] = Field(max_length=16)
 
 
+class Outcome(_Strict):
+    """The logit difference (target - contrast) at a step and the raw top-k there."""
+
+    logit_diff: Score
+    top: Candidates
+
+
+class Prediction(_Strict):
+    direct: Score | None = Field(
+        description="The breakdown's predicted change of the logit difference (after - before): the changed "
+        "part's direct effect, later layers and the final norm's scale held. None when the breakdown cannot "
+        "read the model (note says why)."
+    )
+    note: Name | None = None
+
+
+class InterventionRecord(_Strict):
+    """A 'What if?' result: one part changed at a step, the measured effect beside the prediction."""
+
+    step: int = Field(ge=0, lt=MAX_STEPS)
+    branch: int = Field(default=0, ge=0, le=1000)
+    target: TokenRef
+    contrast: TokenRef
+    part: Annotated[str, Field(max_length=40)] = Field(description="L.H, L.mlp, embed@P or resid:L@P.")
+    operation: Name = Field(description="zero, mean, scale:F, patch or steer (with what).")
+    scope: Literal["step", "all"] = Field(description="step: this step's position only; all: every position.")
+    before: Outcome
+    after: Outcome
+    frozen_norm_logit_diff: Score | None = Field(
+        default=None, description="The logit difference after, with the final norm's scale held at its value before."
+    )
+    predicted: Prediction
+
+
+class SweepRecord(_Strict):
+    """Every head (and MLP) of some layers changed one at a time at a step: measured change of the logit
+    difference per part, beside the breakdown's prediction for the same change."""
+
+    step: int = Field(ge=0, lt=MAX_STEPS)
+    branch: int = Field(default=0, ge=0, le=1000)
+    target: TokenRef
+    contrast: TokenRef
+    operation: Name
+    layers: list[int] = Field(max_length=1024)
+    heads: list[list[Score]] = Field(max_length=1024, description="measured[layer i of layers][head]")
+    mlps: list[Score] = Field(max_length=1024, description="measured per layer of layers (empty: MLPs not swept)")
+    predicted_heads: list[list[Score]] | None = Field(default=None, max_length=1024)
+    predicted_mlps: list[Score] | None = Field(default=None, max_length=1024)
+    correlation: Score | None = None
+
+
 class Trace(_Strict):
     """A whole run. Everything here is plain data: it round-trips through JSON unchanged."""
 
@@ -273,6 +324,10 @@ class Trace(_Strict):
     branches: list[Branch] = Field(default_factory=list, max_length=64)
     explanations: list[Explanation] = Field(default_factory=list, max_length=64, description="Saved 'Explain' results.")
     fidelity: FidelityInfo | None = Field(default=None, description="What the model's fidelity check measured.")
+    interventions: list[InterventionRecord] = Field(
+        default_factory=list, max_length=64, description="Saved 'What if?' results."
+    )
+    sweeps: list[SweepRecord] = Field(default_factory=list, max_length=16, description="Saved 'What if?' sweeps.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Trace:
@@ -300,6 +355,7 @@ class Trace(_Strict):
                     raise ValueError(f"branch {b.id}: step {j} is numbered {s.step}; expected {b.at_step + j}")
             known[b.id] = b.at_step + len(b.steps)
         self._check_explanations(known)
+        self._check_interventions(known)
         return self
 
     def _check_ids(self) -> None:
@@ -335,6 +391,26 @@ class Trace(_Strict):
                 raise ValueError(
                     f"{where}: an input position is outside the {t + e.step} positions before step {e.step}"
                 )
+
+    def _check_interventions(self, ends: dict[int, int]) -> None:
+        """Each kept intervention or sweep names a step the trace holds; a sweep has the model's shape."""
+        for where, r in [(f"intervention {i}", r) for i, r in enumerate(self.interventions)] + [
+            (f"sweep {i}", r) for i, r in enumerate(self.sweeps)
+        ]:
+            if r.branch not in ends or r.step >= ends[r.branch]:
+                raise ValueError(f"{where} is of step {r.step} of branch {r.branch}, which the trace does not hold")
+        for i, w in enumerate(self.sweeps):
+            n = self.model.n_layers
+            rows = [w.heads, *([w.predicted_heads] if w.predicted_heads is not None else [])]
+            if any(not 0 <= L < n for L in w.layers) or any(len(h) != len(w.layers) for h in rows):
+                raise ValueError(f"sweep {i}: its layers must be of the model's {n} and have one row each")
+            if (
+                len({len(r) for h in rows for r in h}) > 1
+                or len(w.layers) * len(next(iter(w.heads), [])) > MAX_COMPONENT_CELLS
+            ):
+                raise ValueError(f"sweep {i}: head rows of unequal length, or over {MAX_COMPONENT_CELLS:,} cells")
+            if w.mlps and len(w.mlps) != len(w.layers) or (w.predicted_mlps and len(w.predicted_mlps) != len(w.layers)):
+                raise ValueError(f"sweep {i}: one MLP value per swept layer")
 
     def _check_config(self) -> None:
         GenerationConfig.from_dict(self.config)  # raises ValueError naming a bad setting

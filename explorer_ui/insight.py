@@ -50,6 +50,21 @@ def render_lens(trace: Trace, step: int) -> None:
     st.altair_chart(chart, width="stretch")
 
 
+
+def render_commitment(trace: Trace, key: str) -> None:
+    """Under the stream: the layer from which each token stayed the lens's top, and the tokens the
+    sampling rules chose. Nothing when no step has a lens."""
+    if all(s.lens is None for s in trace.steps):
+        return
+    picked = st.session_state.get(key + "_step")  # the inspected step (its slider is drawn further down)
+    selected = picked if isinstance(picked, int) and 0 <= picked < len(trace.steps) else None
+    chart = charts.commitment_chart(frames.commitment_frame(trace), selected=selected, width="container")
+    st.altair_chart(chart, width="stretch")
+    st.caption(
+        "The layer at which each token became the logit lens's top guess and stayed so through the last layer; "
+        "▲ = the sampling rules chose a token the model did not rank first."
+    )
+
 def render_replay(trace: Trace, key: str) -> None:
     """Re-score the trace with its model and report the largest difference, per step."""
     if not st.button("Run the replay check", key=f"{key}_replay"):

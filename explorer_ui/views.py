@@ -266,6 +266,7 @@ def render_trace(source: str | tuple[Trace, AttentionStore | None], key: str, li
     guarded("Prompt", render_prompt, trace)
     st.subheader("Output")
     guarded("Output", render_output, view.steps, key)
+    guarded("Commitment", insight.render_commitment, view, key)
     torn_box = st.container()  # under the stream, filled once the step is known (its pill is lit)
     st.subheader("Inspect a step")
     step = guarded("Step", pick_step, view, key + "_step", default=0)

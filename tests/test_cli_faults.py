@@ -210,7 +210,7 @@ def test_explain_result_is_printed_when_its_file_cannot_be_written(saved_trace, 
     code = cli_main(["explain", str(saved_trace), "--step", "1", "--methods", "grad_x_input", "--out", str(out)])
     printed = capsys.readouterr()
     assert code == 1 and not out.exists()
-    assert f"could not write {out}: No space left on device; the explanation is printed above" in printed.err
+    assert f"could not write {out}: No space left on device; the result is printed above" in printed.err
     assert json.loads(printed.out)["step"] == 1  # computed once, kept
 
 

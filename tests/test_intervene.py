@@ -191,3 +191,39 @@ def test_default_model_prediction_exact_for_the_last_mlp_and_a_sweep_ranks(defau
     assert head.predicted == pytest.approx(-probe.components.heads[last][0], abs=1e-3)
     effects = probe.sweep(layers=[last])
     assert len(effects) == probe.parts.n_heads + 1
+
+
+def test_cli_intervene_writes_the_documented_json(tiny_llama_dir, llama_trace, tmp_path):
+    import json
+
+    from explorer_core import tracefile
+    from explorer_core.cli import main
+
+    path = tmp_path / "trace.json"
+    tracefile.save(llama_trace, None, path)
+    out = tmp_path / "effect.json"
+    code = main(["intervene", str(path), "--step", "3", "--ablate", "1.mlp", "--op", "scale:0", "--out", str(out)])
+    assert code == 0
+    got = json.loads(out.read_text())
+    assert got["step"] == 3 and got["part"] == "1.mlp" and got["scope"] == "step"
+    assert got["target"]["id"] == llama_trace.steps[3].token_id and set(got["contrast"]) == {"id", "label"}
+    assert set(got["before"]) == set(got["after"]) == {"logit_diff", "top"}
+    assert got["predicted"]["direct"] is not None
+    assert got["before"]["logit_diff"] != got["after"]["logit_diff"]
+    assert main(["intervene", str(path), "--step", "3", "--ablate", "7.mlp"]) == 2  # out of range, in words
+
+
+def test_kept_interventions_and_sweeps_round_trip_and_are_checked(probe, llama_trace):
+    from explorer_core import trace as trace_io
+
+    (effect,) = probe.run([iv.Intervention(iv.Target("head", 1, 0))])
+    kept = llama_trace.model_copy(
+        update={"interventions": [iv.record(probe, effect)], "sweeps": [iv.sweep_record(probe, probe.sweep())]}
+    )
+    back = trace_io.Trace.model_validate_json(kept.model_dump_json())
+    assert back.interventions[0].after.logit_diff == pytest.approx(effect.logit_diff)
+    assert len(back.sweeps[0].heads) == len(probe.parts.blocks)
+    bad = kept.model_dump()
+    bad["sweeps"][0]["layers"] = [99] * len(bad["sweeps"][0]["layers"])
+    with pytest.raises(ValueError, match="layers must be of the model"):
+        trace_io.Trace.model_validate(bad)
