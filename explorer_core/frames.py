@@ -394,6 +394,51 @@ def components_frame(expl: Explanation) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["layer", "column", "order", "value"])
 
 
+def outcome_frame(record) -> pd.DataFrame:
+    """An intervention's top-k before and after, side by side by rank."""
+    b, a = record.before.top, record.after.top
+    rows = [
+        {
+            "rank": i + 1,
+            "before": b.labels[i] if i < len(b.ids) else "",
+            "p before": b.probs[i] if i < len(b.ids) else None,
+            "after": a.labels[i] if i < len(a.ids) else "",
+            "p after": a.probs[i] if i < len(a.ids) else None,
+        }
+        for i in range(max(len(b.ids), len(a.ids)))
+    ]
+    return pd.DataFrame(rows, columns=["rank", "before", "p before", "after", "p after"])
+
+
+def sweep_frame(sweep, predicted: bool = False) -> pd.DataFrame:
+    """A sweep's measured (or predicted) changes in components_frame's long form: layer, column, order, value."""
+    heads = sweep.predicted_heads if predicted else sweep.heads
+    mlps = sweep.predicted_mlps if predicted else sweep.mlps
+    rows = [
+        {"layer": layer, "column": f"H{head}", "order": head, "value": v}
+        for layer, row in zip(sweep.layers, heads or [], strict=False)
+        for head, v in enumerate(row)
+    ]
+    width = len(heads[0]) if heads else 0
+    rows += [
+        {"layer": layer, "column": "MLP", "order": width + 1, "value": v} for layer, v in zip(sweep.layers, mlps or [])
+    ]
+    return pd.DataFrame(rows, columns=["layer", "column", "order", "value"])
+
+
+def sweep_ranking(sweep, n: int = 10) -> pd.DataFrame:
+    """The `n` parts whose change moved the logit difference most, with the prediction beside it."""
+    rows = []
+    pred_h, pred_m = sweep.predicted_heads, sweep.predicted_mlps
+    for i, layer in enumerate(sweep.layers):
+        for h, v in enumerate(sweep.heads[i]):
+            rows.append({"part": f"{layer}.{h}", "measured": v, "predicted": pred_h[i][h] if pred_h else None})
+        if sweep.mlps:
+            rows.append({"part": f"{layer}.mlp", "measured": sweep.mlps[i], "predicted": pred_m[i] if pred_m else None})
+    frame = pd.DataFrame(rows, columns=["part", "measured", "predicted"])
+    return frame.reindex(frame["measured"].abs().sort_values(ascending=False).index).head(n)
+
+
 def fidelity_frame(trace: Trace) -> pd.DataFrame:
     """One row per feature the model's fidelity check measured: result, figure, tolerance, what was compared."""
     info = trace.fidelity

@@ -16,7 +16,7 @@ from explorer_core import trace as trace_io
 from explorer_core.attnstore import AttentionStore
 from explorer_core.trace import Trace
 
-from . import branching, explain_view, insight
+from . import branching, explain_view, insight, whatif_view
 from .attention_view import head_choice, render_attention, render_missing_attention  # noqa: F401 - shared names
 from .base import guarded, render_stream_picker
 
@@ -241,7 +241,7 @@ def _no_file(trace: Trace):
     return trace.attention.model_copy(update={"file": None}) if trace.attention else None
 
 
-TABS = ["Candidates", "Attention", "Which rule?", "Logit lens", branching.BRANCH_TAB, "Why this token?"]
+TABS = ["Candidates", "Attention", "Which rule?", "Logit lens", branching.BRANCH_TAB, "Why this token?", "What if?"]
 
 
 def render_trace(source: str | tuple[Trace, AttentionStore | None], key: str, live_run=None) -> None:
@@ -291,6 +291,8 @@ def render_trace(source: str | tuple[Trace, AttentionStore | None], key: str, li
             guarded(TABS[4], branching.render_branch_form, trace, branch_id, step, state_key, live_run)
     with tabs[5]:
         guarded(TABS[5], explain_view.render_explain, trace, branch_id, step, key, state_key)
+    with tabs[6]:
+        guarded(TABS[6], whatif_view.render_whatif, trace, branch_id, step, key, state_key)
     guarded("Timeline", render_timeline, view, step)
     guarded("Branches", branching.render_branches, trace)
     with st.expander("Replay check: re-score these tokens with the model"):

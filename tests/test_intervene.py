@@ -227,3 +227,36 @@ def test_kept_interventions_and_sweeps_round_trip_and_are_checked(probe, llama_t
     bad["sweeps"][0]["layers"] = [99] * len(bad["sweeps"][0]["layers"])
     with pytest.raises(ValueError, match="layers must be of the model"):
         trace_io.Trace.model_validate(bad)
+
+
+def _button(at, label: str):
+    return next(b for b in at.button if b.label == label)
+
+
+def test_app_what_if_tab_measures_sweeps_and_keeps(generated):
+    from tests.apphelp import chart_titles
+
+    at = generated
+    at.slider(key="gen_step").set_value(5).run()
+    at.text_input(key="gen_whatif_part").input("1.mlp")
+    _button(at, "Measure").click().run()
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert {"Before", "After (measured)", "Predicted (direct share)", "Gap: indirect"} <= set(metrics)
+    assert metrics["Before"] != metrics["After (measured)"]
+    assert any("final norm's rescaling" in c.value for c in at.caption)
+    _button(at, "Sweep every head and MLP (zeroed one at a time)").click().run()
+    assert not at.exception, at.exception
+    titles = chart_titles(at)
+    assert "Measured: part changed" in titles and "Predicted: direct share" in titles
+    assert any("Correlation of measured and predicted" in c.value for c in at.caption)
+    _button(at, "Keep this result in the trace (saved with it)").click().run()
+    _button(at, "Keep this sweep in the trace (saved with it)").click().run()
+    trace = at.session_state["gen_trace"][0]
+    assert len(trace.interventions) == 1 and len(trace.sweeps) == 1
+    assert trace.interventions[0].part == "1.mlp" and trace.interventions[0].step == 5
+    # a bad part is refused in words, and the kept results stay
+    at.text_input(key="gen_whatif_part").input("99.mlp")
+    _button(at, "Measure").click().run()
+    assert not at.exception, at.exception
+    assert any("layer 99 is out of range" in t.value for t in at.text)

@@ -1,0 +1,190 @@
+"""'What if?': change one part of the model at the inspected step and see what the step's choice does.
+
+Nothing runs until the user asks. The measured change stands beside the breakdown's prediction (the
+part's direct share), with the gap split into what later layers did and what the final norm's
+rescaling did. A sweep changes every head and MLP one at a time and draws the measured changes as the
+breakdown's heatmap, side by side with the prediction. Results can be kept in the trace.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from explorer_core import admission, charts, frames
+from explorer_core import intervene as iv
+from explorer_core.explain import ExplainError
+from explorer_core.trace import InterventionRecord, SweepRecord, Trace
+
+from . import resources
+from .base import clip, schema_limit
+from .explain_view import MAX_TYPED, _contrast, _trace_id, stop_check
+
+PROBE = "whatif_probe"  # session entry: (probe key, Probe): the last step made ready, reused by every run
+RESULTS = "whatif_results"  # {(trace id, branch, step): (InterventionRecord | None, SweepRecord | None)}
+OPS = {
+    "zero": "zero it",
+    "mean": "its mean over the sequence",
+    "scale": "scale it",
+    "steer": "steer (add text 1 - text 2)",
+}
+MAX_KEPT = schema_limit(Trace, "interventions")
+MAX_SWEEPS = schema_limit(Trace, "sweeps")
+
+
+def render_whatif(trace: Trace, branch: int, step: int, key: str, state_key: str | None = None) -> None:
+    """The step inspector's 'What if?' tab."""
+    s = trace.path_steps(branch)[step]
+    st.caption(
+        f"What if a part of the model had been different at step {step}? Change a head, an MLP or the residual "
+        "stream, and see the logit difference between the chosen token and a contrast, measured by the model, "
+        "beside what the breakdown ('Why this token?') predicted from that part's direct share."
+    )
+    st.code(s.label, language=None)
+    n = trace.model.n_layers
+    with st.form(key=f"{key}_whatif_form"):
+        c1, c2, c3 = st.columns(3)
+        part = c1.text_input(
+            "Part",
+            f"{n - 1}.mlp",
+            key=f"{key}_whatif_part",
+            max_chars=40,
+            help="L.H: head H of layer L (e.g. 3.1); L.mlp: layer L's MLP; embed@P: position P's embedding; "
+            f"resid:L or resid:L@P: the residual stream entering block L (layers 0..{n - 1}; resid:{n} is the "
+            "final norm's input).",
+        )
+        op = c2.selectbox("Change", list(OPS), format_func=OPS.get, key=f"{key}_whatif_op")
+        factor = c3.number_input("Factor or strength", -100.0, 100.0, 0.0, 0.5, key=f"{key}_whatif_factor")
+        scope = st.radio(
+            "Where",
+            ["step", "all"],
+            horizontal=True,
+            key=f"{key}_whatif_scope",
+            format_func=lambda v: (
+                "this step's position only" if v == "step" else "every position (re-runs the sequence)"
+            ),
+        )
+        t1, t2 = st.columns(2)
+        towards = t1.text_input("Steer: text 1 (towards)", "happy", key=f"{key}_whatif_t1", max_chars=200)
+        away = t2.text_input("Steer: text 2 (away from)", "sad", key=f"{key}_whatif_t2", max_chars=200)
+        typed = st.text_input(
+            "Contrast token (default: the runner-up)", key=f"{key}_whatif_contrast", max_chars=MAX_TYPED
+        )
+        b1, b2 = st.columns(2)
+        go = b1.form_submit_button("Measure")
+        sweep = b2.form_submit_button("Sweep every head and MLP (zeroed one at a time)")
+    if go or sweep:
+        _run(trace, branch, step, _contrast(typed, None), (part, op, factor, scope, towards, away), sweep)
+    made, swept = st.session_state.get(RESULTS, {}).get((_trace_id(trace), branch, step), (None, None))
+    made = made or _kept(trace.interventions, branch, step)
+    swept = swept or _kept(trace.sweeps, branch, step)
+    if made is not None:
+        render_effect(made)
+        _keep(trace, made, "interventions", MAX_KEPT, key, state_key)
+    if swept is not None:
+        render_sweep(swept)
+        _keep(trace, swept, "sweeps", MAX_SWEEPS, key, state_key)
+
+
+def _kept(records, branch: int, step: int):
+    mine = [r for r in records if r.branch == branch and r.step == step]
+    return mine[-1] if mine else None
+
+
+def _probe(trace: Trace, branch: int, step: int, contrast, lm, cancel) -> iv.Probe:
+    """The step made ready once, reused while the user tries part after part on it."""
+    want = (_trace_id(trace), branch, step, contrast, id(lm))
+    held = st.session_state.get(PROBE)
+    if held is not None and held[0] == want:
+        return held[1]
+    st.session_state.pop(PROBE, None)  # one at a time: a probe holds the prefix's cache
+    probe = iv.Probe(lm, trace, step, contrast, branch, cancel=cancel)
+    st.session_state[PROBE] = (want, probe)
+    return probe
+
+
+def _run(trace: Trace, branch: int, step: int, contrast, form: tuple, sweep: bool) -> None:
+    part, op, factor, scope, towards, away = form
+    lm = resources.model_for_trace(trace, "measure a change")
+    if lm is None:
+        return
+    limits = resources.limits()
+    key = (_trace_id(trace), branch, step)
+    made, swept = st.session_state.get(RESULTS, {}).get(key, (None, None))
+    try:
+        with resources.model_job(), st.spinner("Measuring: the model runs with the part changed…"):
+            import time
+
+            cancel = stop_check(time.monotonic() + limits.max_explain_s, limits.max_explain_s)
+            probe = _probe(trace, branch, step, contrast, lm, cancel)
+            probe.passes.cancel = cancel
+            if sweep:
+                swept = iv.sweep_record(probe, probe.sweep(), branch)
+            else:
+                texts = (towards, away) if op == "steer" else None
+                change = iv.Intervention(iv.Target.parse(part), iv.Op(op, float(factor), texts=texts), scope)
+                (effect,) = probe.run([change])
+                made = iv.record(probe, effect, branch)
+    except (ExplainError, ValueError, RuntimeError) as exc:
+        st.text(f"Cannot measure this change: {clip(str(exc))}")
+        return
+    st.session_state.setdefault(RESULTS, {})[key] = (made, swept)
+
+
+def render_effect(r: InterventionRecord) -> None:
+    """Before → after, the prediction, and the gap split into later layers and the final norm."""
+    delta = r.after.logit_diff - r.before.logit_diff
+    st.text(
+        f"{r.operation} {r.part} ({'this position' if r.scope == 'step' else 'every position'}); "
+        f"logit difference: chosen {r.target.label!r} (id {r.target.id}) minus contrast {r.contrast.label!r} "
+        f"(id {r.contrast.id})"
+    )
+    c = st.columns(4)
+    c[0].metric("Before", f"{r.before.logit_diff:+.3f}")
+    c[1].metric("After (measured)", f"{r.after.logit_diff:+.3f}", f"{delta:+.3f}")
+    pred = r.predicted.direct
+    c[2].metric("Predicted (direct share)", "n/a" if pred is None else f"{pred:+.3f}")
+    c[3].metric("Gap: indirect", "n/a" if pred is None else f"{delta - pred:+.3f}")
+    if pred is None:
+        st.text(f"No prediction: {r.predicted.note or 'the breakdown cannot read this model'}")
+    elif r.frozen_norm_logit_diff is not None:
+        frozen = r.frozen_norm_logit_diff - r.before.logit_diff
+        st.caption(
+            f"Of the gap {delta - pred:+.3f}: later layers' reaction {frozen - pred:+.3f} (measured with the final "
+            f"norm's scale held), the final norm's rescaling {delta - frozen:+.3f}. The prediction is the part's "
+            "direct share: what its change adds through the residual stream with nothing after it reacting."
+        )
+    st.dataframe(frames.outcome_frame(r), hide_index=True)
+
+
+def render_sweep(w: SweepRecord) -> None:
+    """Measured changes per head and MLP beside the predicted ones, as two heatmaps, and the top 10."""
+    corr = "n/a" if w.correlation is None else f"{w.correlation:+.2f}"
+    st.caption(
+        f"Sweep ({w.operation}, one part at a time, at this position): the change of the logit difference "
+        f"({w.target.label!r} minus {w.contrast.label!r}) per part. Correlation of measured and predicted: {corr}. "
+        "Red raises the chosen token over the contrast; blue lowers it."
+    )
+    left, right = st.columns(2)
+    left.altair_chart(charts.components_chart(frames.sweep_frame(w), "Measured: part changed"), width="content")
+    if w.predicted_heads is not None:
+        right.altair_chart(
+            charts.components_chart(frames.sweep_frame(w, predicted=True), "Predicted: direct share"), width="content"
+        )
+    st.dataframe(frames.sweep_ranking(w), hide_index=True)
+
+
+def _keep(trace: Trace, result, field: str, most: int, key: str, state_key: str | None) -> None:
+    if state_key is None or result in getattr(trace, field):
+        return
+    full, attn = st.session_state[state_key]
+    held = getattr(full, field)
+    what = "result" if field == "interventions" else "sweep"
+    if len(held) >= most:
+        st.caption(f"This trace already keeps {most} {field}, the most one trace holds.")
+        return
+    if len(result.model_dump_json()) + 1 > admission.room(full):
+        st.caption("Keeping this would take the trace past the size limit for trace.json.")
+        return
+    if st.button(f"Keep this {what} in the trace (saved with it)", key=f"{key}_whatif_keep_{field}"):
+        st.session_state[state_key] = (full.model_copy(update={field: held + [result]}), attn)
+        st.rerun()
