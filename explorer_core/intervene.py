@@ -26,6 +26,7 @@ the indirect effect through later layers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 import threading
@@ -166,6 +167,7 @@ class Probe:
         if self.inner is None:
             raise InterventionError(f"{type(lm.model).__name__} has no inner model under its head to intervene on")
         ids, record = _sequence_for(lm, trace, step, branch)
+        self.trace, self.branch = trace, branch
         self.step, self.ids, self.T = step, ids, len(ids)
         self.target, self.contrast = record.token_id, resolve_contrast(lm, record, contrast)
         self.vocab = vocab_for(lm.tokenizer)
@@ -628,3 +630,52 @@ def cli_main(argv: list[str]) -> int:
         return 2
     print(json.dumps(result.model_dump(), indent=1))
     return 0
+
+
+def continue_with(
+    probe: Probe, interventions: Sequence[Intervention], room: int | None = None, limits=None, parent=None
+):
+    """Generation from the probe's step on, with `interventions` kept on at every forward: at the step's
+    position and every new one (scope "step"), or at every position, the prefix re-run (scope "all").
+
+    Returns the finished Run; its branch record names the change. The step's own token is chosen by the
+    trace's rules from the changed distribution, so the branch may start with the same token or another.
+    """
+    from .config import GenerationConfig
+    from .stepper import Run
+
+    config = GenerationConfig.from_dict(probe.trace.config)
+    start = probe.T - 1
+    ahead = set(range(start, start + config.max_new_tokens + 2))  # the step's position and every new one
+    bound = []
+    for one in interventions:
+        b = probe.bind(one)
+        if one.op.kind == "patch":
+            raise InterventionError("patching needs a source at every position: it cannot be kept on while generating")
+        bound.append(b if one.scope == "all" else dataclasses.replace(b, positions=ahead))
+    if probe.lm.fidelity is None:  # the check must see the model unchanged, so it runs before any hook
+        from .stepper import check_fidelity
+
+        check_fidelity(probe.lm)
+    fresh = any(one.scope == "all" for one in interventions)  # the prefix changes: no parent cache
+    prefix = [s.token_id for s in probe.trace.path_steps(probe.branch)[: probe.step]]
+    with probe._offsets(), probe._applied([(bound, False)]):
+        run = Run.branch(
+            probe.lm,
+            config,
+            prefix,
+            None,
+            parent=None if fresh else parent,
+            limits=limits,
+            prompt_ids=probe.trace.prompt_ids,
+            room=room,
+        )
+        for _ in run:
+            probe.passes()
+    return run
+
+
+def branch_with(probe: Probe, run, branch_id: int, interventions: Sequence[Intervention]):
+    """The continuation's branch record, naming what was kept on."""
+    record = run.branch_record(branch_id, probe.branch)
+    return record.model_copy(update={"intervention": "; ".join(str(i) for i in interventions)[:1000]})

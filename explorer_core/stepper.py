@@ -319,13 +319,14 @@ class Run:
         loaded: LoadedModel,
         config: GenerationConfig,
         prefix: list[int],
-        token_id: int,
+        token_id: int | None,
         parent: Run | None = None,
         limits: Limits | None = None,
         prompt_ids: list[int] | None = None,
         room: int | None = None,
     ) -> Run:
-        """A run that replays `prefix` (tokens 0..s-1), takes `token_id` at step s and goes on generating.
+        """A run that replays `prefix` (tokens 0..s-1), takes `token_id` at step s (None: samples it as any
+        step) and goes on generating.
 
         room: trace.json bytes the trace it joins may still grow by; the branch stops before a step
         that would take that trace past its size cap (admission.room).
@@ -345,13 +346,13 @@ class Run:
             )
         if s >= config.max_new_tokens:
             raise ValueError(f"cannot branch at step {s}: max_new_tokens={config.max_new_tokens} are already out")
-        if not 0 <= token_id < len(child.vocab):
+        if token_id is not None and not 0 <= token_id < len(child.vocab):
             raise ValueError(f"token id {token_id} is outside the vocabulary (0..{len(child.vocab) - 1})")
         child.ids[0, t : t + s] = torch.tensor(prefix, dtype=torch.long)
         child.n = child.start_step = s
         child._text = b"".join(child.vocab.bytes_of(i) for i in prefix)
-        child.forced = {s: int(token_id)}
-        child.generator.manual_seed((config.seed + 1_000_003 * (s + 1) + int(token_id)) % 2**63)
+        child.forced = {} if token_id is None else {s: int(token_id)}  # None: step s is chosen by the rules
+        child.generator.manual_seed((config.seed + 1_000_003 * (s + 1) + int(token_id or -1)) % 2**63)
         if s == 0:
             child.prefill()
         elif (

@@ -125,7 +125,8 @@ class StepRecord(_Strict):
 
 
 class Branch(_Strict):
-    """Another continuation: the path of `parent` up to `at_step`, then the user's token, then generation."""
+    """Another continuation: the path of `parent` up to `at_step`, then the user's token (or, with an
+    intervention kept on, the rules' choice), then generation."""
 
     id: int = Field(ge=1, le=1000)
     parent: int = Field(ge=0, le=1000, description="0 is the main run; otherwise an earlier branch's id.")
@@ -133,6 +134,10 @@ class Branch(_Strict):
     steps: list[StepRecord] = Field(max_length=MAX_STEPS, description="Steps from at_step on.")
     stop_reason: StopReason
     output_text: Text
+    intervention: Name | None = Field(
+        default=None,
+        description="A change kept on while this branch ran ('What if?'), e.g. 'zero 29.3 (this position)'.",
+    )
 
 
 class ModelInfo(_Strict):

@@ -219,9 +219,10 @@ def render_branches(trace: Trace) -> None:
     for b in trace.branches:
         parent = trace.path_steps(b.parent)
         was = parent[b.at_step].label if b.at_step < len(parent) else "(end)"
+        kept_on = f", with this change kept on: {b.intervention}" if b.intervention else ""
         st.text(
             f"Branch {b.id} splits from {'the main run' if b.parent == 0 else f'branch {b.parent}'} at step "
-            f"{b.at_step}: there it took {b.steps[0].label if b.steps else '?'} instead of {was}."
+            f"{b.at_step}{kept_on}: there it took {b.steps[0].label if b.steps else '?'} instead of {was}."
         )
         left, right = st.columns(2)
         left.caption("Parent, from the split")

@@ -73,13 +73,16 @@ def render_whatif(trace: Trace, branch: int, step: int, key: str, state_key: str
         go = b1.form_submit_button("Measure")
         sweep = b2.form_submit_button("Sweep every head and MLP (zeroed one at a time)")
     if go or sweep:
-        _run(trace, branch, step, _contrast(typed, None), (part, op, factor, scope, towards, away), sweep)
+        _run(trace, branch, step, _contrast(typed, None), (part, op, factor, scope, towards, away), sweep, key)
     made, swept = st.session_state.get(RESULTS, {}).get((_trace_id(trace), branch, step), (None, None))
     made = made or _kept(trace.interventions, branch, step)
     swept = swept or _kept(trace.sweeps, branch, step)
     if made is not None:
         render_effect(made)
         _keep(trace, made, "interventions", MAX_KEPT, key, state_key)
+        change = st.session_state.get(f"{key}_whatif_change")
+        if state_key is not None and change is not None and change[0] == (_trace_id(trace), branch, step):
+            _continue_button(trace, branch, step, change[1], key, state_key)
     if swept is not None:
         render_sweep(swept)
         _keep(trace, swept, "sweeps", MAX_SWEEPS, key, state_key)
@@ -102,7 +105,7 @@ def _probe(trace: Trace, branch: int, step: int, contrast, lm, cancel) -> iv.Pro
     return probe
 
 
-def _run(trace: Trace, branch: int, step: int, contrast, form: tuple, sweep: bool) -> None:
+def _run(trace: Trace, branch: int, step: int, contrast, form: tuple, sweep: bool, view_key: str) -> None:
     part, op, factor, scope, towards, away = form
     lm = resources.model_for_trace(trace, "measure a change")
     if lm is None:
@@ -124,6 +127,7 @@ def _run(trace: Trace, branch: int, step: int, contrast, form: tuple, sweep: boo
                 change = iv.Intervention(iv.Target.parse(part), iv.Op(op, float(factor), texts=texts), scope)
                 (effect,) = probe.run([change])
                 made = iv.record(probe, effect, branch)
+                st.session_state[f"{view_key}_whatif_change"] = (key, change)  # for "continue with it on"
     except (ExplainError, ValueError, RuntimeError) as exc:
         st.text(f"Cannot measure this change: {clip(str(exc))}")
         return
@@ -188,3 +192,29 @@ def _keep(trace: Trace, result, field: str, most: int, key: str, state_key: str 
     if st.button(f"Keep this {what} in the trace (saved with it)", key=f"{key}_whatif_keep_{field}"):
         st.session_state[state_key] = (full.model_copy(update={field: held + [result]}), attn)
         st.rerun()
+
+
+def _continue_button(trace: Trace, branch: int, step: int, change: iv.Intervention, key: str, state_key: str) -> None:
+    """Generation from this step on with the change kept on, joined to the trace as a branch."""
+    from .branching import MAX_BRANCHES, next_branch_id
+
+    full, attn = st.session_state[state_key]
+    if len(full.branches) >= MAX_BRANCHES:
+        st.caption(f"This trace already holds {MAX_BRANCHES} branches, the most one trace holds.")
+        return
+    if not st.button(f"Continue generating with this change on ({change}): a new branch", key=f"{key}_whatif_go_on"):
+        return
+    lm = resources.model_for_trace(trace, "continue with the change")
+    if lm is None:
+        return
+    try:
+        with resources.model_job(), st.spinner("Generating with the change kept on…"):
+            probe = iv.Probe(lm, trace, step, None, branch)
+            run = iv.continue_with(probe, [change], room=admission.room(full), limits=resources.limits())
+    except (ExplainError, ValueError, RuntimeError) as exc:
+        st.text(f"Cannot continue with this change: {clip(str(exc))}")
+        return
+    full, attn = st.session_state[state_key]
+    record = iv.branch_with(probe, run, next_branch_id(full), [change])
+    st.session_state[state_key] = (full.model_copy(update={"branches": full.branches + [record]}), attn)
+    st.rerun()

@@ -255,8 +255,65 @@ def test_app_what_if_tab_measures_sweeps_and_keeps(generated):
     trace = at.session_state["gen_trace"][0]
     assert len(trace.interventions) == 1 and len(trace.sweeps) == 1
     assert trace.interventions[0].part == "1.mlp" and trace.interventions[0].step == 5
+    # continue generating with the change on: a new branch naming it
+    go_on = next(b for b in at.button if b.label.startswith("Continue generating with this change on"))
+    go_on.click().run()
+    assert not at.exception, at.exception
+    trace = at.session_state["gen_trace"][0]
+    assert len(trace.branches) == 1 and trace.branches[0].at_step == 5
+    assert trace.branches[0].intervention == "zero 1.mlp (this position)"
+    assert any("with this change kept on: zero 1.mlp" in t.value for t in at.text)
     # a bad part is refused in words, and the kept results stay
     at.text_input(key="gen_whatif_part").input("99.mlp")
     _button(at, "Measure").click().run()
     assert not at.exception, at.exception
     assert any("layer 99 is out of range" in t.value for t in at.text)
+
+
+@pytest.mark.parametrize("scope", ["step", "all"])
+def test_continuing_with_an_intervention_equals_generate_on_a_patched_model(tiny_llama, scope):
+    n, at = 10, 3
+    cfg = GenerationConfig(
+        model="x",
+        prompt="Why is the sea salty?",
+        max_new_tokens=n,
+        min_new_tokens=n,
+        block_eos_steps=n,
+        block_ws_steps=0,
+        temperature=0.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        capture_attention=False,
+    )
+    trace = generate(tiny_llama, cfg).trace()
+    probe = iv.Probe(tiny_llama, trace, at)
+    change = iv.Intervention(iv.Target("head", 1, 2), iv.Op("zero"), scope)
+    run = iv.continue_with(probe, [change])
+    record = iv.branch_with(probe, run, 1, [change])
+    assert record.at_step == at and record.intervention == str(change)
+    parts = probe.parts
+    dh = parts.out_proj[1].weight.shape[1] // parts.n_heads
+    first = probe.T - 1
+
+    def zero(_m, args):
+        x = args[0].clone()
+        if scope == "all" or x.shape[1] == 1:
+            x[:, :, 2 * dh : 3 * dh] = 0
+        else:  # the prefill of generate: from the step's position on
+            x[:, first:, 2 * dh : 3 * dh] = 0
+        return (x, *args[1:])
+
+    h = parts.out_proj[1].register_forward_pre_hook(zero)
+    try:
+        prompt = torch.tensor([probe.ids])
+        out = tiny_llama.model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=n - at,
+            min_new_tokens=n - at,
+        )
+    finally:
+        h.remove()
+    assert [s.token_id for s in record.steps] == out[0, probe.T :].tolist()
+    assert abs(probe.run([change], frozen=False)[0].delta) > 1e-4  # the change bites at the step
