@@ -137,7 +137,7 @@ def commitment_chart(
         alt.Tooltip("rank_raw:Q", title="raw rank"),
     ]
     # no padding: bars pad a linear scale by 5 px, which ran the axis past the last step
-    base = alt.Chart(frame).encode(x=_step_x(frame, padding=0), tooltip=tooltip)
+    base = alt.Chart().encode(x=_step_x(frame, padding=0), tooltip=tooltip)  # the frame goes in once, below
     columns = 1 if isinstance(width, str) else 3  # a column's width (a phone) takes one entry a line
     # marks sized to a step, whatever the width and the run's length: on a phone, fixed-size triangles
     # ran into each other
@@ -160,8 +160,7 @@ def commitment_chart(
         rule = alt.Chart(pd.DataFrame({"step": [selected]})).mark_rule(color="gray", strokeDash=[4, 3])
         layers.append(rule.encode(x="step:Q"))
     title = ["Commitment: the layer from which", "each token stays the lens's top"]  # short lines: a phone
-    chart = alt.layer(*layers)
-    return sized(chart, width, 100, title)
+    return sized(alt.layer(*layers, data=frame), width, 100, title)
 
 
 def _commit_kind(base: alt.Chart, keep: str, kind: str, y_expr: str, columns: int) -> alt.Chart:

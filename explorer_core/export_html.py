@@ -1,7 +1,8 @@
 """One-file sharing: a run as a single self-contained HTML page (charts inline, no network needed).
 
 Vega, Vega-Lite and Vega-Embed are bundled into the page by vl-convert. Each chart's spec is built
-once; the page swaps in the data of the clicked step. Token text enters the page only escaped
+once; the page swaps in the data of the clicked step. With the logit lens recorded, the commitment strip
+sits under the main run's stream. Token text enters the page only escaped
 (`markup.escape_text`) or inside a JSON data block whose `<`, `>` and `&` are escaped, so no token can
 close the script tag or add markup. Branches are included: click any of their tokens too. The page
 holds each stored step once (a branch carries only its own steps), so its size is linear in the trace's.
@@ -44,7 +45,7 @@ summary {{ cursor: pointer; color: #555; margin: 4px 0; }}
 <h1>Model Interpret Explorer trace</h1>
 <p>{meta}</p>
 <h2>Prompt</h2>{prompt}
-<h2>Output</h2><div id="stream">{stream}</div>
+<h2>Output</h2><div id="stream">{stream}</div><div id="commitment"></div>
 {branches}
 <p>Click a token to inspect its step. Selected: <b id="sel">main run, step 0</b></p>
 <div class="grid"><div id="topk"></div><div id="attn"></div></div>
@@ -58,6 +59,7 @@ function withData(template, values) {{
   const spec = JSON.parse(JSON.stringify(template)); delete spec.datasets; spec.data = {{values: values}}; return spec;
 }}
 vegaEmbed('#timeline', D.timeline, opts);
+if (D.commitment) vegaEmbed('#commitment', D.commitment, opts);
 function heat(path, step) {{
   const box = document.getElementById('attn');
   if (!D.rows) {{ box.textContent = 'No attention recorded in this trace.'; return; }}
@@ -211,6 +213,13 @@ def _topk(trace: Trace) -> dict:
     }
 
 
+def _commitment(trace: Trace) -> dict | None:
+    """The main run's commitment strip (under its stream), or None when no step has a lens."""
+    if all(s.lens is None for s in trace.steps):
+        return None
+    return _spec(charts.commitment_chart(frames.commitment_frame(trace), width=640))
+
+
 def build(trace: Trace, attention: AttentionStore | None, vega_js: str | None = None) -> str:
     """The whole page as a string. vega_js replaces the bundled Vega script (a notebook shares one copy)."""
     first = frames.topk_frame(trace.steps[0]) if trace.steps else pd.DataFrame(columns=["label", "prob"])
@@ -220,6 +229,7 @@ def build(trace: Trace, attention: AttentionStore | None, vega_js: str | None = 
         **_topk(trace),
         "labels": trace.labels_upto(len(trace.steps)),
         "rows": None,
+        "commitment": _commitment(trace),
     }
     if attention is not None and trace.steps:
         data |= _attention(trace, attention)
