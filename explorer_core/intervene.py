@@ -46,6 +46,7 @@ OPS = ("zero", "mean", "scale", "patch", "steer")
 SCOPES = ("step", "all")
 TOP_K = 10
 BATCH = int(os.environ.get("EXPLORER_INTERVENE_BATCH", "16"))  # rows per batched forward: bounds memory
+DRIFT_OK = 1e-3  # a kept result made again within this many logits is reproduced (cached vs uncached: ~1e-5)
 
 
 class InterventionError(ExplainError):
@@ -96,16 +97,14 @@ class Op:
         t = text.strip()
         if t in ("zero", "mean"):
             return cls(t)
-        if m := re.fullmatch(r"scale:([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)", t):
-            return cls("scale", float(m[1]))
+        if m := re.fullmatch(r"(scale|steer):([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)", t):
+            return cls(m[1], float(m[2]))
+        if t == "patch":
+            return cls("patch")
         raise InterventionError(f"operation {text!r} is not one of: zero, mean, scale:F (e.g. scale:0.5)")
 
     def __str__(self) -> str:
-        if self.kind == "scale":
-            return f"scale:{self.factor:g}"
-        if self.kind == "steer" and self.texts:
-            return f"steer {self.factor:g} x ({self.texts[0]!r} - {self.texts[1]!r})"
-        return self.kind
+        return f"{self.kind}:{self.factor:g}" if self.kind in ("scale", "steer") else self.kind
 
 
 @dataclass(frozen=True)
@@ -550,6 +549,8 @@ def record(probe: Probe, effect: Effect, branch: int = 0) -> InterventionRecord:
         **_refs(probe),
         part=str(one.target),
         operation=str(one.op),
+        steer_texts=list(one.op.texts) if one.op.kind == "steer" and one.op.texts else None,
+        source_ids=list(one.op.source) if one.op.kind == "patch" and one.op.source else None,
         scope=one.scope,
         before=Outcome(logit_diff=probe.before, top=_candidates(probe.top(probe.before_logits))),
         after=Outcome(logit_diff=effect.logit_diff, top=_candidates(effect.top)),
@@ -679,3 +680,40 @@ def branch_with(probe: Probe, run, branch_id: int, interventions: Sequence[Inter
     """The continuation's branch record, naming what was kept on."""
     record = run.branch_record(branch_id, probe.branch)
     return record.model_copy(update={"intervention": "; ".join(str(i) for i in interventions)[:1000]})
+
+
+def intervention_of(r: InterventionRecord) -> Intervention:
+    """The intervention a kept record describes (to replay it)."""
+    op = Op.parse(r.operation)
+    op = dataclasses.replace(
+        op,
+        texts=tuple(r.steer_texts) if r.steer_texts else None,
+        source=tuple(r.source_ids) if r.source_ids else None,
+    )
+    return Intervention(Target.parse(r.part), op, r.scope)
+
+
+def replay(lm: LoadedModel, trace: Trace, cancel: Cancel = None) -> list[dict]:
+    """Each kept intervention and sweep made again with `lm`: the largest drift of its figures (logits)."""
+    out, probes = [], {}
+
+    def probe_for(step: int, branch: int, contrast: int) -> Probe:
+        key = (step, branch, contrast)
+        if key not in probes:
+            probes.clear()  # one at a time: a probe holds its prefix's cache
+            probes[key] = Probe(lm, trace, step, contrast, branch, cancel=cancel)
+        return probes[key]
+
+    for i, r in enumerate(trace.interventions):
+        probe = probe_for(r.step, r.branch, r.contrast.id)
+        (effect,) = probe.run([intervention_of(r)], frozen=r.frozen_norm_logit_diff is not None)
+        drift = max(abs(probe.before - r.before.logit_diff), abs(effect.logit_diff - r.after.logit_diff))
+        out.append({"kept": f"intervention {i}", "step": r.step, "what": f"{r.operation} {r.part}", "drift": drift})
+    for i, w in enumerate(trace.sweeps):
+        probe = probe_for(w.step, w.branch, w.contrast.id)
+        again = sweep_record(probe, probe.sweep(w.layers, mlps=bool(w.mlps), op=Op.parse(w.operation)), w.branch)
+        pairs = [(a, b) for ra, rb in zip(w.heads, again.heads, strict=True) for a, b in zip(ra, rb, strict=True)]
+        pairs += list(zip(w.mlps, again.mlps, strict=True))
+        drift = max((abs(a - b) for a, b in pairs), default=0.0)
+        out.append({"kept": f"sweep {i}", "step": w.step, "what": f"{w.operation}, {len(pairs)} parts", "drift": drift})
+    return out

@@ -226,4 +226,19 @@ def run_replay(trace_path: str, model: str | None, dtype: str, device: str) -> i
             f"  {int(row['step']):5d}  {row['label'][:20]:20s}  {row['max_diff_raw']:.2e}  {row['max_diff_proc']:.2e}"
         )
     print(report.verdict)
-    return 0 if report.ok else 1
+    kept_ok = _replay_kept(lm, trace)
+    return 0 if report.ok and kept_ok else 1
+
+
+def _replay_kept(lm, trace) -> bool:
+    """Make each kept 'What if?' result again and print its drift; True when all are reproduced."""
+    if not (trace.interventions or trace.sweeps):
+        return True
+    from .intervene import DRIFT_OK, replay
+
+    rows = replay(lm, trace)
+    print(f"kept interventions and sweeps, made again (largest drift of a logit difference; ok up to {DRIFT_OK:g}):")
+    for row in rows:
+        mark = "ok" if row["drift"] <= DRIFT_OK else "DRIFTED"
+        print(f"  {row['kept']:16s} step {row['step']:5d}  {row['what'][:32]:32s}  {row['drift']:.2e}  {mark}")
+    return all(row["drift"] <= DRIFT_OK for row in rows)

@@ -281,7 +281,13 @@ class InterventionRecord(_Strict):
     target: TokenRef
     contrast: TokenRef
     part: Annotated[str, Field(max_length=40)] = Field(description="L.H, L.mlp, embed@P or resid:L@P.")
-    operation: Name = Field(description="zero, mean, scale:F, patch or steer (with what).")
+    operation: Name = Field(description="zero, mean, scale:F, patch or steer:F (F: the strength).")
+    steer_texts: list[Text] | None = Field(
+        default=None, min_length=2, max_length=2, description="steer: the direction is mean(text 1) - mean(text 2)."
+    )
+    source_ids: list[TokenId] | None = Field(
+        default=None, max_length=MAX_POSITIONS, description="patch: the source sequence's token ids."
+    )
     scope: Literal["step", "all"] = Field(description="step: this step's position only; all: every position.")
     before: Outcome
     after: Outcome

@@ -1,7 +1,9 @@
-"""Views beyond the basics: which rule changed a candidate, the logit lens, the replay check."""
+"""Views beyond the basics: which rule changed a candidate, the logit lens and its commitment strip, the
+replay check."""
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from explorer_core import charts, frames
@@ -50,7 +52,6 @@ def render_lens(trace: Trace, step: int) -> None:
     st.altair_chart(chart, width="stretch")
 
 
-
 def render_commitment(trace: Trace, key: str) -> None:
     """Under the stream: the layer from which each token stayed the lens's top, and the tokens the
     sampling rules chose. Nothing when no step has a lens."""
@@ -64,6 +65,7 @@ def render_commitment(trace: Trace, key: str) -> None:
         "The layer at which each token became the logit lens's top guess and stayed so through the last layer; "
         "▲ = the sampling rules chose a token the model did not rank first."
     )
+
 
 def render_replay(trace: Trace, key: str) -> None:
     """Re-score the trace with its model and report the largest difference, per step."""
@@ -82,3 +84,13 @@ def render_replay(trace: Trace, key: str) -> None:
     (st.success if report.max_diff <= 1e-4 else st.warning)("Replay check finished")
     st.text(report.verdict)
     st.altair_chart(charts.replay_chart(report.per_step, width="container"), width="stretch")
+    if trace.interventions or trace.sweeps:
+        from explorer_core.intervene import DRIFT_OK
+        from explorer_core.intervene import replay as replay_kept
+
+        with resources.model_job():
+            rows = replay_kept(lm, trace)
+        st.caption(
+            f"Kept 'What if?' results made again: drift of their logit differences (reproduced up to {DRIFT_OK:g})."
+        )
+        st.dataframe(pd.DataFrame(rows), hide_index=True)

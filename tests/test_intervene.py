@@ -317,3 +317,25 @@ def test_continuing_with_an_intervention_equals_generate_on_a_patched_model(tiny
         h.remove()
     assert [s.token_id for s in record.steps] == out[0, probe.T :].tolist()
     assert abs(probe.run([change], frozen=False)[0].delta) > 1e-4  # the change bites at the step
+
+
+def test_replay_makes_kept_results_again_and_reports_drift(probe, llama_trace, tmp_path, capsys):
+    from explorer_core import tracefile
+    from explorer_core.cli import main
+
+    steer = iv.Intervention(iv.Target("resid", 1), iv.Op("steer", 2.0, texts=("happy", "sad")))
+    mean = iv.Intervention(iv.Target("head", 0, 1), iv.Op("mean"), "all")
+    records = [iv.record(probe, e) for e in probe.run([steer, mean])]
+    assert iv.intervention_of(records[0]) == steer and iv.intervention_of(records[1]) == mean
+    sweep = iv.sweep_record(probe, probe.sweep(layers=[1]))
+    kept = llama_trace.model_copy(update={"interventions": records, "sweeps": [sweep]})
+    path = tmp_path / "trace.json"
+    tracefile.save(kept, None, path)
+    capsys.readouterr()
+    assert main(["replay", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" ok") >= 3 and "DRIFTED" not in out and "steer:2 resid:1" in out
+    bad = records[0].model_copy(update={"after": records[0].after.model_copy(update={"logit_diff": 99.0})})
+    tracefile.save(kept.model_copy(update={"interventions": [bad, records[1]]}), None, path)
+    assert main(["replay", str(path)]) == 1
+    assert "DRIFTED" in capsys.readouterr().out
