@@ -101,7 +101,9 @@ class Op:
             return cls(m[1], float(m[2]))
         if t == "patch":
             return cls("patch")
-        raise InterventionError(f"operation {text!r} is not one of: zero, mean, scale:F (e.g. scale:0.5)")
+        raise InterventionError(
+            f"operation {text!r} is not one of: zero, mean, scale:F (e.g. scale:0.5), patch, steer:F (e.g. steer:4)"
+        )
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.factor:g}" if self.kind in ("scale", "steer") else self.kind
@@ -602,7 +604,12 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("trace", help="Path to trace.json.")
     p.add_argument("--step", type=int, required=True, help="Step to change (0 = first generated token).")
     p.add_argument("--ablate", required=True, help="The part: L.H (a head), L.mlp, embed@P or resid:L@P.")
-    p.add_argument("--op", default="zero", help="zero (default), mean (over the sequence's positions) or scale:F.")
+    p.add_argument(
+        "--op",
+        default="zero",
+        help="zero (default), mean (over the sequence's positions), scale:F, patch (with --source_branch or "
+        "--source_prompt) or steer:F (with --steer TOWARDS AWAY, on a resid:L part).",
+    )
     p.add_argument(
         "--scope", default="step", choices=SCOPES, help="step: this position only (default); all: every position."
     )
@@ -612,11 +619,18 @@ def cli_main(argv: list[str]) -> int:
         help="Contrast token: an id or one token's text, leading space included; default: the runner-up.",
     )
     p.add_argument("--branch", type=int, default=0, help="Path: 0 = main run, else a branch id.")
+    p.add_argument("--source_branch", type=int, default=None, help="--op patch: patch from this path (0 = main run).")
+    p.add_argument("--source_prompt", default=None, help="--op patch: patch from this prompt, as many tokens long.")
+    p.add_argument("--steer", nargs=2, default=None, metavar=("TOWARDS", "AWAY"), help="--op steer:F: the two texts.")
     p.add_argument("--model", default=None, help="Model to use (default: the one named in the trace).")
     p.add_argument("--out", default=None, help="Write the JSON here (default: print it).")
     args = p.parse_args(argv)
     try:
         iv = Intervention(Target.parse(args.ablate), Op.parse(args.op), args.scope)
+        if iv.op.kind == "steer":
+            if not args.steer:
+                raise InterventionError("--op steer:F needs --steer TOWARDS AWAY (two texts)")
+            iv = dataclasses.replace(iv, op=dataclasses.replace(iv.op, texts=tuple(args.steer)))
         trace, _ = tracefile.load(args.trace)
         if not 0 <= args.branch <= 1000 or (args.branch and trace.branch(args.branch) is None):
             raise InterventionError(f"the trace has no branch {args.branch}")
@@ -624,6 +638,9 @@ def cli_main(argv: list[str]) -> int:
         limits.check_replay(trace)  # the app's caps: this re-runs the prompt and the steps up to this one
         lm = models.load(args.model or trace.model.name, limits=limits)
         probe = Probe(lm, trace, args.step, args.contrast, args.branch)
+        if iv.op.kind == "patch":
+            source = patch_source(probe, args.source_branch, args.source_prompt)
+            iv = dataclasses.replace(iv, op=dataclasses.replace(iv.op, source=source))
         (effect,) = probe.run([iv])
         result = record(probe, effect, args.branch)
     except (trace_io.TraceError, models.ModelLoadError, ValueError) as exc:
@@ -717,3 +734,33 @@ def replay(lm: LoadedModel, trace: Trace, cancel: Cancel = None) -> list[dict]:
         drift = max((abs(a - b) for a, b in pairs), default=0.0)
         out.append({"kept": f"sweep {i}", "step": w.step, "what": f"{w.operation}, {len(pairs)} parts", "drift": drift})
     return out
+
+
+def patch_source(probe: Probe, branch: int | None = None, prompt: str | None = None) -> tuple[int, ...]:
+    """A patch's source sequence, as long as the probe's: another path of the trace at the same step, or a
+    second prompt (formatted as the trace's was) followed by the same generated tokens."""
+    from .config import GenerationConfig
+    from .stepper import format_prompt
+
+    tokens = [s.token_id for s in probe.trace.path_steps(probe.branch)[: probe.step]]
+    if branch is not None:
+        if branch and probe.trace.branch(branch) is None:
+            raise InterventionError(f"the trace has no branch {branch} to patch from")
+        path = probe.trace.path_steps(branch)
+        if len(path) < probe.step:
+            raise InterventionError(f"branch {branch} ends before step {probe.step}: patch from a longer path")
+        ids = list(probe.trace.prompt_ids) + [s.token_id for s in path[: probe.step]]
+        where = f"branch {branch}"
+    elif prompt is not None:
+        config = GenerationConfig.from_dict(probe.trace.config).replace(prompt=prompt)
+        ids = format_prompt(probe.lm.tokenizer, config)[0] + tokens
+        where = f"that prompt ({len(ids) - len(tokens)} tokens)"
+    else:
+        raise InterventionError("a patch needs a source: a branch of the trace or a second prompt")
+    if len(ids) != probe.T:
+        prompt_len = len(probe.trace.prompt_ids)
+        raise InterventionError(
+            f"{where} gives {len(ids)} tokens at step {probe.step} and this path {probe.T}: patching needs the same "
+            f"length (a second prompt of {prompt_len} tokens as the model reads it, chat template included)"
+        )
+    return tuple(ids)

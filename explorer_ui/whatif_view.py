@@ -24,9 +24,12 @@ RESULTS = "whatif_results"  # {(trace id, branch, step): (InterventionRecord | N
 OPS = {
     "zero": "zero it",
     "mean": "its mean over the sequence",
-    "scale": "scale it",
-    "steer": "steer (add text 1 - text 2)",
+    "scale": "scale it by the factor",
+    "patch": "patch it from another sequence",
+    "steer": "steer: add strength × (text 1 − text 2)",
 }
+SECOND_PROMPT = -1  # the patch source choice that reads the second-prompt box
+ALL_LAYERS = -1
 MAX_KEPT = schema_limit(Trace, "interventions")
 MAX_SWEEPS = schema_limit(Trace, "sweeps")
 
@@ -40,40 +43,27 @@ def render_whatif(trace: Trace, branch: int, step: int, key: str, state_key: str
         "beside what the breakdown ('Why this token?') predicted from that part's direct share."
     )
     st.code(s.label, language=None)
-    n = trace.model.n_layers
     with st.form(key=f"{key}_whatif_form"):
-        c1, c2, c3 = st.columns(3)
-        part = c1.text_input(
-            "Part",
-            f"{n - 1}.mlp",
-            key=f"{key}_whatif_part",
-            max_chars=40,
-            help="L.H: head H of layer L (e.g. 3.1); L.mlp: layer L's MLP; embed@P: position P's embedding; "
-            f"resid:L or resid:L@P: the residual stream entering block L (layers 0..{n - 1}; resid:{n} is the "
-            "final norm's input).",
-        )
-        op = c2.selectbox("Change", list(OPS), format_func=OPS.get, key=f"{key}_whatif_op")
-        factor = c3.number_input("Factor or strength", -100.0, 100.0, 0.0, 0.5, key=f"{key}_whatif_factor")
-        scope = st.radio(
-            "Where",
-            ["step", "all"],
-            horizontal=True,
-            key=f"{key}_whatif_scope",
-            format_func=lambda v: (
-                "this step's position only" if v == "step" else "every position (re-runs the sequence)"
-            ),
-        )
-        t1, t2 = st.columns(2)
-        towards = t1.text_input("Steer: text 1 (towards)", "happy", key=f"{key}_whatif_t1", max_chars=200)
-        away = t2.text_input("Steer: text 2 (away from)", "sad", key=f"{key}_whatif_t2", max_chars=200)
+        change = _change_form(trace, branch, key)
         typed = st.text_input(
             "Contrast token (default: the runner-up)", key=f"{key}_whatif_contrast", max_chars=MAX_TYPED
         )
-        b1, b2 = st.columns(2)
-        go = b1.form_submit_button("Measure")
-        sweep = b2.form_submit_button("Sweep every head and MLP (zeroed one at a time)")
-    if go or sweep:
-        _run(trace, branch, step, _contrast(typed, None), (part, op, factor, scope, towards, away), sweep, key)
+        go = st.form_submit_button("Measure")
+    with st.form(key=f"{key}_whatif_sweep_form"):
+        c1, c2 = st.columns(2)
+        layers = [ALL_LAYERS, *range(trace.model.n_layers)]
+        layer = c1.selectbox(
+            "Sweep",
+            layers,
+            key=f"{key}_whatif_sweep_layer",
+            format_func=lambda v: "every head and MLP" if v == ALL_LAYERS else f"layer {v}'s heads and MLP",
+        )
+        sweep_op = c2.selectbox("Each part", ["zero", "mean"], format_func=OPS.get, key=f"{key}_whatif_sweep_op")
+        sweep = st.form_submit_button("Sweep: change each part alone")
+    if go:
+        _run(trace, branch, step, _contrast(typed, None), change, None, key)
+    if sweep:
+        _run(trace, branch, step, _contrast(typed, None), None, (layer, sweep_op), key)
     made, swept = st.session_state.get(RESULTS, {}).get((_trace_id(trace), branch, step), (None, None))
     made = made or _kept(trace.interventions, branch, step)
     swept = swept or _kept(trace.sweeps, branch, step)
@@ -86,6 +76,55 @@ def render_whatif(trace: Trace, branch: int, step: int, key: str, state_key: str
     if swept is not None:
         render_sweep(swept)
         _keep(trace, swept, "sweeps", MAX_SWEEPS, key, state_key)
+
+
+def _change_form(trace: Trace, branch: int, key: str) -> dict:
+    """The change's fields (inside the form): part, operation, factor, scope, steering texts, patch source."""
+    n = trace.model.n_layers
+    c1, c2, c3 = st.columns(3)
+    out = {
+        "part": c1.text_input(
+            "Part",
+            f"{n - 1}.mlp",
+            key=f"{key}_whatif_part",
+            max_chars=40,
+            help="L.H: head H of layer L (e.g. 3.1); L.mlp: layer L's MLP; embed@P: position P's embedding; "
+            f"resid:L or resid:L@P: the residual stream entering block L (layers 0..{n - 1}; resid:{n} is the "
+            "final norm's input).",
+        ),
+        "op": c2.selectbox("Change", list(OPS), format_func=OPS.get, key=f"{key}_whatif_op"),
+        "factor": c3.number_input("Factor or strength", -100.0, 100.0, 0.0, 0.5, key=f"{key}_whatif_factor"),
+        "scope": st.radio(
+            "Where",
+            ["step", "all"],
+            horizontal=True,
+            key=f"{key}_whatif_scope",
+            format_func=lambda v: (
+                "this step's position only" if v == "step" else "every position (re-runs the sequence)"
+            ),
+        ),
+    }
+    with st.expander("Steering texts and patch source"):
+        t1, t2 = st.columns(2)
+        out["towards"] = t1.text_input("Steer: text 1 (towards)", "happy", key=f"{key}_whatif_t1", max_chars=200)
+        out["away"] = t2.text_input("Steer: text 2 (away from)", "sad", key=f"{key}_whatif_t2", max_chars=200)
+        p1, p2 = st.columns(2)
+        paths = [SECOND_PROMPT, 0] + [b.id for b in trace.branches if b.id != branch]
+        out["source"] = p1.selectbox(
+            "Patch from",
+            paths,
+            key=f"{key}_whatif_source",
+            format_func=lambda i: (
+                "a second prompt" if i == SECOND_PROMPT else ("the main run" if i == 0 else f"branch {i}")
+            ),
+        )
+        out["second"] = p2.text_input(
+            "Second prompt (as many tokens as this one)",
+            key=f"{key}_whatif_second",
+            max_chars=2000,
+            help=f"This trace's prompt is {len(trace.prompt_ids)} tokens as the model reads it (chat template included).",
+        )
+    return out
 
 
 def _kept(records, branch: int, step: int):
@@ -105,8 +144,10 @@ def _probe(trace: Trace, branch: int, step: int, contrast, lm, cancel) -> iv.Pro
     return probe
 
 
-def _run(trace: Trace, branch: int, step: int, contrast, form: tuple, sweep: bool, view_key: str) -> None:
-    part, op, factor, scope, towards, away = form
+def _run(trace: Trace, branch: int, step: int, contrast, change: dict | None, sweep, view_key: str) -> None:
+    """Measure one change (`change`, the form's fields) or a sweep (`sweep`: layer or ALL_LAYERS, operation)."""
+    import time
+
     lm = resources.model_for_trace(trace, "measure a change")
     if lm is None:
         return
@@ -115,23 +156,30 @@ def _run(trace: Trace, branch: int, step: int, contrast, form: tuple, sweep: boo
     made, swept = st.session_state.get(RESULTS, {}).get(key, (None, None))
     try:
         with resources.model_job(), st.spinner("Measuring: the model runs with the part changed…"):
-            import time
-
             cancel = stop_check(time.monotonic() + limits.max_explain_s, limits.max_explain_s)
             probe = _probe(trace, branch, step, contrast, lm, cancel)
             probe.passes.cancel = cancel
-            if sweep:
-                swept = iv.sweep_record(probe, probe.sweep(), branch)
+            if sweep is not None:
+                layer, op = sweep
+                layers = None if layer == ALL_LAYERS else [layer]
+                swept = iv.sweep_record(probe, probe.sweep(layers, op=iv.Op(op)), branch)
             else:
-                texts = (towards, away) if op == "steer" else None
-                change = iv.Intervention(iv.Target.parse(part), iv.Op(op, float(factor), texts=texts), scope)
-                (effect,) = probe.run([change])
+                one = _intervention(probe, change)
+                (effect,) = probe.run([one])
                 made = iv.record(probe, effect, branch)
-                st.session_state[f"{view_key}_whatif_change"] = (key, change)  # for "continue with it on"
+                st.session_state[f"{view_key}_whatif_change"] = (key, one)  # for "continue with it on"
     except (ExplainError, ValueError, RuntimeError) as exc:
         st.text(f"Cannot measure this change: {clip(str(exc))}")
         return
     st.session_state.setdefault(RESULTS, {})[key] = (made, swept)
+
+
+def _intervention(probe: iv.Probe, f: dict) -> iv.Intervention:
+    texts = (f["towards"], f["away"]) if f["op"] == "steer" else None
+    ids = None
+    if f["op"] == "patch":
+        ids = iv.patch_source(probe, None if f["source"] == SECOND_PROMPT else f["source"], f["second"])
+    return iv.Intervention(iv.Target.parse(f["part"]), iv.Op(f["op"], float(f["factor"]), ids, texts), f["scope"])
 
 
 def render_effect(r: InterventionRecord) -> None:

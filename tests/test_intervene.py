@@ -245,7 +245,7 @@ def test_app_what_if_tab_measures_sweeps_and_keeps(generated):
     assert {"Before", "After (measured)", "Predicted (direct share)", "Gap: indirect"} <= set(metrics)
     assert metrics["Before"] != metrics["After (measured)"]
     assert any("final norm's rescaling" in c.value for c in at.caption)
-    _button(at, "Sweep every head and MLP (zeroed one at a time)").click().run()
+    _button(at, "Sweep: change each part alone").click().run()
     assert not at.exception, at.exception
     titles = chart_titles(at)
     assert "Measured: part changed" in titles and "Predicted: direct share" in titles
@@ -339,3 +339,38 @@ def test_replay_makes_kept_results_again_and_reports_drift(probe, llama_trace, t
     tracefile.save(kept.model_copy(update={"interventions": [bad, records[1]]}), None, path)
     assert main(["replay", str(path)]) == 1
     assert "DRIFTED" in capsys.readouterr().out
+
+
+def test_patching_the_final_residual_gives_the_source_runs_logits(tiny_llama, probe):
+    source = list(probe.ids)
+    source[1] = (source[1] + 7) % 300  # another token at position 1: the same length
+    n = len(probe.parts.blocks)
+    with torch.inference_mode():
+        expected = tiny_llama.model(input_ids=torch.tensor([source])).logits[0, -1].float()
+    for scope in ("step", "all"):
+        one = iv.Intervention(iv.Target("resid", n), iv.Op("patch", source=tuple(source)), scope)
+        (effect,) = probe.run([one])
+        assert effect.logit_diff == pytest.approx(diff(probe, expected), abs=1e-4)
+        assert effect.delta != pytest.approx(0.0, abs=1e-6)
+
+
+def test_patch_sources_from_a_branch_or_a_second_prompt(tiny_llama, probe, llama_trace, tmp_path, capsys):
+    from explorer_core import tracefile
+    from explorer_core.cli import main
+
+    assert iv.patch_source(probe, branch=0) == tuple(probe.ids)  # the main run itself
+    with pytest.raises(iv.InterventionError, match="same length"):
+        iv.patch_source(probe, prompt="A much longer second prompt than the first one, by far and away")
+    same = llama_trace.config["prompt"]  # the same prompt: as many tokens
+    assert len(iv.patch_source(probe, prompt=same)) == probe.T
+    path = tmp_path / "trace.json"
+    tracefile.save(llama_trace, None, path)
+    argv = ["intervene", str(path), "--step", "4", "--ablate", "1.mlp", "--op", "patch", "--source_prompt", same]
+    assert main(argv) == 0
+    import json
+
+    got = json.loads(capsys.readouterr().out)
+    assert got["operation"] == "patch" and len(got["source_ids"]) == probe.T
+    assert got["after"]["logit_diff"] == pytest.approx(got["before"]["logit_diff"], abs=1e-4)
+    assert main([*argv[:-1], "x"]) == 2
+    assert "same length" in capsys.readouterr().err
