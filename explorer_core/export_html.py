@@ -39,6 +39,8 @@ pre {{ background: #f4f4f4; padding: 8px; white-space: pre-wrap; }}
 pre.head {{ margin-bottom: 0; }}
 details > pre {{ margin-top: 0; }}
 summary {{ cursor: pointer; color: #555; margin: 4px 0; }}
+table {{ border-collapse: collapse; }}
+td, th {{ padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: left; }}
 </style>
 <script>{bundle}</script></head>
 <body>
@@ -47,6 +49,7 @@ summary {{ cursor: pointer; color: #555; margin: 4px 0; }}
 <h2>Prompt</h2>{prompt}
 <h2>Output</h2><div id="stream">{stream}</div><div id="commitment"></div>
 {branches}
+{whatif}
 <p>Click a token to inspect its step. Selected: <b id="sel">main run, step 0</b></p>
 <div class="grid"><div id="topk"></div><div id="attn"></div></div>
 <div id="timeline"></div><div id="prompt"></div>
@@ -60,6 +63,10 @@ function withData(template, values) {{
 }}
 vegaEmbed('#timeline', D.timeline, opts);
 if (D.commitment) vegaEmbed('#commitment', D.commitment, opts);
+(D.sweeps || []).forEach((w, i) => {{
+  vegaEmbed('#sweep' + i + 'm', w.measured, opts);
+  if (w.predicted) vegaEmbed('#sweep' + i + 'p', w.predicted, opts);
+}});
 function heat(path, step) {{
   const box = document.getElementById('attn');
   if (!D.rows) {{ box.textContent = 'No attention recorded in this trace.'; return; }}
@@ -175,6 +182,47 @@ def _head_end(text: str) -> int:
     return len(text) if len(text) <= end * 1.25 else end
 
 
+def _whatif_html(trace: Trace) -> str:
+    """Kept 'What if?' results: a table of single changes, and a pair of heatmaps per sweep (filled by script)."""
+    if not (trace.interventions or trace.sweeps):
+        return ""
+    out = ["<h2>What if?</h2>"]
+    if trace.interventions:
+        head = "<tr><th>step</th><th>change</th><th>where</th><th>logit difference</th><th>before</th>"
+        head += "<th>after</th><th>change (measured)</th><th>predicted (direct share)</th></tr>"
+        rows = []
+        for r in trace.interventions:
+            pred = "n/a" if r.predicted.direct is None else f"{r.predicted.direct:+.3f}"
+            vs = f"{escape_text(r.target.label)} − {escape_text(r.contrast.label)}"
+            rows.append(
+                f"<tr><td>{r.step}</td><td>{escape_text(r.operation)} {escape_text(r.part)}</td>"
+                f"<td>{'this position' if r.scope == 'step' else 'every position'}</td><td>{vs}</td>"
+                f"<td>{r.before.logit_diff:+.3f}</td><td>{r.after.logit_diff:+.3f}</td>"
+                f"<td>{r.after.logit_diff - r.before.logit_diff:+.3f}</td><td>{pred}</td></tr>"
+            )
+        out.append(f"<table>{head}{''.join(rows)}</table>")
+    for i, w in enumerate(trace.sweeps):
+        corr = "n/a" if w.correlation is None else f"{w.correlation:+.2f}"
+        out.append(
+            f"<h3>Sweep at step {w.step} ({escape_text(w.operation)}): {escape_text(w.target.label)} − "
+            f"{escape_text(w.contrast.label)}; correlation of measured and predicted {corr}</h3>"
+            f'<div class="grid"><div id="sweep{i}m"></div><div id="sweep{i}p"></div></div>'
+        )
+    return "".join(out)
+
+
+def _sweeps(trace: Trace) -> list[dict]:
+    return [
+        {
+            "measured": _spec(charts.components_chart(frames.sweep_frame(w), "Measured: part changed")),
+            "predicted": None
+            if w.predicted_heads is None
+            else _spec(charts.components_chart(frames.sweep_frame(w, predicted=True), "Predicted: direct share")),
+        }
+        for w in trace.sweeps
+    ]
+
+
 def _branches_html(trace: Trace) -> str:
     parts = []
     for b in trace.branches:
@@ -230,6 +278,7 @@ def build(trace: Trace, attention: AttentionStore | None, vega_js: str | None = 
         "labels": trace.labels_upto(len(trace.steps)),
         "rows": None,
         "commitment": _commitment(trace),
+        "sweeps": _sweeps(trace),
     }
     if attention is not None and trace.steps:
         data |= _attention(trace, attention)
@@ -244,5 +293,6 @@ def build(trace: Trace, attention: AttentionStore | None, vega_js: str | None = 
         prompt=prompt_html(trace.input_text),
         stream=stream_html(trace.steps),
         branches=_branches_html(trace),
+        whatif=_whatif_html(trace),
         data=_json_for_script(data),
     )

@@ -86,7 +86,9 @@ def watch(model: Any, prompt: str, tokenizer: Any = None, **flags: Any) -> Trace
             stepper.check_fidelity(lm)
         run = Run(lm, config)
         reason = _drive(run)
-    return _result(run, reason)
+    out = _result(run, reason)
+    out._model = lm  # what_if and sweep reuse it
+    return out
 
 
 def _drive(run: Any) -> str | None:
@@ -224,6 +226,49 @@ class Trace(PlainTrace):
     """A trace that knows its attention and shows itself in a notebook (what `watch` and `Trace.load` return)."""
 
     _companion: Any = PrivateAttr(default=None)  # the AttentionStore, or None
+    _model: Any = PrivateAttr(default=None)  # the LoadedModel that made it (watch), for what_if and sweep
+
+    def what_if(
+        self,
+        step: int,
+        part: str,
+        op: str = "zero",
+        scope: str = "step",
+        contrast=None,
+        model=None,
+        tokenizer=None,
+        keep: bool = True,
+    ):
+        """Change `part` ("L.H", "L.mlp", "embed@P", "resid:L@P") at step `step` by `op` ("zero", "mean",
+        "scale:F") and measure the logit difference against `contrast` (default: the runner-up), beside
+        the breakdown's prediction. Kept in this trace (saved with it) unless keep=False. The model is the
+        one `watch` used, else `model` (a name, or an object with its `tokenizer`), else the trace's."""
+        from . import intervene as iv
+
+        probe = iv.Probe(self._loaded(model, tokenizer), self, step, contrast)
+        (effect,) = probe.run([iv.Intervention(iv.Target.parse(part), iv.Op.parse(op), scope)])
+        record = iv.record(probe, effect)
+        if keep:
+            self.interventions = [*self.interventions, record]
+        return record
+
+    def sweep(self, step: int, layers=None, op: str = "zero", contrast=None, model=None, tokenizer=None, keep=True):
+        """Every head and MLP of `layers` (default: all) changed alone at step `step`: measured and predicted
+        changes of the logit difference per part, and their correlation. Kept in this trace unless keep=False."""
+        from . import intervene as iv
+
+        probe = iv.Probe(self._loaded(model, tokenizer), self, step, contrast)
+        record = iv.sweep_record(probe, probe.sweep(layers, op=iv.Op.parse(op)))
+        if keep:
+            self.sweeps = [*self.sweeps, record]
+        return record
+
+    def _loaded(self, model, tokenizer):
+        from . import models
+
+        if model is None:
+            return self._model if self._model is not None else models.load(self.model.name)
+        return models.load(model) if isinstance(model, str) else models.LoadedModel.wrap(model, tokenizer)
 
     def save(self, path: str | Path) -> Path:
         """Write trace.json (path, or path/trace.json for a folder) and the attention this trace carries."""

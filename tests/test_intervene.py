@@ -374,3 +374,37 @@ def test_patch_sources_from_a_branch_or_a_second_prompt(tiny_llama, probe, llama
     assert got["after"]["logit_diff"] == pytest.approx(got["before"]["logit_diff"], abs=1e-4)
     assert main([*argv[:-1], "x"]) == 2
     assert "same length" in capsys.readouterr().err
+
+
+def test_notebook_what_if_and_sweep_are_kept_and_saved(tiny_llama, tmp_path):
+    import explorer_core
+    from explorer_core.notebook import Trace as NotebookTrace
+
+    t = explorer_core.watch(tiny_llama.model, "Why is the sea salty?", tokenizer=tiny_llama.tokenizer, max_new_tokens=5)
+    r = t.what_if(2, "1.mlp", op="scale:0")
+    assert r.step == 2 and r.part == "1.mlp" and r.predicted.direct is not None
+    w = t.sweep(2, layers=[0])
+    assert w.layers == [0] and len(w.heads[0]) == tiny_llama.n_heads
+    assert t.interventions == [r] and t.sweeps == [w]
+    back = NotebookTrace.load(t.save(tmp_path / "run"))
+    assert back.interventions[0].after.logit_diff == pytest.approx(r.after.logit_diff)
+    assert len(back.sweeps) == 1
+    assert "What if?" in back._repr_html_()  # the inline view lists them
+
+
+def test_export_shows_kept_interventions_and_sweeps(probe, llama_trace):
+    import json
+    import re
+
+    from explorer_core import export_html
+
+    (effect,) = probe.run([iv.Intervention(iv.Target("mlp", 1))])
+    kept = llama_trace.model_copy(
+        update={"interventions": [iv.record(probe, effect)], "sweeps": [iv.sweep_record(probe, probe.sweep())]}
+    )
+    page = export_html.build(kept, None, vega_js="")
+    assert "<h2>What if?</h2>" in page and "zero 1.mlp" in page and 'id="sweep0m"' in page
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S)[1])
+    (sweep,) = data["sweeps"]
+    assert sweep["measured"] and sweep["predicted"]
+    assert "What if?" not in export_html.build(llama_trace, None, vega_js="")  # nothing kept: no section
