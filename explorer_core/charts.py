@@ -570,9 +570,14 @@ def uncertainty_chart(frame: pd.DataFrame, selected: int | None = None, width: i
     return _fit_concat(alt.vconcat(*panels), width).properties(title="Uncertainty per step (red: torn)")
 
 
-def components_chart(frame: pd.DataFrame, title: str) -> alt.Chart:
-    """Layers x heads heatmap with an MLP column: each part's direct share of the logit difference."""
-    limit = float(frame["value"].abs().max()) if len(frame) else 1.0
+def components_chart(frame: pd.DataFrame, title: str, limit: float | None = None) -> alt.Chart:
+    """Layers x heads heatmap with an MLP column: each part's direct share of the logit difference.
+
+    `limit`: the colour scale's end (default: this frame's largest magnitude); two heatmaps drawn side by
+    side share one, so equal colours mean equal logits."""
+    if limit is None:
+        limit = float(frame["value"].abs().max()) if len(frame) else 1.0
+    limit = limit or 1.0
     return (
         alt.Chart(frame)
         .mark_rect()

@@ -214,10 +214,16 @@ def _whatif_html(trace: Trace) -> str:
 def _sweeps(trace: Trace) -> list[dict]:
     return [
         {
-            "measured": _spec(charts.components_chart(frames.sweep_frame(w), "Measured: part changed")),
+            "measured": _spec(
+                charts.components_chart(frames.sweep_frame(w), "Measured: part changed", frames.sweep_limit(w))
+            ),
             "predicted": None
             if w.predicted_heads is None
-            else _spec(charts.components_chart(frames.sweep_frame(w, predicted=True), "Predicted: direct share")),
+            else _spec(
+                charts.components_chart(
+                    frames.sweep_frame(w, predicted=True), "Predicted: direct share", frames.sweep_limit(w)
+                )
+            ),
         }
         for w in trace.sweeps
     ]

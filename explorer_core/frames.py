@@ -426,6 +426,13 @@ def sweep_frame(sweep, predicted: bool = False) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["layer", "column", "order", "value"])
 
 
+def sweep_limit(sweep) -> float:
+    """The largest magnitude of a sweep's measured and predicted values: one colour scale for both heatmaps."""
+    values = [abs(v) for row in sweep.heads + (sweep.predicted_heads or []) for v in row]
+    values += [abs(v) for v in sweep.mlps + (sweep.predicted_mlps or [])]
+    return max(values, default=0.0) or 1.0
+
+
 def sweep_ranking(sweep, n: int = 10) -> pd.DataFrame:
     """The `n` parts whose change moved the logit difference most, with the prediction beside it."""
     rows = []

@@ -68,13 +68,15 @@ def render_whatif(trace: Trace, branch: int, step: int, key: str, state_key: str
     made = made or _kept(trace.interventions, branch, step)
     swept = swept or _kept(trace.sweeps, branch, step)
     if made is not None:
-        render_effect(made)
+        with st.container(key=f"{key}_whatif_effect"):
+            render_effect(made)
         _keep(trace, made, "interventions", MAX_KEPT, key, state_key)
         change = st.session_state.get(f"{key}_whatif_change")
         if state_key is not None and change is not None and change[0] == (_trace_id(trace), branch, step):
             _continue_button(trace, branch, step, change[1], key, state_key)
     if swept is not None:
-        render_sweep(swept)
+        with st.container(key=f"{key}_whatif_sweep"):
+            render_sweep(swept)
         _keep(trace, swept, "sweeps", MAX_SWEEPS, key, state_key)
 
 
@@ -195,7 +197,7 @@ def render_effect(r: InterventionRecord) -> None:
     c[1].metric("After (measured)", f"{r.after.logit_diff:+.3f}", f"{delta:+.3f}")
     pred = r.predicted.direct
     c[2].metric("Predicted (direct share)", "n/a" if pred is None else f"{pred:+.3f}")
-    c[3].metric("Gap: indirect", "n/a" if pred is None else f"{delta - pred:+.3f}")
+    c[3].metric("Gap (measured − predicted)", "n/a" if pred is None else f"{delta - pred:+.3f}")
     if pred is None:
         st.text(f"No prediction: {r.predicted.note or 'the breakdown cannot read this model'}")
     elif r.frozen_norm_logit_diff is not None:
@@ -217,11 +219,11 @@ def render_sweep(w: SweepRecord) -> None:
         "Red raises the chosen token over the contrast; blue lowers it."
     )
     left, right = st.columns(2)
-    left.altair_chart(charts.components_chart(frames.sweep_frame(w), "Measured: part changed"), width="content")
+    limit = frames.sweep_limit(w)  # one colour scale: equal colours are equal logits in both
+    left.altair_chart(charts.components_chart(frames.sweep_frame(w), "Measured: part changed", limit), width="content")
     if w.predicted_heads is not None:
-        right.altair_chart(
-            charts.components_chart(frames.sweep_frame(w, predicted=True), "Predicted: direct share"), width="content"
-        )
+        predicted = charts.components_chart(frames.sweep_frame(w, predicted=True), "Predicted: direct share", limit)
+        right.altair_chart(predicted, width="content")
     st.dataframe(frames.sweep_ranking(w), hide_index=True)
 
 

@@ -196,6 +196,40 @@ def test_clicking_a_token_inspects_its_step(page):
         page.get_by_text(f"Step {step} chose this token").wait_for(state="attached")  # its tab may be closed
 
 
+def test_what_if_ablation_and_sweep(page, tmp_path):
+    """What if? on the default run: zero the last MLP at the inspected step (measured beside predicted), then
+    sweep every head and MLP; the kept sweep's two heatmaps draw in the one-file export downloaded from the app."""
+    page.get_by_role("tab", name="What if?").click()
+    panel = page.get_by_role("tabpanel").filter(has_text="What if a part of the model")
+    panel.get_by_role("button", name="Measure").click()
+    panel.get_by_text("After (measured)").wait_for(timeout=180_000)
+    wait_idle(page)
+    no_exception(page)
+    assert panel.locator("[data-testid='stMetric']").count() == 4
+    panel.get_by_text("the final norm's rescaling").wait_for()
+    page.locator(".st-key-gen_whatif_effect").screenshot(path=str(DOCS / "whatif.png"))
+    panel.get_by_role("button", name="Sweep: change each part alone").click()
+    panel.get_by_text("Correlation of measured and predicted").wait_for(timeout=300_000)
+    wait_idle(page)
+    no_exception(page)
+    charts_fit(page)
+    panel.get_by_text("Measured: part changed").wait_for()
+    panel.get_by_text("Predicted: direct share").wait_for()
+    sweep = page.locator(".st-key-gen_whatif_sweep")
+    sweep.scroll_into_view_if_needed()
+    sweep.screenshot(path=str(DOCS / "whatif_sweep.png"))
+    panel.get_by_role("button", name="Keep this sweep in the trace (saved with it)").click()
+    panel.get_by_role("button", name="Keep this sweep in the trace (saved with it)").wait_for(state="detached")
+    wait_idle(page)
+    no_exception(page)
+    other = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    other.goto(download(page, "gen_dl_html", tmp_path).as_uri())
+    for box in ("#sweep0m", "#sweep0p"):
+        other.locator(f"{box} svg").wait_for()
+        assert other.locator(f"{box} svg .mark-rect path").count() > 200  # 270 heads and 30 MLPs
+    other.close()
+
+
 # Each chart title Vega drew as SVG text: how far it sits inside its chart's drawing (negative: clipped).
 TITLES_INSIDE = """() => Array.from(document.querySelectorAll("[data-testid='stVegaLiteChart']"))
   .filter(e => e.offsetParent !== null)

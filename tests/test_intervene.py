@@ -242,7 +242,7 @@ def test_app_what_if_tab_measures_sweeps_and_keeps(generated):
     _button(at, "Measure").click().run()
     assert not at.exception, at.exception
     metrics = {m.label: m.value for m in at.metric}
-    assert {"Before", "After (measured)", "Predicted (direct share)", "Gap: indirect"} <= set(metrics)
+    assert {"Before", "After (measured)", "Predicted (direct share)", "Gap (measured − predicted)"} <= set(metrics)
     assert metrics["Before"] != metrics["After (measured)"]
     assert any("final norm's rescaling" in c.value for c in at.caption)
     _button(at, "Sweep: change each part alone").click().run()
