@@ -27,6 +27,8 @@ commands:
             `explorer --prompt ...` without a command does the same)
   replay    re-score a saved trace's tokens with the model (explorer replay --help)
   explain   why one step chose its token: components and input attributions (explorer explain --help)
+  intervene what if one part had been different at a step: measured effect beside the prediction
+            (explorer intervene --help)
 
 Any other command goes to `python -m explorer_core` as it is, so its commands all work here too.
 """
