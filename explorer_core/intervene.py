@@ -330,16 +330,14 @@ class Probe:
 
     def _measure(self, groups: list[list[Intervention]], frozen: bool):
         bound = [[self.bind(iv) for iv in ivs] for ivs in groups]
-        rows = [(b, False) for b in bound] + ([(b, True) for b in bound] if frozen else [])
         full = any(
             iv.scope == "all" or (b.positions or {0}) != {self.T - 1}
             for ivs, bs in zip(groups, bound, strict=True)
             for iv, b in zip(ivs, bs, strict=True)
         )
-        logits = self._rows(rows, full)
-        n = len(groups)
+        logits, held = self._rows([(b, False) for b in bound], full, frozen)
         for i, (ivs, bs) in enumerate(zip(groups, bound, strict=True)):
-            yield list(zip(ivs, bs, strict=True)), (logits[i], logits[n + i] if frozen else None)
+            yield list(zip(ivs, bs, strict=True)), (logits[i], held[i] if held is not None else None)
 
     def _effect(self, pairs: list[tuple[Intervention, _Prepared]], logits) -> Effect:
         after_logits, frozen_logits = logits
@@ -358,13 +356,15 @@ class Probe:
         )
 
     @torch.inference_mode()
-    def _rows(self, rows: list[tuple[list[_Prepared], bool]], full: bool) -> torch.Tensor:
-        """(len(rows), vocab) logits at the last position, each row with its own interventions."""
-        out = []
+    def _rows(self, rows: list[tuple[list[_Prepared], bool]], full: bool, frozen: bool = False):
+        """(len(rows), vocab) logits at the last position, each row with its own interventions; with `frozen`,
+        also each row's logits with the final norm's scale held at its clean value (else None)."""
+        out, held = [], []
         for start in range(0, len(rows), BATCH):
             self.passes()
             chunk = rows[start : start + BATCH]
-            with self._offsets(), self._applied(chunk):
+            seen: dict = {}
+            with self._offsets(), self._applied(chunk), self._norm_input(seen if frozen else None):
                 if full or self.cache is None:
                     x = self.input_ids.expand(len(chunk), -1)
                     logits = self.model(input_ids=x, use_cache=False, logits_to_keep=1).logits
@@ -375,35 +375,40 @@ class Probe:
                     x = self.input_ids[:, -1:].expand(len(chunk), -1)
                     logits = self.model(input_ids=x, cache=cache, use_cache=True).logits
             out.append(logits[:, -1].float())
-        return torch.cat(out)
+            if frozen:
+                held.append(self._held_norm_logits(seen["x"]))
+        return torch.cat(out), (torch.cat(held) if frozen else None)
+
+    def _norm_input(self, seen: dict | None):
+        """A hook keeping the final norm's input at the last position (rows, d) into `seen`, when asked."""
+        if seen is None:
+            return _Handles([])
+        owner = threading.get_ident()
+
+        def hook(_module, args):
+            if threading.get_ident() == owner:
+                seen["x"] = args[0][:, -1].float()
+
+        return _Handles([self.parts.final_norm.register_forward_pre_hook(hook)])
+
+    def _held_norm_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's own head on the final norm's form with the clean run's 1/rms: the logits each row
+        would give if the final norm had not rescaled (no second forward needed: the norm acts per position)."""
+        from .lens import head_logits
+
+        centred, scale, bias, inv = self.norm
+        h = x - x.mean(-1, keepdim=True) if centred else x
+        normed = (scale * h * inv + bias).to(_param_dtype(self.parts.final_norm, x.dtype))
+        return head_logits(self.model, normed)
 
     def _applied(self, rows: list[tuple[list[_Prepared], bool]]):
-        """Hooks making row r's interventions (and its frozen final norm) in one batched forward."""
+        """Hooks making row r's interventions in one batched forward."""
         owner = threading.get_ident()
         by_module: dict[torch.nn.Module, list[tuple[int, _Prepared]]] = {}
         for r, (bs, _frozen) in enumerate(rows):
             for b in bs:
                 by_module.setdefault(b.module, []).append((r, b))
-        handles = [_hook(module, items, owner, self) for module, items in by_module.items()]
-        frozen = [r for r, (_b, f) in enumerate(rows) if f]
-        if frozen:
-            handles.append(self._freeze(frozen, owner))
-        return _Handles(handles)
-
-    def _freeze(self, rows: list[int], owner: int):
-        """Final norm output of `rows` at the last position: its form with the clean run's 1/rms."""
-        centred, scale, bias, inv = self.norm
-
-        def hook(_module, args, output):
-            if threading.get_ident() != owner:
-                return output
-            x = args[0][rows, -1].float()
-            h = x - x.mean(-1, keepdim=True) if centred else x
-            y = output.clone()
-            y[rows, -1] = (scale * h * inv + bias).to(y.dtype)
-            return y
-
-        return self.parts.final_norm.register_forward_hook(hook)
+        return _Handles([_hook(module, items, owner, self) for module, items in by_module.items()])
 
     # -- reading results --------------------------------------------------------------------------
     def _diff(self, logits: torch.Tensor) -> float:
@@ -502,6 +507,10 @@ def _hook(module, items: list[tuple[int, _Prepared]], owner: int, probe: Probe):
         return apply(output)
 
     return module.register_forward_hook(post)
+
+
+def _param_dtype(module, default: torch.dtype) -> torch.dtype:
+    return next((p.dtype for p in module.parameters()), default)
 
 
 def _main(output) -> torch.Tensor:
