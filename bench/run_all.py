@@ -26,6 +26,7 @@ HAND_RUN = (
     "8. Explaining one step",
     "9. Reading attention rows",
     "10. The fidelity check",
+    "11. Interventions",
 )  # heading prefixes of separately run sections
 GROUPS = ("trace", "overhead", "growth", "long", "processes", "gpu")
 

@@ -465,28 +465,30 @@ def _capture(model, parts: Parts, input_ids: torch.Tensor) -> dict:
     def on_proj(layer):
         def hook(_module, args, output):
             if mine():
-                got["z"][layer] = args[0][0, -1].float()
-                got["attn"][layer] = _tensor(output)[0, -1].float()
+                # copies, not views: a float32 tensor's .float() is itself, and some blocks add into
+                # their parts' outputs in place afterwards (Falcon: mlp_output += attention_output)
+                got["z"][layer] = args[0][0, -1].float().clone()
+                got["attn"][layer] = _tensor(output)[0, -1].float().clone()
 
         return hook
 
     def on_mlp(layer):
         def hook(_module, _args, output):
             if mine():
-                got["mlp"][layer] = _tensor(output)[0, -1].float()  # an MoE block's experts sum inside
+                got["mlp"][layer] = _tensor(output)[0, -1].float().clone()  # an MoE block's experts sum inside
 
         return hook
 
     def on_block_norm(layer):
         def hook(module, args, output):
             if mine() and args and isinstance(output, torch.Tensor) and output.dim() == 3:
-                got["norms"][layer].append((module, args[0][0, -1].float(), output[0, -1].float()))
+                got["norms"][layer].append((module, args[0][0, -1].float().clone(), output[0, -1].float().clone()))
 
         return hook
 
     def on_norm(_module, args, output):
         if mine():
-            got["norm_in"], got["norm_out"] = args[0][0, -1].float(), output[0, -1]
+            got["norm_in"], got["norm_out"] = args[0][0, -1].float().clone(), output[0, -1].clone()
 
     handles = [parts.final_norm.register_forward_hook(on_norm)]
     handles += [p.register_forward_hook(on_proj(i)) for i, p in enumerate(parts.out_proj)]

@@ -49,6 +49,10 @@ BATCH = int(os.environ.get("EXPLORER_INTERVENE_BATCH", "16"))  # rows per batche
 DRIFT_OK = 1e-3  # a kept result made again within this many logits is reproduced (cached vs uncached: ~1e-5)
 
 
+# what the breakdown raises on a layout it cannot read (explain() words the same set)
+BREAKDOWN_FAILURES = (ExplainError, RuntimeError, TypeError, IndexError, AttributeError, ValueError)
+
+
 class InterventionError(ExplainError):
     """An intervention cannot be made; the message names the bad value and what to do."""
 
@@ -179,9 +183,15 @@ class Probe:
             self.components, _, self.checks = breakdown(
                 self.model, self.parts, self.input_ids, self.target, self.contrast, self.directions
             )
-        except ExplainError as exc:  # interventions still work; predictions are not available
-            self.components, self.checks, self.prediction_error = None, {}, str(exc)
+        except BREAKDOWN_FAILURES as exc:  # interventions still work; predictions are not available
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.components, self.checks, self.prediction_error = (
+                None,
+                {},
+                f"the breakdown cannot read this model: {why}",
+            )
         self._offset = 0
+        self.odd: dict[tuple[str, int], tuple] = {}  # sites whose tensor is not (batch, position, width)
         self._prepare()
 
     # -- preparation ----------------------------------------------------------------------------
@@ -210,6 +220,18 @@ class Probe:
         self.before_logits = clean.logits[0, -1].float()
         self.before = self._diff(self.before_logits)
         self.norm = norm_form(self.parts.final_norm, last["resid"][-1])
+        self.rows_per_cache = BATCH if self.cache is not None and self._cache_batches() else 1
+
+    def _cache_batches(self) -> bool:
+        """Whether the prefix cache, repeated for a batch, gives each row the clean logits: a cache whose
+        layers keep state the repeat misses (Falcon-H1's convolution state) runs its rows one at a time."""
+        self.rows_per_cache = 2
+        try:
+            logits, _ = self._rows([([], False), ([], False)], full=False)
+        except (RuntimeError, ValueError, IndexError, TypeError):
+            return False
+        tol = 1e-4 * max(1.0, float(self.before_logits.abs().max()))
+        return bool((logits - self.before_logits).abs().max() <= tol)
 
     def _recording(self, sums: dict, last: dict):
         """Hooks adding each part's values over positions into `sums` and keeping the last one in `last`."""
@@ -218,16 +240,20 @@ class Probe:
         def keep(kind: str, i: int, x: torch.Tensor) -> None:
             if threading.get_ident() != owner:
                 return
+            if x.dim() != 3:  # not (batch, position, width): Gemma 3n's AltUp streams, say
+                self.odd[(kind, i)] = tuple(x.shape)
+                return
             x = x[0].float()
             sums.setdefault(kind, [0] * len(self.sites()[kind]))
             sums[kind][i] = sums[kind][i] + x.sum(0)
-            last.setdefault(kind, [None] * len(self.sites()[kind]))[i] = x[-1]
+            # a copy: some blocks add into a part's output in place after the hook (Falcon's MLP)
+            last.setdefault(kind, [None] * len(self.sites()[kind]))[i] = x[-1].clone()
 
         handles = []
         for kind, modules in self.sites().items():
             for i, module in enumerate(modules):
                 if kind == "mlp":
-                    handles.append(module.register_forward_hook(lambda _m, _a, o, i=i: keep("mlp", i, _main(o))))
+                    handles.append(module.register_forward_hook(lambda _m, a, o, i=i: keep("mlp", i, _main3(o, a))))
                 else:
                     handles.append(
                         module.register_forward_pre_hook(
@@ -266,6 +292,12 @@ class Probe:
             module, pre, cols, kind = p.mlps[t.layer], False, slice(None), "mlp"
         else:
             module, pre, cols, kind = self.sites()["resid"][t.layer], True, slice(None), "resid"
+        shape = self.odd.get((kind, t.layer))
+        if shape is not None:
+            raise InterventionError(
+                f"{t}: this model's tensor there has shape {shape}, not (batch, position, width), so it cannot be "
+                "changed position by position (Gemma 3n keeps several residual streams): pick a head or an MLP"
+            )
         if op.kind == "steer" and t.kind != "resid":
             raise InterventionError("steering adds to the residual stream: give a resid:L target")
         if t.position is not None and not 0 <= t.position < self.T:
@@ -360,18 +392,17 @@ class Probe:
         """(len(rows), vocab) logits at the last position, each row with its own interventions; with `frozen`,
         also each row's logits with the final norm's scale held at its clean value (else None)."""
         out, held = [], []
-        for start in range(0, len(rows), BATCH):
+        step = BATCH if full or self.cache is None else self.rows_per_cache
+        for start in range(0, len(rows), step):
             self.passes()
-            chunk = rows[start : start + BATCH]
+            chunk = rows[start : start + step]
             seen: dict = {}
             with self._offsets(), self._applied(chunk), self._norm_input(seen if frozen else None):
                 if full or self.cache is None:
                     x = self.input_ids.expand(len(chunk), -1)
                     logits = self.model(input_ids=x, use_cache=False, logits_to_keep=1).logits
                 else:
-                    cache = copy.deepcopy(self.cache)
-                    if len(chunk) > 1:
-                        cache.batch_repeat_interleave(len(chunk))
+                    cache = _repeated(self.cache, len(chunk))
                     x = self.input_ids[:, -1:].expand(len(chunk), -1)
                     logits = self.model(input_ids=x, cache=cache, use_cache=True).logits
             out.append(logits[:, -1].float())
@@ -448,10 +479,10 @@ def values_at(probe: Probe, kind: str, layer: int, ids: list[int]) -> torch.Tens
 
     def grab(x: torch.Tensor) -> None:
         if threading.get_ident() == owner:
-            got["x"] = x[0].float()
+            got["x"] = x[0].float().clone()  # a copy: the block may add into it in place afterwards
 
     if kind == "mlp":
-        handle = module.register_forward_hook(lambda _m, _a, o: grab(_main(o)))
+        handle = module.register_forward_hook(lambda _m, a, o: grab(_main3(o, a)))
     else:
         handle = module.register_forward_pre_hook(lambda _m, a, kw: grab(_first_input(a, kw)), with_kwargs=True)
     try:
@@ -499,12 +530,12 @@ def _hook(module, items: list[tuple[int, _Prepared]], owner: int, probe: Probe):
 
         return module.register_forward_pre_hook(pre, with_kwargs=True)
 
-    def post(_m, _args, output):
+    def post(_m, args, output):
         if threading.get_ident() != owner:
             return output
-        if isinstance(output, tuple):
-            return (apply(output[0]), *output[1:])
-        return apply(output)
+        main = _main(output)
+        changed = apply(_main3(main, args)).view(main.shape)  # an MoE may return (batch·positions, width)
+        return (changed, *output[1:]) if isinstance(output, tuple) else changed
 
     return module.register_forward_hook(post)
 
@@ -515,6 +546,39 @@ def _param_dtype(module, default: torch.dtype) -> torch.dtype:
 
 def _main(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
+
+
+def _main3(output, args) -> torch.Tensor:
+    """A module's main output as (batch, position, width): Llama 4's MoE returns it flattened."""
+    out = _main(output)
+    given = args[0] if args else None
+    if out.dim() == 2 and isinstance(given, torch.Tensor) and given.dim() == 3:
+        return out.view(*given.shape[:-1], out.shape[-1])
+    return out
+
+
+_CONCAT_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # update() concatenates: views are safe
+
+
+def _repeated(cache, rows: int):
+    """The prefix cache for `rows` rows. Layers whose update concatenates get expanded views of the same
+    keys and values (no copy: 2.3x faster at 800 tokens, identical logits); any other cache is copied and
+    repeated by its own method."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and all(type(layer).__name__ in _CONCAT_LAYERS for layer in layers):
+        out = copy.copy(cache)
+        out.layers = []
+        for layer in layers:
+            twin = copy.copy(layer)
+            if getattr(layer, "is_initialized", True) and isinstance(getattr(layer, "keys", None), torch.Tensor):
+                twin.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
+                twin.values = layer.values.expand(rows, *layer.values.shape[1:])
+            out.layers.append(twin)
+        return out
+    out = copy.deepcopy(cache)
+    if rows > 1:
+        out.batch_repeat_interleave(rows)
+    return out
 
 
 def _first_input(args, kwargs) -> torch.Tensor:
