@@ -21,6 +21,7 @@ from explorer_core.config import GenerationConfig
 from explorer_core.explain import ExplainError
 from explorer_core.stepper import Run
 from tests import zoo
+from tests.zoo_check import plain_logits as plain
 
 PROMPT = "Cats and dogs are friends. Birds sing in the morning! Why is the sea salty? " * 3  # past every window
 NEW, STEP = 8, 6
@@ -83,48 +84,6 @@ def _loaded(name: str):
         pass
     assert run.n == NEW
     return lm, run.trace()
-
-
-def _rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """x as (batch, positions, width): an MoE block may return its output flattened to (batch*positions, d)."""
-    return x.view(*like.shape[:-1], x.shape[-1])
-
-
-def plain(lm, ids: list[int], head: tuple[int, int] | None, mlp: int | None, last_only: bool) -> torch.Tensor:
-    """Logits at the last position of one plain uncached forward, with head (layer, h) and/or the MLP of
-    layer `mlp` zeroed by plain forward hooks, at the last position only or at every position."""
-    from explorer_core.explain import find_parts  # where the modules are; everything else is this file's
-
-    parts = find_parts(lm.model)
-    where = slice(-1, None) if last_only else slice(None)
-    handles = []
-    if head is not None:
-        layer, h = head
-
-        def zero_head(_m, args):
-            x = args[0].clone()
-            width = x.shape[-1] // parts.n_heads
-            x[:, where, h * width : (h + 1) * width] = 0
-            return (x, *args[1:])
-
-        handles.append(parts.out_proj[layer].register_forward_pre_hook(zero_head))
-    if mlp is not None:
-
-        def zero_mlp(_m, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            inp = args[0] if args else None
-            y = out.clone()
-            rows = _rows(y, inp) if inp is not None and y.dim() == 2 else y
-            rows[:, where] = 0
-            return (y, *output[1:]) if isinstance(output, tuple) else y
-
-        handles.append(parts.mlps[mlp].register_forward_hook(zero_mlp))
-    try:
-        with torch.inference_mode():
-            return lm.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].float()
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _close(got: float, want: float, rel: float) -> bool:

@@ -93,8 +93,79 @@ def _checked(lm, row: dict, greedy: Run, attn: bool, lens: bool) -> dict[str, st
         f"exact ({lens_error(greedy):.0e})" if lens else refused(lm, "lens", capture_attention=False, logit_lens=True)
     )
     row["explain"] = explain_row(lm, greedy)
+    row["what_if"] = what_if_row(lm, greedy)
     row["branch"] = branch_row(lm, greedy)
     return row
+
+
+def what_if_row(lm, r: Run) -> str:
+    """A middle layer's head and MLP zeroed at the last step's position, against plain forward hooks; the
+    last MLP zeroed with the final norm held against the breakdown's prediction."""
+    from explorer_core import intervene as iv
+
+    try:
+        probe = iv.Probe(lm, r.trace(), r.n - 1)
+    except ExplainError as exc:
+        return f"refused: {exc}"
+    n = len(probe.parts.blocks)
+    middle, h = (n - 1) // 2, probe.parts.n_heads // 2
+    f = lambda logits: float(logits[probe.target] - logits[probe.contrast])  # noqa: E731
+    ivs = [iv.Intervention(iv.Target("head", middle, h)), iv.Intervention(iv.Target("mlp", middle))]
+    got = probe.run(ivs, frozen=False)
+    wants = [
+        f(plain_logits(lm, probe.ids, (middle, h), None, True)),
+        f(plain_logits(lm, probe.ids, None, middle, True)),
+    ]
+    err = max(abs(e.logit_diff - w) for e, w in zip(got, wants, strict=True))
+    assert err < 1e-4 * max(1.0, abs(probe.before)), f"an intervention misses plain hooks by {err}"
+    if probe.components is None:
+        return f"exact ({err:.0e}); no prediction: {probe.prediction_error}"
+    (last,) = probe.run([iv.Intervention(iv.Target("mlp", n - 1))])
+    miss = abs(last.frozen_delta - last.predicted)
+    assert miss < 1e-3 * max(1.0, abs(last.predicted)), f"the last MLP misses its prediction by {miss}"
+    return f"exact ({err:.0e}), prediction exact ({miss:.0e})"
+
+
+def _rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x as (batch, positions, width): an MoE block may return its output flattened to (batch*positions, d)."""
+    return x.view(*like.shape[:-1], x.shape[-1])
+
+
+def plain_logits(lm, ids: list[int], head: tuple[int, int] | None, mlp: int | None, last_only: bool) -> torch.Tensor:
+    """Logits at the last position of one plain uncached forward, with head (layer, h) and/or the MLP of
+    layer `mlp` zeroed by plain forward hooks, at the last position only or at every position."""
+    from explorer_core.explain import find_parts  # where the modules are; everything else is this file's
+
+    parts = find_parts(lm.model)
+    where = slice(-1, None) if last_only else slice(None)
+    handles = []
+    if head is not None:
+        layer, h = head
+
+        def zero_head(_m, args):
+            x = args[0].clone()
+            width = x.shape[-1] // parts.n_heads
+            x[:, where, h * width : (h + 1) * width] = 0
+            return (x, *args[1:])
+
+        handles.append(parts.out_proj[layer].register_forward_pre_hook(zero_head))
+    if mlp is not None:
+
+        def zero_mlp(_m, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            inp = args[0] if args else None
+            y = out.clone()
+            rows = _rows(y, inp) if inp is not None and y.dim() == 2 else y
+            rows[:, where] = 0
+            return (y, *output[1:]) if isinstance(output, tuple) else y
+
+        handles.append(parts.mlps[mlp].register_forward_hook(zero_mlp))
+    try:
+        with torch.inference_mode():
+            return lm.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].float()
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def rows_error(lm, r: Run) -> float:

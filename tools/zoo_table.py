@@ -21,7 +21,9 @@ INTRO = (
     "is passed) are checked by `tests/test_zoo.py` against transformers' own references: tokens greedy and "
     "sampled against `generate()`, every recorded row and prompt cell of every layer and head against eager "
     "`output_attentions`, the last layer's lens against the model's probability, the breakdown's sum against "
-    "the logit difference, and a branch from the live run against the same branch prefilled. Figures in "
+    "the logit difference, a middle layer's head and MLP zeroed at a step ('What if?') against plain forward "
+    "hooks and the last MLP zeroed against the breakdown's prediction, and a branch from the live run against "
+    "the same branch prefilled. Figures in "
     "brackets are the largest difference measured. The same checks run on any model you load (the "
     "fidelity check: a short probe longer than every window, up to 512 tokens), and the app shows their "
     "figures under the run's summary (below, the default model). Table written by `python -m tools.zoo_table --write`."
@@ -35,15 +37,16 @@ def _cell(text: str) -> str:
 
 def table() -> str:
     lines = [
-        "| architecture | class | attention runs as | tokens | attention rows | logit lens | explain | live branch |",
-        "|---|---|---|---|---|---|---|---|",
+        "| architecture | class | attention runs as | tokens | attention rows | logit lens | explain | what if | live branch |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in zoo.NAMES:
         try:
             row = zoo_check.check(name, window=zoo.SPECS[name].window)
         except AssertionError as exc:  # the test fails on this too; the table says so rather than hiding it
             row = {"class": "?", "implementation": "?", "tokens": f"FAILS: {exc}"}
-        cells = [row.get(k, "") for k in ("class", "implementation", "tokens", "attention", "lens", "explain")]
+        keys = ("class", "implementation", "tokens", "attention", "lens", "explain", "what_if")
+        cells = [row.get(k, "") for k in keys]
         lines.append(f"| {name} | " + " | ".join(_cell(c) for c in cells) + f" | {_cell(row.get('branch', ''))} |")
     return "\n".join(lines)
 
