@@ -46,6 +46,9 @@ OPS = ("zero", "mean", "scale", "patch", "steer")
 SCOPES = ("step", "all")
 TOP_K = 10
 BATCH = int(os.environ.get("EXPLORER_INTERVENE_BATCH", "16"))  # rows per batched forward: bounds memory
+# what one batched forward may add in memory: rows are cut to fit (a 16-row batch at 800 tokens held 590 MB
+# of concatenated keys and values on the default model); nothing is allocated past it however long the prompt
+BATCH_MB = int(os.environ.get("EXPLORER_INTERVENE_MB", "256"))
 DRIFT_OK = 1e-3  # a kept result made again within this many logits is reproduced (cached vs uncached: ~1e-5)
 
 
@@ -221,6 +224,23 @@ class Probe:
         self.before = self._diff(self.before_logits)
         self.norm = norm_form(self.parts.final_norm, last["resid"][-1])
         self.rows_per_cache = BATCH if self.cache is not None and self._cache_batches() else 1
+        self.rows_per_cache = min(self.rows_per_cache, _rows_within(BATCH_MB, self._cache_row_bytes()))
+        self.rows_uncached = min(BATCH, _rows_within(BATCH_MB, self._uncached_row_bytes()))
+
+    def _cache_row_bytes(self) -> int:
+        """Bytes one row's keys and values take once the step's position joins them (every layer)."""
+        layers = getattr(self.cache, "layers", None) or []
+        tensors = [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+        per_row = sum(t[:1].numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        return int(per_row * (self.T / max(1, self.T - 1)))
+
+    def _uncached_row_bytes(self) -> int:
+        """One row of an uncached forward: a layer's attention scores (T x T per head, float32, as an eager
+        implementation holds them) and a few hidden-state copies of the sequence."""
+        cfg = self.model.config
+        heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+        width = int(getattr(cfg, "hidden_size", 0) or 0)
+        return 4 * (heads * self.T * self.T + 8 * self.T * width)
 
     def _cache_batches(self) -> bool:
         """Whether the prefix cache, repeated for a batch, gives each row the clean logits: a cache whose
@@ -392,7 +412,7 @@ class Probe:
         """(len(rows), vocab) logits at the last position, each row with its own interventions; with `frozen`,
         also each row's logits with the final norm's scale held at its clean value (else None)."""
         out, held = [], []
-        step = BATCH if full or self.cache is None else self.rows_per_cache
+        step = self.rows_uncached if full or self.cache is None else self.rows_per_cache
         for start in range(0, len(rows), step):
             self.passes()
             chunk = rows[start : start + step]
@@ -538,6 +558,11 @@ def _hook(module, items: list[tuple[int, _Prepared]], owner: int, probe: Probe):
         return (changed, *output[1:]) if isinstance(output, tuple) else changed
 
     return module.register_forward_hook(post)
+
+
+def _rows_within(mb: int, row_bytes: int) -> int:
+    """Rows of `row_bytes` each that fit in `mb` MiB (at least one: a single row is the least work there is)."""
+    return max(1, int(mb * 2**20 // max(1, row_bytes)))
 
 
 def _param_dtype(module, default: torch.dtype) -> torch.dtype:

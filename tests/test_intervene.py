@@ -408,3 +408,12 @@ def test_export_shows_kept_interventions_and_sweeps(probe, llama_trace):
     (sweep,) = data["sweeps"]
     assert sweep["measured"] and sweep["predicted"]
     assert "What if?" not in export_html.build(llama_trace, None, vega_js="")  # nothing kept: no section
+
+
+def test_rows_per_forward_are_cut_to_the_memory_budget(tiny_llama, llama_trace, probe, monkeypatch):
+    monkeypatch.setattr(iv, "BATCH_MB", 0)  # less than one row: one row per forward, never zero
+    small = iv.Probe(tiny_llama, llama_trace, 4)
+    assert small.rows_per_cache == 1 and small.rows_uncached == 1
+    assert probe.rows_per_cache == iv.BATCH  # the tiny model's rows fit 16 at a time in 256 MB
+    a, b = small.sweep(layers=[1]), probe.sweep(layers=[1])
+    assert [e.delta for e in a] == pytest.approx([e.delta for e in b], abs=1e-5)
