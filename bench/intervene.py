@@ -129,7 +129,8 @@ def sweep(lm, n: int) -> dict:
         start = time.perf_counter()
         effects = probe.sweep()
         took = time.perf_counter() - start
-    return {"s": took, "mb": rss.growth_mb, "r": intervene.correlation(effects), "batch": intervene.BATCH}
+    rows = probe.rows_per_cache if probe.cache is not None else probe.rows_uncached
+    return {"s": took, "mb": rss.growth_mb, "r": intervene.correlation(effects), "batch": intervene.BATCH, "rows": rows}
 
 
 def sweep_child(n: int, batch: int) -> dict:
@@ -215,15 +216,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     say(
         f"\n**Sweep** ({n_layers * n_heads} heads + {n_layers} MLPs zeroed one at a time at the step's position, "
-        f"`probe.sweep()`, {intervene.BATCH} rows per forward, one run per length, each in a process of its own; "
+        f"`probe.sweep()`, up to {intervene.BATCH} rows per forward, fewer where their keys and values would pass "
+        f"EXPLORER_INTERVENE_MB ({intervene.BATCH_MB} MB), one run per length, each in a process of its own; "
         "peak RSS growth over the RSS with the model loaded and the probe built):\n"
     )
-    say("| prompt tokens | seconds | forwards | ms per intervention | peak RSS growth (MB) | r(measured, predicted) |")
-    say("|---|---|---|---|---|---|")
+    say(
+        "| prompt tokens | seconds | rows per forward | forwards | ms per intervention | peak RSS growth (MB) "
+        "| r(measured, predicted) |"
+    )
+    say("|---|---|---|---|---|---|---|")
     for n in LENGTHS:
         got = sweep_child(n, intervene.BATCH)
-        forwards = -(-n_ivs // intervene.BATCH)
-        say(f"| {n} | {got['s']:.2f} | {forwards} | {got['s'] / n_ivs * 1000:.1f} | {got['mb']:.0f} | {got['r']:.2f} |")
+        forwards = -(-n_ivs // got["rows"])
+        say(
+            f"| {n} | {got['s']:.2f} | {got['rows']} | {forwards} | {got['s'] / n_ivs * 1000:.1f} | {got['mb']:.0f} "
+            f"| {got['r']:.2f} |"
+        )
 
     middle = LENGTHS[len(LENGTHS) // 2]
     say(
@@ -233,16 +241,19 @@ def main(argv: list[str] | None = None) -> None:
     say("| EXPLORER_INTERVENE_BATCH | forwards | min s | median s | max s | peak RSS growth, largest (MB) |")
     say("|---|---|---|---|---|---|")
     memory: dict[int, float] = {}
+    rows: dict[int, int] = {}
 
     def once(batch: int) -> float:
         got = sweep_child(middle, batch)
         memory[batch] = max(memory.get(batch, 0.0), got["mb"])
+        rows[batch] = got["rows"]
         return got["s"]
 
     by_batch = interleave({b: (lambda b=b: once(b)) for b in BATCHES}, ROUNDS)
     for b, s in by_batch.items():
         say(
-            f"| {b} | {-(-n_ivs // b)} | {min(s.values):.2f} | {s.median:.2f} | {max(s.values):.2f} | {memory[b]:.0f} |"
+            f"| {b} ({rows[b]} within the memory budget) | {-(-n_ivs // rows[b])} | {min(s.values):.2f} | "
+            f"{s.median:.2f} | {max(s.values):.2f} | {memory[b]:.0f} |"
         )
     fastest = min(by_batch, key=lambda b: by_batch[b].median)
     say(
