@@ -135,6 +135,7 @@ def test_generate_renders_tokens_and_charts(page, tmp_path):
     wait_idle(page)
     no_exception(page)
     assert page.locator("[data-testid='stVegaLiteChart']").count() >= 3
+    page.locator("span[title^='step 0:']").first.wait_for()  # the stream component fills itself once mounted
     assert page.locator("span[title^='step 0:']").count() == 1  # the token stream
     charts_fit(page)
     page.screenshot(path=str(DOCS / "generate.png"), full_page=True)
