@@ -163,9 +163,10 @@ class Probe:
     """Step `step` of a trace, made ready for interventions: the prefix's cache, each part's mean over
     the sequence and value at the last position, and the breakdown's directions (when it reads the model).
 
-    Building it costs one prefill of the prefix, one forward of the last token and the breakdown's one
-    uncached forward; each `run` after that costs one forward of the last token per batch of BATCH rows
-    (scope "step"), or one uncached forward of the sequence per batch (scope "all").
+    Building it costs one prefill of the prefix, one forward of the last token, the breakdown's one
+    uncached forward and a two-row check that the cache batches; each `run` after that costs one forward
+    of the last token per batch of rows (scope "step"), or one uncached forward of the sequence per batch
+    (scope "all"). Rows per batch: at most BATCH, and as many as fit in BATCH_MB.
     """
 
     def __init__(self, lm: LoadedModel, trace: Trace, step: int, contrast=None, branch: int = 0, cancel: Cancel = None):
@@ -188,11 +189,8 @@ class Probe:
             )
         except BREAKDOWN_FAILURES as exc:  # interventions still work; predictions are not available
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            self.components, self.checks, self.prediction_error = (
-                None,
-                {},
-                f"the breakdown cannot read this model: {why}",
-            )
+            self.components, self.checks = None, {}
+            self.prediction_error = f"the breakdown cannot read this model: {why}"
         self._offset = 0
         self.odd: dict[tuple[str, int], tuple] = {}  # sites whose tensor is not (batch, position, width)
         self._prepare()
@@ -346,7 +344,7 @@ class Probe:
         return lambda x, _pos: x + vector.to(x.dtype)
 
     @torch.inference_mode()
-    def _source_values(self, op: Intervention | Op, kind: str, layer: int) -> torch.Tensor:
+    def _source_values(self, op: Op, kind: str, layer: int) -> torch.Tensor:
         """The part's values at every position of the patch's source sequence (T, width)."""
         src = list(op.source or ())
         if len(src) != self.T:
