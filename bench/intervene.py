@@ -153,6 +153,18 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+NAMES = {
+    "step": "one decoding step (`Run.step()` of a live run, capture off)",
+    "forward": "its model call alone (cached one-token forward)",
+    "prefill": "a prefill of the T positions (one forward)",
+    "build": "`Probe(lm, trace, 3)`",
+    "step_iv": "one intervention at the step's position (`run([iv], frozen=False)`)",
+    "step_iv_frozen": "… and the final norm held too (`frozen=True`)",
+    "all_iv": 'one intervention at every position (scope "all", `frozen=False`)',
+    "all_iv_frozen": "… and the final norm held too (`frozen=True`)",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.disable(logging.WARNING)
@@ -162,7 +174,6 @@ def main(argv: list[str] | None = None) -> None:
     load_before = load_average()
     lm = models.load()
     n_layers, n_heads = lm.n_layers, lm.n_heads
-    n_ivs = n_layers * n_heads + n_layers
     lines = [
         f"## {SECTION}\n",
         f"`python -m bench.intervene --write`, {machine()}. Default model "
@@ -176,18 +187,26 @@ def main(argv: list[str] | None = None) -> None:
         print(line, flush=True)
         lines.append(line)
 
+    checks = per_call_table(lm, say)
+    n_ivs = n_layers * n_heads + n_layers
+    sweep_table(n_layers, n_heads, say)
+    fastest, middle = batch_table(n_ivs, say)
+    say(
+        f"\nFastest at {middle} tokens: {fastest} rows per forward. Targets: {sum(checks)} of {len(checks)} met "
+        "(one intervention at the step's position ≤ 2 × a decoding step, with and without the final norm held; "
+        f"at every position ≤ 1 × a prefill). Load average (1/5/15 min) at the start {load_before}, at the end "
+        f"{load_average()}."
+    )
+    if "--write" in argv:
+        from tools import mdsections
+
+        mdsections.write(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", SECTION, "\n".join(lines) + "\n")
+
+
+def per_call_table(lm, say) -> list[bool]:
+    """One decoding step, a prefill, the probe's build and one intervention per scope, at each length."""
     say("| T | what | min s | median s | max s | ratio | target |")
     say("|---|---|---|---|---|---|---|")
-    names = {
-        "step": "one decoding step (`Run.step()` of a live run, capture off)",
-        "forward": "its model call alone (cached one-token forward)",
-        "prefill": "a prefill of the T positions (one forward)",
-        "build": "`Probe(lm, trace, 3)`",
-        "step_iv": "one intervention at the step's position (`run([iv], frozen=False)`)",
-        "step_iv_frozen": "… and the final norm held too (`frozen=True`: 2 rows)",
-        "all_iv": 'one intervention at every position (scope "all", `frozen=False`)',
-        "all_iv_frozen": "… and the final norm held too (`frozen=True`: 2 rows)",
-    }
     checks = []
     for n in LENGTHS:
         T, series = small_timings(lm, n)
@@ -197,23 +216,26 @@ def main(argv: list[str] | None = None) -> None:
             if key in ("forward", "step_iv", "step_iv_frozen"):
                 ratio = f"{s.median / step:.2f} × step"
             if key in ("step_iv", "step_iv_frozen"):
-                ok = s.median <= 2 * step
-                target = f"≤ 2 × step: {verdict(ok)}"
-                checks.append(ok)
+                checks.append(s.median <= 2 * step)
+                target = f"≤ 2 × step: {verdict(checks[-1])}"
             if key in ("build", "all_iv", "all_iv_frozen"):
                 ratio = f"{s.median / prefill:.2f} × prefill"
             if key == "all_iv":
-                ok = s.median <= prefill
-                target = f"≤ 1 × prefill: {verdict(ok)}"
-                checks.append(ok)
+                checks.append(s.median <= prefill)
+                target = f"≤ 1 × prefill: {verdict(checks[-1])}"
             lo, mid, hi = min(s.values), s.median, max(s.values)
-            say(f"| {T} | {names[key]} | {lo:.3f} | {mid:.3f} | {hi:.3f} | {ratio} | {target} |")
+            say(f"| {T} | {NAMES[key]} | {lo:.3f} | {mid:.3f} | {hi:.3f} | {ratio} | {target} |")
         gc.collect()
-
     say(
         "\nOne intervention at every position is one uncached forward of the T positions, the work of a prefill "
         "(which also writes the cache): its ratio sits at 1 by construction, within this VM's noise."
     )
+    return checks
+
+
+def sweep_table(n_layers: int, n_heads: int, say) -> None:
+    """A full sweep at each length, each in a process of its own (so its memory figure is its own)."""
+    n_ivs = n_layers * n_heads + n_layers
     say(
         f"\n**Sweep** ({n_layers * n_heads} heads + {n_layers} MLPs zeroed one at a time at the step's position, "
         f"`probe.sweep()`, up to {intervene.BATCH} rows per forward, fewer where their keys and values would pass "
@@ -233,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
             f"| {got['r']:.2f} |"
         )
 
+
+def batch_table(n_ivs: int, say) -> tuple[int, int]:
+    """The sweep at the middle length with each EXPLORER_INTERVENE_BATCH: (the fastest, that length)."""
     middle = LENGTHS[len(LENGTHS) // 2]
     say(
         f"\n**Rows per batched forward** (the same sweep at {middle} prompt tokens, {ROUNDS} interleaved rounds, "
@@ -255,17 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {b} ({rows[b]} within the memory budget) | {-(-n_ivs // rows[b])} | {min(s.values):.2f} | "
             f"{s.median:.2f} | {max(s.values):.2f} | {memory[b]:.0f} |"
         )
-    fastest = min(by_batch, key=lambda b: by_batch[b].median)
-    say(
-        f"\nFastest at {middle} tokens: {fastest} rows per forward. Targets: {sum(checks)} of {len(checks)} met "
-        "(one intervention at the step's position ≤ 2 × a decoding step, with and without the final norm held; "
-        f"at every position ≤ 1 × a prefill). Load average (1/5/15 min) at the start {load_before}, at the end "
-        f"{load_average()}."
-    )
-    if "--write" in argv:
-        from tools import mdsections
-
-        mdsections.write(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", SECTION, "\n".join(lines) + "\n")
+    return min(by_batch, key=lambda b: by_batch[b].median), middle
 
 
 if __name__ == "__main__":
