@@ -720,6 +720,19 @@ def top_components(comps: Components, n: int = 10) -> list[tuple[str, float]]:
     return sorted(named, key=lambda kv: abs(kv[1]), reverse=True)[:n]
 
 
+def trace_and_model(path: str, branch: int, model: str | None, limits):
+    """A saved trace (through admission), checked to hold `branch`, and the model to re-run it with (the
+    trace's own unless `model` names another), under the app's caps: this re-runs the prompt and the steps
+    up to the one asked about. For the CLI's explain and intervene."""
+    from . import models, tracefile
+
+    trace, _ = tracefile.load(path)
+    if not 0 <= branch <= 1000 or (branch and trace.branch(branch) is None):
+        raise ExplainError(f"the trace has no branch {branch}")
+    limits.check_replay(trace)
+    return trace, models.load(model or trace.model.name, limits=limits)
+
+
 def cli_main(argv: list[str]) -> int:
     """`python -m explorer_core explain TRACE.json --step N ...`: exit 0 on success, 2 when it cannot run."""
     import argparse
@@ -727,7 +740,7 @@ def cli_main(argv: list[str]) -> int:
     import sys
     from pathlib import Path
 
-    from . import models, tracefile
+    from . import models
     from . import trace as trace_io
     from .limits import Limits
 
@@ -764,13 +777,9 @@ def cli_main(argv: list[str]) -> int:
     try:
         if not 1 <= args.ig_steps <= 1024:
             raise ExplainError(f"--ig_steps {args.ig_steps} is out of range: use 1..1024")
-        trace, _ = tracefile.load(args.trace)
-        if not 0 <= args.branch <= 1000 or (args.branch and trace.branch(args.branch) is None):
-            raise ExplainError(f"the trace has no branch {args.branch}")
         limits = Limits.from_env()
-        limits.check_replay(trace)  # the app's caps: explaining re-runs the prompt and steps up to this one
         limits.check_explain(args.ig_steps)
-        lm = models.load(args.model or trace.model.name, limits=limits)
+        trace, lm = trace_and_model(args.trace, args.branch, args.model, limits)
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         result = explain(lm, trace, args.step, args.contrast, args.branch, methods, args.ig_steps)
     except (trace_io.TraceError, models.ModelLoadError, ValueError) as exc:

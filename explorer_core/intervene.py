@@ -35,7 +35,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .explain import Cancel, ExplainError, Parts, _Passes, breakdown, find_parts, norm_form, resolve_contrast
+from .explain import (
+    Cancel,
+    ExplainError,
+    Parts,
+    _Passes,
+    breakdown,
+    find_parts,
+    norm_form,
+    resolve_contrast,
+    trace_and_model,
+)
 from .explain import sequence_for as _sequence_for
 from .lens import inner_model
 from .models import LoadedModel
@@ -687,7 +697,7 @@ def cli_main(argv: list[str]) -> int:
     import json
     import sys
 
-    from . import models, tracefile
+    from . import models
     from . import trace as trace_io
     from .limits import Limits
 
@@ -727,12 +737,7 @@ def cli_main(argv: list[str]) -> int:
             if not args.steer:
                 raise InterventionError("--op steer:F needs --steer TOWARDS AWAY (two texts)")
             iv = dataclasses.replace(iv, op=dataclasses.replace(iv.op, texts=tuple(args.steer)))
-        trace, _ = tracefile.load(args.trace)
-        if not 0 <= args.branch <= 1000 or (args.branch and trace.branch(args.branch) is None):
-            raise InterventionError(f"the trace has no branch {args.branch}")
-        limits = Limits.from_env()
-        limits.check_replay(trace)  # the app's caps: this re-runs the prompt and the steps up to this one
-        lm = models.load(args.model or trace.model.name, limits=limits)
+        trace, lm = trace_and_model(args.trace, args.branch, args.model, Limits.from_env())
         probe = Probe(lm, trace, args.step, args.contrast, args.branch)
         if iv.op.kind == "patch":
             source = patch_source(probe, args.source_branch, args.source_prompt)

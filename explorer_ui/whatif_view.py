@@ -134,11 +134,13 @@ def _kept(records, branch: int, step: int):
     return mine[-1] if mine else None
 
 
-def _probe(trace: Trace, branch: int, step: int, contrast, lm, cancel) -> iv.Probe:
-    """The step made ready once, reused while the user tries part after part on it."""
+def _probe(trace: Trace, branch: int, step: int, contrast, lm, cancel, any_contrast: bool = False) -> iv.Probe:
+    """The step made ready once, reused while the user tries part after part on it (`any_contrast`: the
+    caller does not read the logit difference, so a probe held for another contrast serves too)."""
     want = (_trace_id(trace), branch, step, contrast, id(lm))
     held = st.session_state.get(PROBE)
-    if held is not None and held[0] == want:
+    same = held is not None and (held[0] == want or (any_contrast and held[0][:3] + held[0][4:] == want[:3] + want[4:]))
+    if same:
         return held[1]
     st.session_state.pop(PROBE, None)  # one at a time: a probe holds the prefix's cache
     probe = iv.Probe(lm, trace, step, contrast, branch, cancel=cancel)
@@ -259,7 +261,8 @@ def _continue_button(trace: Trace, branch: int, step: int, change: iv.Interventi
         return
     try:
         with resources.model_job(), st.spinner("Generating with the change kept on…"):
-            probe = iv.Probe(lm, trace, step, None, branch)
+            probe = _probe(trace, branch, step, None, lm, None, any_contrast=True)  # the one Measure made
+            probe.passes.cancel = None  # Measure's deadline is not this run's (a run has its own caps)
             run = iv.continue_with(probe, [change], room=admission.room(full), limits=resources.limits())
     except (ExplainError, ValueError, RuntimeError) as exc:
         st.text(f"Cannot continue with this change: {clip(str(exc))}")
